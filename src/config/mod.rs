@@ -1,0 +1,386 @@
+//! What a user asks for: the bodies the REST API and the `--config-file` accept, with their
+//! validation. Runtime state lives elsewhere (`vstate`, `devices`); nothing here touches KVM.
+
+pub mod machine;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use machine::{CpuConfig, MachineConfig, MachineConfigUpdate};
+
+/// The longest kernel command line, including its terminating NUL.
+pub const CMDLINE_MAX_SIZE: usize = 2048;
+
+/// Used when the user gives no `boot_args`.
+pub const DEFAULT_KERNEL_CMDLINE: &str = "reboot=k panic=1 nomodule 8250.nr_uarts=0 i8042.noaux \
+     i8042.nomux i8042.dumbkbd swiotlb=noforce";
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConfigError {
+    InvalidVcpuCount(u8),
+    InvalidVcpuCountSmt,
+    InvalidMemorySize,
+    InvalidBitmap(String),
+    InvalidNumber(String),
+    InvalidCpuidRegister(String),
+    CmdlineTooLong(usize),
+    /// A file named in the configuration cannot be opened.
+    File {
+        what: &'static str,
+        path: String,
+        reason: String,
+    },
+    /// A field or key that ember does not implement yet.
+    Unsupported(&'static str),
+    /// A section of the config file could not be parsed.
+    Section {
+        section: String,
+        reason: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        use ConfigError::*;
+        match self {
+            InvalidVcpuCount(n) => write!(
+                f,
+                "The vCPU number is invalid: {n} (it must be between 1 and {}).",
+                machine::MAX_VCPUS
+            ),
+            InvalidVcpuCountSmt => write!(
+                f,
+                "The vCPU number is invalid: it can only be 1 or an even number when SMT is enabled."
+            ),
+            InvalidMemorySize => write!(f, "The memory size (MiB) is invalid."),
+            InvalidBitmap(s) => write!(
+                f,
+                "Invalid bitmap {s:?}: expected 0b followed by 0, 1 or x digits."
+            ),
+            InvalidNumber(s) => write!(f, "Invalid number {s:?}."),
+            InvalidCpuidRegister(s) => write!(
+                f,
+                "Invalid CPUID register {s:?}: expected eax, ebx, ecx or edx."
+            ),
+            CmdlineTooLong(n) => write!(
+                f,
+                "The kernel command line is {n} bytes long with its NUL; at most {CMDLINE_MAX_SIZE} bytes are allowed."
+            ),
+            File { what, path, reason } => write!(f, "Cannot open the {what} {path:?}: {reason}"),
+            Unsupported(what) => write!(f, "{what} is not supported by ember yet."),
+            Section { section, reason } => write!(f, "{section}: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The body of `PUT /boot-source`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSourceConfig {
+    pub kernel_image_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+}
+
+impl BootSourceConfig {
+    /// The command line the guest gets, before devices append their entries.
+    pub fn cmdline(&self) -> &str {
+        self.boot_args.as_deref().unwrap_or(DEFAULT_KERNEL_CMDLINE)
+    }
+
+    /// Firecracker opens the files when the boot source is set, so a typo fails the PUT, not
+    /// the start.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_readable("kernel image", &self.kernel_image_path)?;
+        if let Some(p) = &self.initrd_path {
+            check_readable("initrd", p)?;
+        }
+        let len = self.cmdline().len() + 1;
+        if len > CMDLINE_MAX_SIZE {
+            return Err(ConfigError::CmdlineTooLong(len));
+        }
+        Ok(())
+    }
+}
+
+fn check_readable(what: &'static str, path: &str) -> Result<(), ConfigError> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| ConfigError::File {
+            what,
+            path: path.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum LogLevel {
+    Off,
+    Error,
+    Warning,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn parse(s: &str) -> Option<LogLevel> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "off" => LogLevel::Off,
+            "error" => LogLevel::Error,
+            "warning" | "warn" => LogLevel::Warning,
+            "info" => LogLevel::Info,
+            "debug" => LogLevel::Debug,
+            "trace" => LogLevel::Trace,
+            _ => return None,
+        })
+    }
+
+    pub fn to_filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Off => log::LevelFilter::Off,
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warning => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+// Firecracker accepts the level in any case.
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        LogLevel::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown log level {s:?}, expected one of Error, Warning, Info, Debug, Trace, Off"
+            ))
+        })
+    }
+}
+
+/// The body of `PUT /logger`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggerConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<LogLevel>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_level: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_log_origin: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+}
+
+/// The body of `PUT /metrics`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub metrics_path: String,
+}
+
+/// Everything a VM is built from: the config file, or what the API accumulated before
+/// `InstanceStart`. Keys and order follow Firecracker's config file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct VmConfig {
+    #[serde(rename = "boot-source", skip_serializing_if = "Option::is_none")]
+    pub boot_source: Option<BootSourceConfig>,
+    #[serde(rename = "machine-config")]
+    pub machine_config: MachineConfig,
+    #[serde(rename = "cpu-config", skip_serializing_if = "Option::is_none")]
+    pub cpu_config: Option<CpuConfig>,
+    #[serde(rename = "logger", skip_serializing_if = "Option::is_none")]
+    pub logger: Option<LoggerConfig>,
+    #[serde(rename = "metrics", skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
+    /// Add the boot-timer device (`--boot-timer`).
+    #[serde(skip)]
+    pub boot_timer: bool,
+}
+
+/// Top-level keys of a config file that ember knows but does not implement yet.
+const NOT_YET: &[&str] = &[
+    "network-interfaces",
+    "vsock",
+    "balloon",
+    "entropy",
+    "mmds-config",
+];
+
+const KNOWN: &[&str] = &[
+    "boot-source",
+    "drives",
+    "machine-config",
+    "cpu-config",
+    "logger",
+    "metrics",
+    "network-interfaces",
+    "vsock",
+    "balloon",
+    "entropy",
+    "mmds-config",
+];
+
+fn section<T: serde::de::DeserializeOwned>(
+    name: &str,
+    value: serde_json::Value,
+) -> Result<T, ConfigError> {
+    serde_json::from_value(value).map_err(|e| ConfigError::Section {
+        section: name.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+impl VmConfig {
+    /// Parses and validates a `--config-file`. Each error names the key it is about.
+    pub fn from_json(text: &str) -> Result<VmConfig, ConfigError> {
+        let root: serde_json::Value = serde_json::from_str(text).map_err(|e| ConfigError::Section {
+            section: "config file".into(),
+            reason: e.to_string(),
+        })?;
+        let serde_json::Value::Object(mut map) = root else {
+            return Err(ConfigError::Section {
+                section: "config file".into(),
+                reason: "expected a JSON object".into(),
+            });
+        };
+        if let Some(k) = map.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err(ConfigError::Section {
+                section: k.clone(),
+                reason: format!("unknown key, expected one of {}", KNOWN.join(", ")),
+            });
+        }
+        for k in NOT_YET {
+            match map.get(*k) {
+                None | Some(serde_json::Value::Null) => {}
+                Some(serde_json::Value::Array(a)) if a.is_empty() => {}
+                Some(_) => return Err(ConfigError::Unsupported(k)),
+            }
+        }
+        let mut cfg = VmConfig::default();
+        if let Some(v) = map.remove("logger") {
+            cfg.logger = Some(section("logger", v)?);
+        }
+        if let Some(v) = map.remove("metrics") {
+            cfg.metrics = Some(section("metrics", v)?);
+        }
+        if let Some(v) = map.remove("machine-config") {
+            let m: MachineConfig = section("machine-config", v)?;
+            m.validate().map_err(|e| ConfigError::Section {
+                section: "machine-config".into(),
+                reason: e.to_string(),
+            })?;
+            cfg.machine_config = m;
+        }
+        if let Some(v) = map.remove("cpu-config") {
+            let c: CpuConfig = section("cpu-config", v)?;
+            c.to_modifiers().map_err(|e| ConfigError::Section {
+                section: "cpu-config".into(),
+                reason: e.to_string(),
+            })?;
+            cfg.cpu_config = Some(c);
+        }
+        let bs: BootSourceConfig = section(
+            "boot-source",
+            map.remove("boot-source")
+                .ok_or_else(|| ConfigError::Section {
+                    section: "boot-source".into(),
+                    reason: "missing; it is required".into(),
+                })?,
+        )?;
+        bs.validate().map_err(|e| ConfigError::Section {
+            section: "boot-source".into(),
+            reason: e.to_string(),
+        })?;
+        cfg.boot_source = Some(bs);
+        match map.remove("drives") {
+            None => {
+                return Err(ConfigError::Section {
+                    section: "drives".into(),
+                    reason: "missing; it is required (it may be [])".into(),
+                })
+            }
+            Some(serde_json::Value::Array(a)) if a.is_empty() => {}
+            Some(serde_json::Value::Array(_)) => return Err(ConfigError::Unsupported("drives")),
+            Some(_) => {
+                return Err(ConfigError::Section {
+                    section: "drives".into(),
+                    reason: "expected an array".into(),
+                })
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel_path() -> String {
+        // Any readable file will do for validation.
+        "/proc/self/exe".to_string()
+    }
+
+    #[test]
+    fn config_file_ok_and_errors_name_the_field() {
+        let ok = format!(
+            r#"{{"boot-source":{{"kernel_image_path":"{}","boot_args":"hello"}},"drives":[],
+               "machine-config":{{"vcpu_count":2,"mem_size_mib":256}}}}"#,
+            kernel_path()
+        );
+        let cfg = VmConfig::from_json(&ok).unwrap();
+        assert_eq!(cfg.machine_config.vcpu_count, 2);
+        assert_eq!(cfg.boot_source.unwrap().cmdline(), "hello");
+
+        let missing_mem = format!(
+            r#"{{"boot-source":{{"kernel_image_path":"{}"}},"drives":[],
+               "machine-config":{{"vcpu_count":2}}}}"#,
+            kernel_path()
+        );
+        let e = VmConfig::from_json(&missing_mem).unwrap_err().to_string();
+        assert!(e.contains("machine-config") && e.contains("mem_size_mib"), "{e}");
+
+        let unknown = format!(
+            r#"{{"boot-source":{{"kernel_image_path":"{}","bogus":1}},"drives":[]}}"#,
+            kernel_path()
+        );
+        let e = VmConfig::from_json(&unknown).unwrap_err().to_string();
+        assert!(e.contains("boot-source") && e.contains("bogus"), "{e}");
+
+        let e = VmConfig::from_json(r#"{"drives":[]}"#).unwrap_err().to_string();
+        assert!(e.contains("boot-source"), "{e}");
+
+        let e = VmConfig::from_json(
+            r#"{"boot-source":{"kernel_image_path":"/nonexistent/vmlinux"},"drives":[]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/nonexistent/vmlinux"), "{e}");
+
+        let long = format!(
+            r#"{{"boot-source":{{"kernel_image_path":"{}","boot_args":"{}"}},"drives":[]}}"#,
+            kernel_path(),
+            "a".repeat(2048)
+        );
+        let e = VmConfig::from_json(&long).unwrap_err().to_string();
+        assert!(e.contains("2049"), "{e}");
+    }
+
+    #[test]
+    fn log_level_any_case() {
+        let l: LoggerConfig = serde_json::from_str(r#"{"level":"wArNiNg"}"#).unwrap();
+        assert_eq!(l.level, Some(LogLevel::Warning));
+        assert!(serde_json::from_str::<LoggerConfig>(r#"{"level":"loud"}"#).is_err());
+    }
+}

@@ -1,0 +1,133 @@
+//! COM1: vm-superio's 16550A on the PIO bus, its output a byte stream (stdout or a file),
+//! its input fed by the VMM's event loop.
+
+use std::io::Write;
+
+use vm_superio::serial::SerialEvents;
+use vm_superio::Serial;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::EventFdTrigger;
+use crate::devices::bus::BusDevice;
+
+pub const COM1_BASE: u64 = 0x3f8;
+pub const COM1_SIZE: u64 = 8;
+pub const COM1_GSI: u32 = 4;
+
+/// Tells the event loop when the guest has drained the input FIFO, so that reading the
+/// host's input resumes only when there is room (no unbounded buffering).
+pub struct SerialEventsImpl {
+    pub buffer_ready: EventFd,
+}
+
+impl SerialEvents for SerialEventsImpl {
+    fn buffer_read(&self) {
+        crate::metrics::METRICS.uart.read_count.inc();
+    }
+    fn out_byte(&self) {
+        crate::metrics::METRICS.uart.write_count.inc();
+    }
+    fn tx_lost_byte(&self) {
+        crate::metrics::METRICS.uart.missed_write_count.inc();
+    }
+    fn in_buffer_empty(&self) {
+        let _ = self.buffer_ready.write(1);
+    }
+}
+
+pub type SerialOut = Box<dyn Write + Send>;
+
+pub struct SerialDevice {
+    pub serial: Serial<EventFdTrigger, SerialEventsImpl, SerialOut>,
+}
+
+impl SerialDevice {
+    pub fn new(irq: EventFdTrigger, buffer_ready: EventFd, out: SerialOut) -> SerialDevice {
+        SerialDevice {
+            serial: Serial::with_events(irq, SerialEventsImpl { buffer_ready }, out),
+        }
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        let room = self.serial.fifo_capacity();
+        let n = room.min(bytes.len());
+        if n == 0 {
+            return 0;
+        }
+        match self.serial.enqueue_raw_bytes(&bytes[..n]) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("serial: cannot queue input: {e:?}");
+                0
+            }
+        }
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // A wider access than one byte only has meaning in its first byte.
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = self.serial.read(offset as u8);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        // `rep outsb` arrives as one exit carrying every byte for the same port.
+        for &b in data {
+            if let Err(e) = self.serial.write(offset as u8, b) {
+                crate::metrics::METRICS.uart.error_count.inc();
+                log::debug!("serial: write failed: {e:?}");
+            }
+        }
+        if offset == 0 {
+            let _ = self.serial.writer_mut().flush();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_and_input() {
+        let out = Shared::default();
+        let ready = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(
+            EventFdTrigger::new().unwrap(),
+            ready.try_clone().unwrap(),
+            Box::new(out.clone()),
+        );
+        dev.write(0, b"hi\n");
+        assert_eq!(&*out.0.lock().unwrap(), b"hi\n");
+        assert_eq!(dev.enqueue_input(b"ab"), 2);
+        let mut d = [0u8];
+        dev.read(0, &mut d);
+        assert_eq!(d[0], b'a');
+        dev.read(0, &mut d);
+        assert_eq!(d[0], b'b');
+        // Draining the FIFO tells the event loop to read more input.
+        assert_eq!(ready.read().unwrap(), 1);
+        // A full FIFO takes only what fits.
+        let big = vec![b'x'; 200];
+        let n = dev.enqueue_input(&big);
+        assert!(n > 0 && n < 200);
+        assert_eq!(dev.enqueue_input(&big), 0);
+    }
+}

@@ -1,0 +1,351 @@
+//! The `ember` binary: Firecracker's command line, plus `ember run` for people.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
+
+use argh::FromArgs;
+
+use ember::builder::{build_microvm, KernelImage, StartError, BUILTIN_GUEST};
+use ember::config::{BootSourceConfig, LogLevel, LoggerConfig, MachineConfig, VmConfig};
+use ember::time::Timestamp;
+use ember::vmm::{self, StopWatcher};
+use ember::vstate::vcpu::{exit_code, ExitSignal};
+use ember::{logger, metrics, signal, VERSION};
+
+/// ember: a microVM monitor that speaks Firecracker's API.
+#[derive(FromArgs)]
+struct Args {
+    /// path of the API socket (default /run/firecracker.socket)
+    #[argh(option, default = "String::from(\"/run/firecracker.socket\")")]
+    api_sock: String,
+    /// instance id (1-64 characters of A-Z, a-z, 0-9 and -)
+    #[argh(option, default = "String::from(\"anonymous-instance\")")]
+    id: String,
+    /// configure the microVM from this JSON file and boot it at once
+    #[argh(option)]
+    config_file: Option<String>,
+    /// serve no API (needs --config-file)
+    #[argh(switch)]
+    no_api: bool,
+    /// JSON file that seeds the metadata store
+    #[argh(option)]
+    metadata: Option<String>,
+    /// add the boot-timer device
+    #[argh(switch)]
+    boot_timer: bool,
+    /// log level: Error, Warning, Info, Debug, Trace or Off
+    #[argh(option)]
+    level: Option<String>,
+    /// log to this file (or named pipe) instead of stdout
+    #[argh(option)]
+    log_path: Option<String>,
+    /// include the level in each log line
+    #[argh(switch)]
+    show_level: bool,
+    /// include the file and line in each log line
+    #[argh(switch)]
+    show_log_origin: bool,
+    /// log only messages from this module
+    #[argh(option)]
+    module: Option<String>,
+    /// write metrics to this file (or named pipe)
+    #[argh(option)]
+    metrics_path: Option<String>,
+    /// custom seccomp filter file
+    #[argh(option)]
+    seccomp_filter: Option<String>,
+    /// run without seccomp filters
+    #[argh(switch)]
+    no_seccomp: bool,
+    /// process start time in microseconds (CLOCK_MONOTONIC), set by the jailer
+    #[argh(option)]
+    start_time_us: Option<u64>,
+    /// process start CPU time in microseconds, set by the jailer
+    #[argh(option)]
+    start_time_cpu_us: Option<u64>,
+    /// CPU time the parent (jailer) used, in microseconds
+    #[argh(option)]
+    parent_cpu_time_us: Option<u64>,
+    /// largest API request body in bytes (default 51200)
+    #[argh(option, default = "51200")]
+    http_api_max_payload_size: usize,
+    /// largest metadata store in bytes (default: the payload limit)
+    #[argh(option)]
+    mmds_size_limit: Option<usize>,
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
+    #[argh(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Command {
+    Run(RunArgs),
+}
+
+/// Boot a microVM in the foreground with its serial console on this terminal. Without
+/// --kernel, boots the guest built into ember.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "run")]
+struct RunArgs {
+    /// kernel image: ELF vmlinux (Linux or PVH entry) or bzImage
+    #[argh(option)]
+    kernel: Option<String>,
+    /// initrd image
+    #[argh(option)]
+    initrd: Option<String>,
+    /// kernel command line
+    #[argh(option)]
+    cmdline: Option<String>,
+    /// number of vCPUs (default 1)
+    #[argh(option, default = "1")]
+    vcpus: u8,
+    /// guest memory in MiB (default 128)
+    #[argh(option, default = "128")]
+    mem: usize,
+}
+
+fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+fn fail(code: i32, msg: impl std::fmt::Display) -> ! {
+    signal::restore_terminal();
+    eprintln!("ember: {msg}");
+    log::error!("{msg}");
+    metrics::flush();
+    std::process::exit(code);
+}
+
+fn start_error_code(e: &StartError) -> i32 {
+    match e {
+        StartError::KvmOpen(_) | StartError::Vm(_) | StartError::Vcpu(..) => {
+            exit_code::GENERIC_ERROR
+        }
+        _ => exit_code::BAD_CONFIGURATION,
+    }
+}
+
+fn main() {
+    let start = Timestamp::now();
+    let argv: Vec<String> = std::env::args().collect();
+    let strs: Vec<&str> = argv.iter().skip(1).map(String::as_str).collect();
+    let args = match Args::from_args(&["ember"], &strs) {
+        Ok(a) => a,
+        Err(early) => {
+            if early.status.is_ok() {
+                println!("{}", early.output);
+                std::process::exit(exit_code::OK);
+            }
+            eprintln!("ember: {}", early.output.trim_end());
+            std::process::exit(exit_code::ARG_PARSING);
+        }
+    };
+    if args.version {
+        println!("ember v{VERSION}");
+        std::process::exit(exit_code::OK);
+    }
+    if !valid_id(&args.id) {
+        eprintln!(
+            "ember: invalid --id {:?}: 1 to 64 characters of A-Z, a-z, 0-9 and -",
+            args.id
+        );
+        std::process::exit(exit_code::ARG_PARSING);
+    }
+    if args.no_seccomp && args.seccomp_filter.is_some() {
+        eprintln!("ember: --no-seccomp and --seccomp-filter exclude each other");
+        std::process::exit(exit_code::ARG_PARSING);
+    }
+
+    let is_run = matches!(args.command, Some(Command::Run(_)));
+    // `ember run` is for people watching the console: only warnings and errors by default.
+    let default_level = if is_run {
+        log::LevelFilter::Warn
+    } else {
+        log::LevelFilter::Info
+    };
+    logger::init(&args.id, default_level);
+    if args.level.is_some()
+        || args.log_path.is_some()
+        || args.show_level
+        || args.show_log_origin
+        || args.module.is_some()
+    {
+        let level = match args.level.as_deref().map(LogLevel::parse) {
+            None => None,
+            Some(Some(l)) => Some(l),
+            Some(None) => {
+                eprintln!("ember: invalid --level; expected Error, Warning, Info, Debug, Trace or Off");
+                std::process::exit(exit_code::ARG_PARSING);
+            }
+        };
+        let cfg = LoggerConfig {
+            log_path: args.log_path.clone(),
+            level: level.or(Some(if is_run { LogLevel::Warning } else { LogLevel::Info })),
+            show_level: Some(args.show_level),
+            show_log_origin: Some(args.show_log_origin),
+            module: args.module.clone(),
+        };
+        if let Err(e) = logger::configure(&cfg) {
+            fail(exit_code::BAD_CONFIGURATION, e);
+        }
+    }
+    if let Some(p) = &args.metrics_path {
+        if let Err(e) = metrics::init(p) {
+            fail(exit_code::BAD_CONFIGURATION, e);
+        }
+    }
+    log::info!("Running ember v{VERSION}");
+
+    let exit = match ExitSignal::new() {
+        Ok(e) => Arc::new(e),
+        Err(e) => fail(exit_code::GENERIC_ERROR, format!("cannot create an eventfd: {e}")),
+    };
+    // `exit` lives until the process ends, so its eventfd stays valid for the handlers.
+    if let Err(e) = signal::install(exit.evt.as_raw_fd()) {
+        fail(exit_code::GENERIC_ERROR, format!("cannot install signal handlers: {e}"));
+    }
+
+    let (cfg, kernel) = match args.command {
+        Some(Command::Run(run)) => {
+            let cfg = VmConfig {
+                boot_source: run.kernel.as_ref().map(|k| BootSourceConfig {
+                    kernel_image_path: k.clone(),
+                    initrd_path: run.initrd.clone(),
+                    boot_args: run.cmdline.clone(),
+                }),
+                machine_config: MachineConfig {
+                    vcpu_count: run.vcpus,
+                    mem_size_mib: run.mem,
+                    ..Default::default()
+                },
+                boot_timer: true,
+                ..Default::default()
+            };
+            if let Err(e) = cfg.machine_config.validate() {
+                fail(exit_code::BAD_CONFIGURATION, e);
+            }
+            if run.kernel.is_none() && (run.initrd.is_some() || run.cmdline.is_some()) {
+                fail(
+                    exit_code::ARG_PARSING,
+                    "--initrd and --cmdline need --kernel (the built-in guest takes neither)",
+                );
+            }
+            let kernel = match &cfg.boot_source {
+                Some(bs) => {
+                    if let Err(e) = bs.validate() {
+                        fail(exit_code::BAD_CONFIGURATION, e);
+                    }
+                    open_kernel(bs)
+                }
+                None => KernelImage::Builtin(BUILTIN_GUEST),
+            };
+            signal::set_raw_terminal(true);
+            (cfg, kernel)
+        }
+        None => {
+            let Some(path) = &args.config_file else {
+                if args.no_api {
+                    fail(exit_code::ARG_PARSING, "--no-api needs --config-file");
+                }
+                fail(
+                    exit_code::GENERIC_ERROR,
+                    "the API server is not available in this build yet; use --config-file with --no-api",
+                );
+            };
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) => fail(
+                    exit_code::BAD_CONFIGURATION,
+                    format!("cannot read the config file {path:?}: {e}"),
+                ),
+            };
+            let mut cfg = match VmConfig::from_json(&text) {
+                Ok(c) => c,
+                Err(e) => fail(
+                    exit_code::BAD_CONFIGURATION,
+                    format!("invalid config file {path:?}: {e}"),
+                ),
+            };
+            cfg.boot_timer = args.boot_timer;
+            if let Some(l) = &cfg.logger {
+                if let Err(e) = logger::configure(l) {
+                    fail(exit_code::BAD_CONFIGURATION, e);
+                }
+            }
+            if let Some(m) = &cfg.metrics {
+                if let Err(e) = metrics::init(&m.metrics_path) {
+                    fail(exit_code::BAD_CONFIGURATION, e);
+                }
+            }
+            let kernel = match &cfg.boot_source {
+                Some(bs) => open_kernel(bs),
+                None => fail(exit_code::BAD_CONFIGURATION, "boot-source is required"),
+            };
+            signal::set_raw_terminal(false);
+            (cfg, kernel)
+        }
+    };
+
+    record_startup(&args.start_time_us, &args.start_time_cpu_us, &args.parent_cpu_time_us, start);
+    metrics::flush();
+
+    let serial_out: Box<dyn std::io::Write + Send> =
+        match std::io::stdout().as_fd().try_clone_to_owned() {
+            Ok(fd) => Box::new(File::from(fd)),
+            Err(e) => fail(exit_code::GENERIC_ERROR, format!("cannot use stdout: {e}")),
+        };
+    let vm = match build_microvm(&cfg, kernel, start, serial_out, exit.clone()) {
+        Ok(vm) => vm,
+        Err(e) => fail(start_error_code(&e), e),
+    };
+    log::info!("Successfully started microvm");
+
+    let mut em = match vmm::Manager::new() {
+        Ok(em) => em,
+        Err(e) => fail(exit_code::GENERIC_ERROR, format!("cannot create the event loop: {e:?}")),
+    };
+    match StopWatcher::new(&exit) {
+        Ok(w) => vmm::add_subscriber(&mut em, w),
+        Err(e) => fail(exit_code::GENERIC_ERROR, e),
+    }
+    let serial_ready = match vm.serial_buffer_ready.try_clone() {
+        Ok(r) => r,
+        Err(e) => fail(exit_code::GENERIC_ERROR, e),
+    };
+    vmm::add_subscriber(&mut em, vmm::SerialInput::new(vm.serial.clone(), serial_ready));
+
+    let code = vmm::run_until_stopped(&mut em, &exit);
+    signal::restore_terminal();
+    log::info!("Stopping the microVM with exit code {code}");
+    metrics::flush();
+    std::process::exit(code);
+}
+
+fn open_kernel(bs: &BootSourceConfig) -> KernelImage {
+    match File::open(&bs.kernel_image_path) {
+        Ok(f) => KernelImage::File(f),
+        Err(e) => fail(
+            exit_code::BAD_CONFIGURATION,
+            format!("cannot open the kernel image {:?}: {e}", bs.kernel_image_path),
+        ),
+    }
+}
+
+fn record_startup(
+    start_us: &Option<u64>,
+    start_cpu_us: &Option<u64>,
+    parent_cpu_us: &Option<u64>,
+    start: Timestamp,
+) {
+    let now = Timestamp::now();
+    let api = &metrics::METRICS.api_server;
+    api.process_startup_time_us
+        .store(now.wall_us.saturating_sub(start_us.unwrap_or(start.wall_us)));
+    api.process_startup_time_cpu_us.store(
+        now.cpu_us.saturating_sub(start_cpu_us.unwrap_or(0)) + parent_cpu_us.unwrap_or(0),
+    );
+}

@@ -1,0 +1,264 @@
+//! Metrics in Firecracker's format: one JSON object per line, counters reporting the change
+//! since the previous flush. Counters are plain atomics in one static, so any thread (a vCPU,
+//! a signal handler) bumps them without locks.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde::ser::{Serialize, SerializeStruct, Serializer};
+
+/// A counter; serialising it reports the increase since the last serialisation.
+#[derive(Default)]
+pub struct IncMetric {
+    value: AtomicU64,
+    flushed: AtomicU64,
+}
+
+impl IncMetric {
+    pub const fn new() -> Self {
+        IncMetric {
+            value: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
+        }
+    }
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    pub fn add(&self, n: u64) {
+        self.value.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn count(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+impl Serialize for IncMetric {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let now = self.value.load(Ordering::Relaxed);
+        let before = self.flushed.swap(now, Ordering::Relaxed);
+        s.serialize_u64(now.wrapping_sub(before))
+    }
+}
+
+/// A value that is set, not counted (start-up times, latencies).
+#[derive(Default)]
+pub struct StoreMetric(AtomicU64);
+
+impl StoreMetric {
+    pub const fn new() -> Self {
+        StoreMetric(AtomicU64::new(0))
+    }
+    pub fn store(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    pub fn fetch(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Serialize for StoreMetric {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.fetch())
+    }
+}
+
+/// Declares a metrics group: a struct of metrics serialised field by field.
+macro_rules! metrics_group {
+    ($name:ident { $($field:ident : $ty:ident),* $(,)? }) => {
+        #[derive(Default)]
+        pub struct $name { $(pub $field: $ty),* }
+        impl $name {
+            pub const fn new() -> Self { $name { $($field: $ty::new()),* } }
+        }
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut st = s.serialize_struct(stringify!($name), [$(stringify!($field)),*].len())?;
+                $(st.serialize_field(stringify!($field), &self.$field)?;)*
+                st.end()
+            }
+        }
+    };
+}
+
+metrics_group!(ApiServerMetrics {
+    process_startup_time_us: StoreMetric,
+    process_startup_time_cpu_us: StoreMetric,
+});
+
+metrics_group!(UartMetrics {
+    error_count: IncMetric,
+    flush_count: IncMetric,
+    missed_read_count: IncMetric,
+    missed_write_count: IncMetric,
+    read_count: IncMetric,
+    write_count: IncMetric,
+});
+
+metrics_group!(I8042Metrics {
+    error_count: IncMetric,
+    missed_read_count: IncMetric,
+    missed_write_count: IncMetric,
+    read_count: IncMetric,
+    reset_count: IncMetric,
+    write_count: IncMetric,
+});
+
+metrics_group!(VcpuMetrics {
+    exit_io_in: IncMetric,
+    exit_io_out: IncMetric,
+    exit_mmio_read: IncMetric,
+    exit_mmio_write: IncMetric,
+    failures: IncMetric,
+    unhandled_io: IncMetric,
+    unhandled_mmio: IncMetric,
+});
+
+metrics_group!(VmmMetrics {
+    device_events: IncMetric,
+    panic_count: IncMetric,
+});
+
+metrics_group!(SeccompMetrics { num_faults: IncMetric });
+
+metrics_group!(SignalMetrics {
+    sigbus: IncMetric,
+    sigsegv: IncMetric,
+    sigxfsz: IncMetric,
+    sigxcpu: IncMetric,
+    sigpipe: IncMetric,
+    sighup: IncMetric,
+    sigill: IncMetric,
+});
+
+metrics_group!(LatencyMetrics {
+    vmm_start_us: StoreMetric,
+    pause_vm: StoreMetric,
+    resume_vm: StoreMetric,
+});
+
+pub struct Metrics {
+    pub api_server: ApiServerMetrics,
+    pub i8042: I8042Metrics,
+    pub latencies_us: LatencyMetrics,
+    pub seccomp: SeccompMetrics,
+    pub signals: SignalMetrics,
+    pub uart: UartMetrics,
+    pub vcpu: VcpuMetrics,
+    pub vmm: VmmMetrics,
+}
+
+pub static METRICS: Metrics = Metrics {
+    api_server: ApiServerMetrics::new(),
+    i8042: I8042Metrics::new(),
+    latencies_us: LatencyMetrics::new(),
+    seccomp: SeccompMetrics::new(),
+    signals: SignalMetrics::new(),
+    uart: UartMetrics::new(),
+    vcpu: VcpuMetrics::new(),
+    vmm: VmmMetrics::new(),
+};
+
+impl Serialize for Metrics {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("Metrics", 9)?;
+        st.serialize_field("utc_timestamp_ms", &crate::time::utc_ms())?;
+        st.serialize_field("api_server", &self.api_server)?;
+        st.serialize_field("i8042", &self.i8042)?;
+        st.serialize_field("latencies_us", &self.latencies_us)?;
+        st.serialize_field("seccomp", &self.seccomp)?;
+        st.serialize_field("signals", &self.signals)?;
+        st.serialize_field("uart", &self.uart)?;
+        st.serialize_field("vcpu", &self.vcpu)?;
+        st.serialize_field("vmm", &self.vmm)?;
+        st.end()
+    }
+}
+
+static SINK: Mutex<Option<File>> = Mutex::new(None);
+
+#[derive(Debug)]
+pub enum MetricsError {
+    AlreadyInitialized,
+    Open(String, std::io::Error),
+}
+
+impl std::fmt::Display for MetricsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            MetricsError::AlreadyInitialized => {
+                write!(f, "Reinitialization of metrics not allowed.")
+            }
+            MetricsError::Open(p, e) => write!(f, "Cannot open the metrics file {p:?}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for MetricsError {}
+
+/// Opens the metrics destination (a file or a named pipe) once.
+pub fn init(path: &str) -> Result<(), MetricsError> {
+    let mut sink = SINK.lock().unwrap_or_else(|e| e.into_inner());
+    if sink.is_some() {
+        return Err(MetricsError::AlreadyInitialized);
+    }
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| MetricsError::Open(path.to_string(), e))?;
+    *sink = Some(file);
+    Ok(())
+}
+
+pub fn is_initialized() -> bool {
+    SINK.lock().map(|s| s.is_some()).unwrap_or(false)
+}
+
+/// Writes one line of metrics, if a destination is configured.
+pub fn flush() {
+    let mut sink = SINK.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(f) = sink.as_mut() {
+        match serde_json::to_vec(&METRICS) {
+            Ok(mut line) => {
+                line.push(b'\n');
+                if let Err(e) = f.write_all(&line) {
+                    log::warn!("cannot write metrics: {e}");
+                }
+            }
+            Err(e) => log::warn!("cannot serialise metrics: {e}"),
+        }
+    }
+}
+
+/// For signal handlers: flushes only if nobody holds the lock (never block in a handler).
+pub fn try_flush() {
+    if let Ok(mut sink) = SINK.try_lock() {
+        if let Some(f) = sink.as_mut() {
+            if let Ok(mut line) = serde_json::to_vec(&METRICS) {
+                line.push(b'\n');
+                let _ = f.write_all(&line);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_report_deltas() {
+        let m = IncMetric::new();
+        m.add(3);
+        assert_eq!(serde_json::to_string(&m).unwrap(), "3");
+        m.inc();
+        assert_eq!(serde_json::to_string(&m).unwrap(), "1");
+        assert_eq!(serde_json::to_string(&m).unwrap(), "0");
+        let v: serde_json::Value = serde_json::to_value(&METRICS).unwrap();
+        assert!(v["uart"]["write_count"].is_u64());
+        assert!(v["api_server"]["process_startup_time_us"].is_u64());
+        assert!(v["utc_timestamp_ms"].as_u64().unwrap() > 0);
+    }
+}

@@ -1,0 +1,119 @@
+//! Process-wide signal handling and the host terminal.
+//!
+//! SIGTERM and SIGINT ask for a clean stop through the event loop. Fatal signals (SIGBUS,
+//! SIGSEGV, ...) count in the metrics, flush them, restore the terminal and exit with
+//! Firecracker's code for the signal. Everything here is async-signal-safe: atomics, `write`,
+//! `tcsetattr`, `_exit`.
+
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::OnceLock;
+
+use vmm_sys_util::signal::register_signal_handler;
+
+use crate::metrics::METRICS;
+use crate::vstate::vcpu::exit_code;
+
+/// The eventfd that wakes the event loop on SIGTERM/SIGINT, and which signal arrived.
+static STOP_FD: AtomicI32 = AtomicI32::new(-1);
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// The terminal settings to put back on exit, when stdin is a terminal we changed.
+static SAVED_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
+
+extern "C" fn stop_handler(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP_SIGNAL.store(num, Ordering::SeqCst);
+    let fd = STOP_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) on an eventfd with a pointer to a live u64; async-signal-safe.
+        unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+}
+
+fn fatal_code(num: libc::c_int) -> i32 {
+    match num {
+        libc::SIGBUS => exit_code::SIGBUS,
+        libc::SIGSEGV => exit_code::SIGSEGV,
+        libc::SIGXFSZ => exit_code::SIGXFSZ,
+        libc::SIGXCPU => exit_code::SIGXCPU,
+        libc::SIGHUP => exit_code::SIGHUP,
+        libc::SIGILL => exit_code::SIGILL,
+        _ => exit_code::UNEXPECTED_ERROR,
+    }
+}
+
+extern "C" fn fatal_handler(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let m = &METRICS.signals;
+    match num {
+        libc::SIGBUS => m.sigbus.inc(),
+        libc::SIGSEGV => m.sigsegv.inc(),
+        libc::SIGXFSZ => m.sigxfsz.inc(),
+        libc::SIGXCPU => m.sigxcpu.inc(),
+        libc::SIGHUP => m.sighup.inc(),
+        libc::SIGILL => m.sigill.inc(),
+        _ => {}
+    }
+    crate::metrics::try_flush();
+    restore_terminal();
+    // SAFETY: _exit is async-signal-safe and never returns.
+    unsafe { libc::_exit(fatal_code(num)) };
+}
+
+/// Installs the handlers; `stop_fd` is the eventfd the event loop watches.
+pub fn install(stop_fd: i32) -> std::io::Result<()> {
+    STOP_FD.store(stop_fd, Ordering::SeqCst);
+    let err = |e: vmm_sys_util::errno::Error| std::io::Error::from_raw_os_error(e.errno());
+    register_signal_handler(libc::SIGTERM, stop_handler).map_err(err)?;
+    register_signal_handler(libc::SIGINT, stop_handler).map_err(err)?;
+    for s in [
+        libc::SIGBUS,
+        libc::SIGSEGV,
+        libc::SIGXFSZ,
+        libc::SIGXCPU,
+        libc::SIGHUP,
+        libc::SIGILL,
+    ] {
+        register_signal_handler(s, fatal_handler).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The signal that asked for a stop, if any.
+pub fn stop_signal() -> Option<i32> {
+    match STOP_SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        n => Some(n),
+    }
+}
+
+/// Puts stdin, when it is a terminal, in raw mode so the guest gets every key as typed.
+/// `keep_signals` leaves Ctrl-C to the host (the `ember run` front-end); Firecracker's
+/// behaviour is to pass it to the guest.
+pub fn set_raw_terminal(keep_signals: bool) {
+    // SAFETY: isatty/tcgetattr/tcsetattr on fd 0 with a termios on this stack.
+    unsafe {
+        if libc::isatty(0) != 1 {
+            return;
+        }
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(0, &mut t) != 0 {
+            return;
+        }
+        let _ = SAVED_TERMIOS.set(t);
+        t.c_lflag &= !(libc::ICANON | libc::ECHO);
+        if !keep_signals {
+            t.c_lflag &= !libc::ISIG;
+        }
+        t.c_cc[libc::VMIN] = 1;
+        t.c_cc[libc::VTIME] = 0;
+        libc::tcsetattr(0, libc::TCSANOW, &t);
+    }
+}
+
+/// Restores the terminal if we changed it. Safe to call from any exit path, handlers included.
+pub fn restore_terminal() {
+    if let Some(t) = SAVED_TERMIOS.get() {
+        // SAFETY: tcsetattr with a termios we saved earlier; async-signal-safe.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
+    }
+}

@@ -1,0 +1,387 @@
+//! vCPU threads: each runs `KVM_RUN` in a loop and dispatches port I/O and MMIO exits to the
+//! device buses. Anything unexpected stops the VM with a message that names the exit, and for
+//! an emulation failure the guest's RIP and instruction bytes: never a hang.
+
+use std::fmt;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::GuestMemoryMmap;
+use crate::devices::Bus;
+use crate::log_guest;
+use crate::metrics::METRICS;
+
+/// Process exit codes (Firecracker's).
+pub mod exit_code {
+    pub const OK: i32 = 0;
+    pub const GENERIC_ERROR: i32 = 1;
+    pub const UNEXPECTED_ERROR: i32 = 2;
+    pub const BAD_SYSCALL: i32 = 148;
+    pub const SIGBUS: i32 = 149;
+    pub const SIGSEGV: i32 = 150;
+    pub const SIGXFSZ: i32 = 151;
+    pub const BAD_CONFIGURATION: i32 = 152;
+    pub const ARG_PARSING: i32 = 153;
+    pub const SIGXCPU: i32 = 154;
+    pub const SIGPIPE: i32 = 155;
+    pub const SIGHUP: i32 = 156;
+    pub const SIGILL: i32 = 157;
+}
+
+/// How the VM asks the VMM thread to stop: the first code set wins, and the eventfd wakes the
+/// event loop.
+pub struct ExitSignal {
+    code: AtomicI32,
+    pub evt: EventFd,
+}
+
+impl ExitSignal {
+    pub fn new() -> std::io::Result<ExitSignal> {
+        Ok(ExitSignal {
+            code: AtomicI32::new(-1),
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    pub fn stop(&self, code: i32) {
+        let _ = self
+            .code
+            .compare_exchange(-1, code, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = self.evt.write(1);
+    }
+
+    /// The code to exit with, once `stop` was called.
+    pub fn code(&self) -> Option<i32> {
+        let c = self.code.load(Ordering::SeqCst);
+        (c >= 0).then_some(c)
+    }
+}
+
+/// The i8042's reset line: a reset is a clean stop.
+pub struct ResetLine(pub Arc<ExitSignal>);
+
+impl vm_superio::Trigger for ResetLine {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        log::info!("Guest requested a reset through the i8042; stopping.");
+        self.0.stop(exit_code::OK);
+        Ok(())
+    }
+}
+
+/// Pausing: the VMM thread raises `paused` and kicks each vCPU out of KVM_RUN with a signal
+/// until all are parked; they wait on the condvar until `paused` drops.
+#[derive(Default)]
+pub struct VcpuControl {
+    paused: AtomicBool,
+    parked: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl VcpuControl {
+    fn park_if_paused(&self) {
+        if !self.paused.load(Ordering::Acquire) {
+            return;
+        }
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        *parked += 1;
+        self.cv.notify_all();
+        while self.paused.load(Ordering::Acquire) {
+            parked = self.cv.wait(parked).unwrap_or_else(|e| e.into_inner());
+        }
+        *parked -= 1;
+        self.cv.notify_all();
+    }
+}
+
+/// What every vCPU thread shares.
+pub struct VcpuContext {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub memory: GuestMemoryMmap,
+    pub exit: Arc<ExitSignal>,
+    pub control: Arc<VcpuControl>,
+}
+
+pub struct Vcpu {
+    pub index: u8,
+    pub fd: VcpuFd,
+}
+
+/// Why a vCPU stopped the VM.
+#[derive(Debug)]
+pub enum VcpuError {
+    TripleFault,
+    EmulationFailure {
+        suberror: u32,
+        rip: u64,
+        bytes: Option<Vec<u8>>,
+    },
+    FailEntry(u64),
+    UnexpectedExit(String),
+    Run(kvm_ioctls::Error),
+}
+
+impl fmt::Display for VcpuError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            VcpuError::TripleFault => write!(
+                f,
+                "KVM_EXIT_SHUTDOWN: the guest triple-faulted (an exception it could not handle)"
+            ),
+            VcpuError::EmulationFailure {
+                suberror,
+                rip,
+                bytes,
+            } => {
+                let what = match suberror {
+                    1 => "emulation failure: KVM could not emulate a guest instruction",
+                    2 => "simultaneous exceptions",
+                    3 => "delivery event failure",
+                    _ => "internal error",
+                };
+                write!(
+                    f,
+                    "KVM_EXIT_INTERNAL_ERROR, suberror {suberror} ({what}) at RIP {rip:#x}, instruction bytes: "
+                )?;
+                match bytes {
+                    Some(b) => {
+                        for (i, x) in b.iter().enumerate() {
+                            write!(f, "{}{x:02x}", if i > 0 { " " } else { "" })?;
+                        }
+                        Ok(())
+                    }
+                    None => write!(f, "unreadable"),
+                }
+            }
+            VcpuError::FailEntry(reason) => write!(
+                f,
+                "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x}"
+            ),
+            VcpuError::UnexpectedExit(e) => write!(f, "unexpected exit: {e}"),
+            VcpuError::Run(e) => write!(f, "KVM_RUN failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for VcpuError {}
+
+/// What the run loop does after an exit.
+enum Next {
+    Continue,
+    Stop(i32),
+}
+
+/// The signal that kicks a vCPU out of KVM_RUN; its handler does nothing, the EINTR is the
+/// point.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+pub fn register_kick_handler() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+impl Vcpu {
+    pub fn start(self, ctx: Arc<VcpuContext>) -> std::io::Result<VcpuHandle> {
+        let index = self.index;
+        let thread = std::thread::Builder::new()
+            .name(format!("ember_vcpu{index}"))
+            // vCPU threads need little stack: exits are handled without deep recursion.
+            .stack_size(256 * 1024)
+            .spawn(move || self.run(&ctx))?;
+        Ok(VcpuHandle { thread })
+    }
+
+    fn run(mut self, ctx: &VcpuContext) {
+        loop {
+            let next = match self.fd.run() {
+                Ok(exit) => handle_exit(self.index, exit, ctx),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    Next::Continue
+                }
+                Err(e) => Next::Stop(self.fail(VcpuError::Run(e))),
+            };
+            match next {
+                Next::Continue => {}
+                Next::Stop(code) => {
+                    ctx.exit.stop(code);
+                    return;
+                }
+            }
+            if let Some(err) = self.take_failure(ctx) {
+                ctx.exit.stop(self.fail(err));
+                return;
+            }
+            ctx.control.park_if_paused();
+        }
+    }
+
+    /// Exits whose detail needs the vCPU fd (registers, kvm_run) are recognised here, after
+    /// the borrow of the exit has ended.
+    fn take_failure(&mut self, ctx: &VcpuContext) -> Option<VcpuError> {
+        let run = self.fd.get_kvm_run();
+        match run.exit_reason {
+            kvm_bindings::KVM_EXIT_INTERNAL_ERROR => {
+                // SAFETY: exit_reason says the `internal` member of the union is the valid one.
+                let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                // Mark it consumed so a later EINTR does not report it again.
+                run.exit_reason = kvm_bindings::KVM_EXIT_UNKNOWN;
+                let (rip, bytes) = self.instruction_at_rip(&ctx.memory);
+                Some(VcpuError::EmulationFailure {
+                    suberror,
+                    rip,
+                    bytes,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn instruction_at_rip(&self, mem: &GuestMemoryMmap) -> (u64, Option<Vec<u8>>) {
+        let Ok(regs) = self.fd.get_regs() else {
+            return (0, None);
+        };
+        let bytes = self.fd.translate_gva(regs.rip).ok().and_then(|t| {
+            if t.valid == 0 {
+                return None;
+            }
+            // The longest x86 instruction is 15 bytes; take what lies in memory.
+            (1..=15).rev().find_map(|n| {
+                let mut b = vec![0u8; n];
+                mem.read_slice(&mut b, GuestAddress(t.physical_address))
+                    .ok()
+                    .map(|_| b)
+            })
+        });
+        (regs.rip, bytes)
+    }
+
+    fn fail(&self, err: VcpuError) -> i32 {
+        METRICS.vcpu.failures.inc();
+        log::error!("vCPU {} stopped the VM: {err}", self.index);
+        exit_code::GENERIC_ERROR
+    }
+}
+
+fn handle_exit(index: u8, exit: VcpuExit, ctx: &VcpuContext) -> Next {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            METRICS.vcpu.exit_io_in.inc();
+            if !ctx.pio.read(u64::from(port), data) {
+                METRICS.vcpu.unhandled_io.inc();
+                data.fill(0xff);
+                log_guest!(log::Level::Warn, "Unhandled PIO read of {} bytes at port {port:#x}", data.len());
+            }
+            Next::Continue
+        }
+        VcpuExit::IoOut(port, data) => {
+            METRICS.vcpu.exit_io_out.inc();
+            if !ctx.pio.write(u64::from(port), data) {
+                METRICS.vcpu.unhandled_io.inc();
+                log_guest!(log::Level::Warn, "Unhandled PIO write of {} bytes at port {port:#x}", data.len());
+            }
+            Next::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            METRICS.vcpu.exit_mmio_read.inc();
+            if !ctx.mmio.read(addr, data) {
+                METRICS.vcpu.unhandled_mmio.inc();
+                data.fill(0xff);
+                log_guest!(log::Level::Warn, "Unhandled MMIO read of {} bytes at {addr:#x}", data.len());
+            }
+            Next::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            METRICS.vcpu.exit_mmio_write.inc();
+            if !ctx.mmio.write(addr, data) {
+                METRICS.vcpu.unhandled_mmio.inc();
+                log_guest!(log::Level::Warn, "Unhandled MMIO write of {} bytes at {addr:#x}", data.len());
+            }
+            Next::Continue
+        }
+        VcpuExit::Shutdown => {
+            METRICS.vcpu.failures.inc();
+            log::error!("vCPU {index} stopped the VM: {}", VcpuError::TripleFault);
+            Next::Stop(exit_code::GENERIC_ERROR)
+        }
+        VcpuExit::SystemEvent(kind, _) => {
+            log::info!("vCPU {index}: system event {kind}; stopping.");
+            Next::Stop(exit_code::OK)
+        }
+        VcpuExit::Hlt => {
+            log::info!("vCPU {index} halted; stopping.");
+            Next::Stop(exit_code::OK)
+        }
+        // Reported with registers and instruction bytes by the caller.
+        VcpuExit::InternalError => Next::Continue,
+        VcpuExit::FailEntry(reason, _cpu) => {
+            METRICS.vcpu.failures.inc();
+            log::error!("vCPU {index} stopped the VM: {}", VcpuError::FailEntry(reason));
+            Next::Stop(exit_code::GENERIC_ERROR)
+        }
+        other => {
+            METRICS.vcpu.failures.inc();
+            log::error!(
+                "vCPU {index} stopped the VM: {}",
+                VcpuError::UnexpectedExit(format!("{other:?}"))
+            );
+            Next::Stop(exit_code::GENERIC_ERROR)
+        }
+    }
+}
+
+pub struct VcpuHandle {
+    thread: JoinHandle<()>,
+}
+
+impl VcpuHandle {
+    fn kick(&self) {
+        // SAFETY: the thread is alive (we hold its JoinHandle and vCPU threads only end when
+        // the process does or after setting the exit code); pthread_kill with a handled
+        // signal has no other effect than interrupting KVM_RUN.
+        unsafe { libc::pthread_kill(self.thread.as_pthread_t(), kick_signal()) };
+    }
+}
+
+/// Stops every vCPU at its next exit (kicking each out of the guest) and waits until all are
+/// parked.
+pub fn pause_all(control: &VcpuControl, handles: &[VcpuHandle]) {
+    control.paused.store(true, Ordering::Release);
+    let mut parked = control.parked.lock().unwrap_or_else(|e| e.into_inner());
+    while *parked < handles.len() {
+        // A kick that lands just before KVM_RUN is lost, so keep kicking until all report.
+        for h in handles.iter().filter(|h| !h.thread.is_finished()) {
+            h.kick();
+        }
+        let (p, _) = control
+            .cv
+            .wait_timeout(parked, Duration::from_millis(1))
+            .unwrap_or_else(|e| e.into_inner());
+        parked = p;
+        if handles.iter().any(|h| h.thread.is_finished()) {
+            break;
+        }
+    }
+}
+
+pub fn resume_all(control: &VcpuControl) {
+    let _guard = control.parked.lock().unwrap_or_else(|e| e.into_inner());
+    control.paused.store(false, Ordering::Release);
+    control.cv.notify_all();
+}
+
+/// Counts parked vCPUs (for tests and `GET /`).
+pub fn parked_count(control: &VcpuControl) -> usize {
+    *control.parked.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,82 @@
+//! The KVM VM: its guest memory, the in-kernel irqchip and PIT.
+
+use std::fmt;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::{self, GuestMemoryMmap};
+
+#[derive(Debug)]
+pub enum VmError {
+    /// A KVM ioctl failed; names it.
+    Kvm(&'static str, kvm_ioctls::Error),
+    Memory(String),
+}
+
+impl fmt::Display for VmError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            VmError::Kvm(what, e) => write!(f, "{what} failed: {e}"),
+            VmError::Memory(e) => write!(f, "cannot allocate guest memory: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for VmError {}
+
+pub struct Vm {
+    fd: VmFd,
+    memory: GuestMemoryMmap,
+}
+
+impl Vm {
+    /// Creates the VM with `mem_size` bytes of RAM laid out as the platform spec says.
+    pub fn new(kvm: &Kvm, mem_size: u64) -> Result<Vm, VmError> {
+        let fd = kvm.create_vm().map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+        // Anonymous, private, MAP_NORESERVE: untouched guest pages cost the host nothing.
+        let memory = GuestMemoryMmap::from_ranges(&arch::arch_memory_regions(mem_size))
+            .map_err(|e| VmError::Memory(e.to_string()))?;
+        for (slot, region) in memory.iter().enumerate() {
+            let mr = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the mapping belongs to `memory`, which this Vm owns and keeps alive for
+            // as long as the VM fd (and so the slot) exists.
+            unsafe { fd.set_user_memory_region(mr) }
+                .map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+        fd.set_tss_address(arch::layout::KVM_TSS_ADDR as usize)
+            .map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+        fd.create_irq_chip()
+            .map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
+        Ok(Vm { fd, memory })
+    }
+
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Routes `evt` to the guest interrupt `gsi`.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(|e| VmError::Kvm("KVM_IRQFD", e))
+    }
+}

@@ -1,0 +1,188 @@
+//! Boots the test guest with the `ember` binary and checks what the guest reported and how
+//! ember exited.
+
+mod common;
+
+use common::*;
+
+fn hello(vcpus: u8) {
+    if !require_kvm() {
+        return;
+    }
+    let out = boot(&guest_config("hello", vcpus, 128));
+    out.expect_code(0)
+        .expect(&format!("vCPUs: {vcpus}"))
+        .expect("memory: 128 MiB")
+        .expect("ember-guest: done")
+        .expect("Guest-boot-time =");
+}
+
+#[test]
+fn hello_1_vcpu() {
+    hello(1);
+}
+
+#[test]
+fn hello_2_vcpus() {
+    hello(2);
+}
+
+#[test]
+fn hello_4_vcpus() {
+    hello(4);
+}
+
+#[test]
+fn smp_every_vcpu_reports_in() {
+    if !require_kvm() {
+        return;
+    }
+    let out = boot(&guest_config("smp", 4, 128));
+    out.expect_code(0).expect("smp: 4 of 4 vCPUs online");
+    for id in 1..4 {
+        out.expect(&format!("smp: cpu {id} online"));
+    }
+}
+
+#[test]
+fn memory_128_mib_verified() {
+    if !require_kvm() {
+        return;
+    }
+    boot(&guest_config("mem=128", 1, 128))
+        .expect_code(0)
+        .expect("mem: 128 MiB ok");
+}
+
+#[test]
+fn memory_4_gib_above_the_hole_verified() {
+    if !require_kvm() {
+        return;
+    }
+    boot(&guest_config("mem=4096", 1, 4096))
+        .expect_code(0)
+        .expect("mem: 4096 MiB ok");
+}
+
+#[test]
+fn triple_fault_is_reported_and_exits_non_zero() {
+    if !require_kvm() {
+        return;
+    }
+    let out = boot(&guest_config("panic", 1, 128));
+    out.expect("panic: triple fault now").expect("KVM_EXIT_SHUTDOWN");
+    assert_ne!(out.code(), 0, "a triple fault must not exit 0");
+}
+
+#[test]
+fn wild_accesses_are_logged_and_ignored() {
+    if !require_kvm() {
+        return;
+    }
+    boot(&guest_config("wild", 1, 128))
+        .expect_code(0)
+        .expect("Unhandled MMIO")
+        .expect("Unhandled PIO")
+        .expect("wild: survived")
+        .expect("ember-guest: done");
+}
+
+#[test]
+fn initrd_is_placed_and_read_back() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("initrd");
+    // Not a multiple of the page size, so placement and size are both checked.
+    let data: Vec<u8> = (0..300_001u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let initrd = dir.write("initrd.img", &data);
+    let mut cfg = guest_config("initrd", 1, 128);
+    cfg["boot-source"]["initrd_path"] = initrd.to_str().unwrap().into();
+    boot(&cfg).expect_code(0).expect(&format!(
+        "initrd: size={} fnv1a64={:016x}",
+        data.len(),
+        fnv1a64(&data)
+    ));
+}
+
+#[test]
+fn command_line_of_2048_bytes_with_its_nul_is_accepted() {
+    if !require_kvm() {
+        return;
+    }
+    let mut line = String::from("hello ");
+    line.push_str(&"x".repeat(2047 - line.len()));
+    assert_eq!(line.len() + 1, 2048);
+    boot(&guest_config(&line, 1, 128))
+        .expect_code(0)
+        .expect("ember-guest: cmdline 2047 bytes");
+}
+
+#[test]
+fn command_line_of_2049_bytes_is_refused() {
+    if !require_kvm() {
+        return;
+    }
+    let line = format!("hello {}", "x".repeat(2048 - 6));
+    assert_eq!(line.len() + 1, 2049);
+    let out = boot(&guest_config(&line, 1, 128));
+    out.expect_code(152).expect("2049").expect("2048");
+}
+
+#[test]
+fn missing_kernel_is_a_clear_error() {
+    let mut cfg = guest_config("hello", 1, 128);
+    cfg["boot-source"]["kernel_image_path"] = "/nonexistent/vmlinux".into();
+    boot(&cfg)
+        .expect_code(152)
+        .expect("/nonexistent/vmlinux")
+        .expect("No such file");
+}
+
+#[test]
+fn kernel_that_is_neither_elf_nor_bzimage_is_a_clear_error() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("badkernel");
+    let k = dir.write("kernel.txt", b"#!/bin/sh\necho this is not a kernel\n".repeat(100));
+    let mut cfg = guest_config("hello", 1, 128);
+    cfg["boot-source"]["kernel_image_path"] = k.to_str().unwrap().into();
+    boot(&cfg)
+        .expect_code(152)
+        .expect("not an ELF or bzImage");
+}
+
+#[test]
+fn bad_config_file_exits_152_naming_the_field() {
+    let mut cfg = guest_config("hello", 1, 128);
+    cfg["machine-config"]["vcpu_count"] = "two".into();
+    boot(&cfg).expect_code(152).expect("machine-config").expect("vcpu_count");
+    let mut cfg = guest_config("hello", 1, 128);
+    cfg["machine-config"]["vcpus"] = 2.into();
+    boot(&cfg).expect_code(152).expect("vcpus");
+}
+
+#[test]
+fn builtin_guest_greets() {
+    if !require_kvm() {
+        return;
+    }
+    run(&["run"])
+        .expect_code(0)
+        .expect("Hello from the ember guest!")
+        .expect("vCPUs: 1")
+        .expect("memory: 128 MiB");
+    run(&["run", "--vcpus", "2", "--mem", "256"])
+        .expect_code(0)
+        .expect("vCPUs: 2")
+        .expect("memory: 256 MiB");
+}
+
+#[test]
+fn command_line_flags() {
+    run(&["--version"]).expect_code(0).expect("ember v");
+    run(&["--no-such-flag"]).expect_code(153);
+    run(&["--id", "bad/id", "--no-api"]).expect_code(153);
+    run(&["--no-api"]).expect_code(153).expect("--config-file");
+}
