@@ -27,7 +27,14 @@ fn main() {
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let mut cmd = Command::new(rustc);
     cmd.arg(&src)
-        .args(["--crate-name", "ember_guest", "--crate-type", "bin", "--edition", "2021"])
+        .args([
+            "--crate-name",
+            "ember_guest",
+            "--crate-type",
+            "bin",
+            "--edition",
+            "2021",
+        ])
         .args(["--target", "x86_64-unknown-linux-gnu"])
         .args(["-C", "panic=abort"])
         .args(["-C", "relocation-model=static"])
@@ -53,11 +60,16 @@ fn main() {
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("RUSTFLAGS");
 
-    let output = cmd.output().unwrap_or_else(|e| panic!("cannot run rustc for the guest: {e}"));
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run rustc for the guest: {e}"));
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {
         eprintln!("{stderr}");
-        panic!("building the test guest (resources/guest) failed: {}", output.status);
+        panic!(
+            "building the test guest (resources/guest) failed: {}",
+            output.status
+        );
     }
     for line in stderr.lines().filter(|l| l.starts_with("warning")) {
         println!("cargo:warning=ember-guest: {line}");

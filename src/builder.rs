@@ -120,7 +120,11 @@ pub fn build_microvm(
         KernelImage::Builtin(bytes) => arch::load_kernel_bytes(mem, bytes),
     }
     .map_err(StartError::Kernel)?;
-    let initrd = match cfg.boot_source.as_ref().and_then(|b| b.initrd_path.as_ref()) {
+    let initrd = match cfg
+        .boot_source
+        .as_ref()
+        .and_then(|b| b.initrd_path.as_ref())
+    {
         Some(p) => {
             let mut f = File::open(p).map_err(|e| {
                 StartError::Config(ConfigError::File {

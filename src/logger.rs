@@ -251,7 +251,10 @@ mod tests {
         let r = RateLimit::new();
         let allowed = (0..100).filter(|_| r.check().is_some()).count();
         // All 100 calls happen within one or two seconds: at most two bursts pass.
-        assert!((BURST as usize..=2 * BURST as usize).contains(&allowed), "{allowed}");
+        assert!(
+            (BURST as usize..=2 * BURST as usize).contains(&allowed),
+            "{allowed}"
+        );
     }
 
     #[test]

@@ -178,13 +178,19 @@ fn main() {
             None => None,
             Some(Some(l)) => Some(l),
             Some(None) => {
-                eprintln!("ember: invalid --level; expected Error, Warning, Info, Debug, Trace or Off");
+                eprintln!(
+                    "ember: invalid --level; expected Error, Warning, Info, Debug, Trace or Off"
+                );
                 std::process::exit(exit_code::ARG_PARSING);
             }
         };
         let cfg = LoggerConfig {
             log_path: args.log_path.clone(),
-            level: level.or(Some(if is_run { LogLevel::Warning } else { LogLevel::Info })),
+            level: level.or(Some(if is_run {
+                LogLevel::Warning
+            } else {
+                LogLevel::Info
+            })),
             show_level: Some(args.show_level),
             show_log_origin: Some(args.show_log_origin),
             module: args.module.clone(),
@@ -202,11 +208,17 @@ fn main() {
 
     let exit = match ExitSignal::new() {
         Ok(e) => Arc::new(e),
-        Err(e) => fail(exit_code::GENERIC_ERROR, format!("cannot create an eventfd: {e}")),
+        Err(e) => fail(
+            exit_code::GENERIC_ERROR,
+            format!("cannot create an eventfd: {e}"),
+        ),
     };
     // `exit` lives until the process ends, so its eventfd stays valid for the handlers.
     if let Err(e) = signal::install(exit.evt.as_raw_fd()) {
-        fail(exit_code::GENERIC_ERROR, format!("cannot install signal handlers: {e}"));
+        fail(
+            exit_code::GENERIC_ERROR,
+            format!("cannot install signal handlers: {e}"),
+        );
     }
 
     let (cfg, kernel) = match args.command {
@@ -290,7 +302,12 @@ fn main() {
         }
     };
 
-    record_startup(&args.start_time_us, &args.start_time_cpu_us, &args.parent_cpu_time_us, start);
+    record_startup(
+        &args.start_time_us,
+        &args.start_time_cpu_us,
+        &args.parent_cpu_time_us,
+        start,
+    );
     metrics::flush();
 
     let serial_out: Box<dyn std::io::Write + Send> =
@@ -306,7 +323,10 @@ fn main() {
 
     let mut em = match vmm::Manager::new() {
         Ok(em) => em,
-        Err(e) => fail(exit_code::GENERIC_ERROR, format!("cannot create the event loop: {e:?}")),
+        Err(e) => fail(
+            exit_code::GENERIC_ERROR,
+            format!("cannot create the event loop: {e:?}"),
+        ),
     };
     match StopWatcher::new(&exit) {
         Ok(w) => vmm::add_subscriber(&mut em, w),
@@ -316,7 +336,10 @@ fn main() {
         Ok(r) => r,
         Err(e) => fail(exit_code::GENERIC_ERROR, e),
     };
-    vmm::add_subscriber(&mut em, vmm::SerialInput::new(vm.serial.clone(), serial_ready));
+    vmm::add_subscriber(
+        &mut em,
+        vmm::SerialInput::new(vm.serial.clone(), serial_ready),
+    );
 
     let code = vmm::run_until_stopped(&mut em, &exit);
     signal::restore_terminal();
@@ -330,7 +353,10 @@ fn open_kernel(bs: &BootSourceConfig) -> KernelImage {
         Ok(f) => KernelImage::File(f),
         Err(e) => fail(
             exit_code::BAD_CONFIGURATION,
-            format!("cannot open the kernel image {:?}: {e}", bs.kernel_image_path),
+            format!(
+                "cannot open the kernel image {:?}: {e}",
+                bs.kernel_image_path
+            ),
         ),
     }
 }
@@ -343,9 +369,10 @@ fn record_startup(
 ) {
     let now = Timestamp::now();
     let api = &metrics::METRICS.api_server;
-    api.process_startup_time_us
-        .store(now.wall_us.saturating_sub(start_us.unwrap_or(start.wall_us)));
-    api.process_startup_time_cpu_us.store(
-        now.cpu_us.saturating_sub(start_cpu_us.unwrap_or(0)) + parent_cpu_us.unwrap_or(0),
+    api.process_startup_time_us.store(
+        now.wall_us
+            .saturating_sub(start_us.unwrap_or(start.wall_us)),
     );
+    api.process_startup_time_cpu_us
+        .store(now.cpu_us.saturating_sub(start_cpu_us.unwrap_or(0)) + parent_cpu_us.unwrap_or(0));
 }

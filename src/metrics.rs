@@ -120,7 +120,9 @@ metrics_group!(VmmMetrics {
     panic_count: IncMetric,
 });
 
-metrics_group!(SeccompMetrics { num_faults: IncMetric });
+metrics_group!(SeccompMetrics {
+    num_faults: IncMetric
+});
 
 metrics_group!(SignalMetrics {
     sigbus: IncMetric,

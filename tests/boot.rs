@@ -70,7 +70,8 @@ fn triple_fault_is_reported_and_exits_non_zero() {
         return;
     }
     let out = boot(&guest_config("panic", 1, 128));
-    out.expect("panic: triple fault now").expect("KVM_EXIT_SHUTDOWN");
+    out.expect("panic: triple fault now")
+        .expect("KVM_EXIT_SHUTDOWN");
     assert_ne!(out.code(), 0, "a triple fault must not exit 0");
 }
 
@@ -94,7 +95,9 @@ fn initrd_is_placed_and_read_back() {
     }
     let dir = TempDir::new("initrd");
     // Not a multiple of the page size, so placement and size are both checked.
-    let data: Vec<u8> = (0..300_001u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..300_001u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let initrd = dir.write("initrd.img", &data);
     let mut cfg = guest_config("initrd", 1, 128);
     cfg["boot-source"]["initrd_path"] = initrd.to_str().unwrap().into();
@@ -145,19 +148,23 @@ fn kernel_that_is_neither_elf_nor_bzimage_is_a_clear_error() {
         return;
     }
     let dir = TempDir::new("badkernel");
-    let k = dir.write("kernel.txt", b"#!/bin/sh\necho this is not a kernel\n".repeat(100));
+    let k = dir.write(
+        "kernel.txt",
+        b"#!/bin/sh\necho this is not a kernel\n".repeat(100),
+    );
     let mut cfg = guest_config("hello", 1, 128);
     cfg["boot-source"]["kernel_image_path"] = k.to_str().unwrap().into();
-    boot(&cfg)
-        .expect_code(152)
-        .expect("not an ELF or bzImage");
+    boot(&cfg).expect_code(152).expect("not an ELF or bzImage");
 }
 
 #[test]
 fn bad_config_file_exits_152_naming_the_field() {
     let mut cfg = guest_config("hello", 1, 128);
     cfg["machine-config"]["vcpu_count"] = "two".into();
-    boot(&cfg).expect_code(152).expect("machine-config").expect("vcpu_count");
+    boot(&cfg)
+        .expect_code(152)
+        .expect("machine-config")
+        .expect("vcpu_count");
     let mut cfg = guest_config("hello", 1, 128);
     cfg["machine-config"]["vcpus"] = 2.into();
     boot(&cfg).expect_code(152).expect("vcpus");

@@ -21,7 +21,10 @@ fn image(name: &str) -> Option<PathBuf> {
         return Some(p);
     }
     if std::env::var("EMBER_SKIP_LINUX_TESTS").as_deref() == Ok("1") {
-        eprintln!("!!! {} is missing: SKIPPING because EMBER_SKIP_LINUX_TESTS=1", p.display());
+        eprintln!(
+            "!!! {} is missing: SKIPPING because EMBER_SKIP_LINUX_TESTS=1",
+            p.display()
+        );
         return None;
     }
     panic!(
@@ -140,7 +143,11 @@ fn bzimage_is_loaded_with_its_setup_header() {
     let rd8 = |off: u64| mem.read_obj::<u8>(GuestAddress(zp + off)).unwrap();
     assert_eq!(rd32(0x202), u32::from_le_bytes(*b"HdrS"));
     assert_eq!(rd16(0x1fe), 0xaa55, "boot_flag");
-    assert_eq!(rd16(0x206), u16::from_le_bytes([bytes[0x206], bytes[0x207]]), "version");
+    assert_eq!(
+        rd16(0x206),
+        u16::from_le_bytes([bytes[0x206], bytes[0x207]]),
+        "version"
+    );
     assert!(rd16(0x206) >= 0x20c);
     assert_eq!(rd8(0x210), 0xff, "type_of_loader");
     assert_eq!(rd32(0x228), 0x20000, "cmd_line_ptr");

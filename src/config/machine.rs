@@ -238,7 +238,9 @@ impl CpuConfig {
     pub fn to_modifiers(&self) -> Result<CpuModifiers, ConfigError> {
         use crate::arch::{CpuidLeafModifier, CpuidRegister, CpuidRegisterModifier, MsrModifier};
         if !self.kvm_capabilities.is_empty() {
-            return Err(ConfigError::Unsupported("kvm_capabilities in a CPU template"));
+            return Err(ConfigError::Unsupported(
+                "kvm_capabilities in a CPU template",
+            ));
         }
         let mut out = CpuModifiers::default();
         for leaf in &self.cpuid_modifiers {

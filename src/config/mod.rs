@@ -235,19 +235,42 @@ fn section<T: serde::de::DeserializeOwned>(
     name: &str,
     value: serde_json::Value,
 ) -> Result<T, ConfigError> {
-    serde_json::from_value(value).map_err(|e| ConfigError::Section {
+    let err = |reason: String| ConfigError::Section {
         section: name.to_string(),
-        reason: e.to_string(),
-    })
+        reason,
+    };
+    // Parse from pretty text rather than the Value: serde's error then carries a line, and
+    // that line names the offending field ("invalid type" alone does not).
+    let text = serde_json::to_string_pretty(&value).map_err(|e| err(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| err(describe_json_error(&text, &e)))
+}
+
+/// A serde_json error as a sentence that names the field it is about, without line numbers.
+pub fn describe_json_error(text: &str, e: &serde_json::Error) -> String {
+    let mut msg = e.to_string();
+    if let Some(i) = msg.rfind(" at line ") {
+        msg.truncate(i);
+    }
+    let field = text
+        .lines()
+        .nth(e.line().saturating_sub(1))
+        .and_then(|l| l.trim_start().strip_prefix('"'))
+        .and_then(|l| l.split_once("\":"))
+        .map(|(k, _)| k.to_string());
+    match field {
+        Some(f) if !msg.contains(&format!("`{f}`")) => format!("field `{f}`: {msg}"),
+        _ => msg,
+    }
 }
 
 impl VmConfig {
     /// Parses and validates a `--config-file`. Each error names the key it is about.
     pub fn from_json(text: &str) -> Result<VmConfig, ConfigError> {
-        let root: serde_json::Value = serde_json::from_str(text).map_err(|e| ConfigError::Section {
-            section: "config file".into(),
-            reason: e.to_string(),
-        })?;
+        let root: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| ConfigError::Section {
+                section: "config file".into(),
+                reason: e.to_string(),
+            })?;
         let serde_json::Value::Object(mut map) = root else {
             return Err(ConfigError::Section {
                 section: "config file".into(),
@@ -349,7 +372,10 @@ mod tests {
             kernel_path()
         );
         let e = VmConfig::from_json(&missing_mem).unwrap_err().to_string();
-        assert!(e.contains("machine-config") && e.contains("mem_size_mib"), "{e}");
+        assert!(
+            e.contains("machine-config") && e.contains("mem_size_mib"),
+            "{e}"
+        );
 
         let unknown = format!(
             r#"{{"boot-source":{{"kernel_image_path":"{}","bogus":1}},"drives":[]}}"#,
@@ -358,7 +384,21 @@ mod tests {
         let e = VmConfig::from_json(&unknown).unwrap_err().to_string();
         assert!(e.contains("boot-source") && e.contains("bogus"), "{e}");
 
-        let e = VmConfig::from_json(r#"{"drives":[]}"#).unwrap_err().to_string();
+        let wrong_type = format!(
+            r#"{{"boot-source":{{"kernel_image_path":"{}"}},"drives":[],
+               "machine-config":{{"vcpu_count":"two","mem_size_mib":128}}}}"#,
+            kernel_path()
+        );
+        let e = VmConfig::from_json(&wrong_type).unwrap_err().to_string();
+        assert!(
+            e.contains("machine-config") && e.contains("`vcpu_count`"),
+            "{e}"
+        );
+        assert!(!e.contains("line"), "{e}");
+
+        let e = VmConfig::from_json(r#"{"drives":[]}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("boot-source"), "{e}");
 
         let e = VmConfig::from_json(

@@ -57,7 +57,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::ZeroLength { base });
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         if self
             .ranges
             .iter()
@@ -71,7 +73,10 @@ impl Bus {
     }
 
     fn find(&self, addr: u64, size: usize) -> Option<(&Range, u64)> {
-        let idx = self.ranges.partition_point(|r| r.base <= addr).checked_sub(1)?;
+        let idx = self
+            .ranges
+            .partition_point(|r| r.base <= addr)
+            .checked_sub(1)?;
         let r = &self.ranges[idx];
         let offset = addr - r.base;
         // The whole access must fall inside the device's window.
@@ -131,8 +136,15 @@ mod tests {
         bus.insert(Arc::new(Mutex::new(Recorder { last_write: None })), 0x60, 5)
             .unwrap();
         assert_eq!(
-            bus.insert(Arc::new(Mutex::new(Recorder { last_write: None })), 0x3fc, 8),
-            Err(BusError::Overlap { base: 0x3fc, len: 8 })
+            bus.insert(
+                Arc::new(Mutex::new(Recorder { last_write: None })),
+                0x3fc,
+                8
+            ),
+            Err(BusError::Overlap {
+                base: 0x3fc,
+                len: 8
+            })
         );
         assert!(bus.insert(a.clone(), 0x100, 0).is_err());
         assert!(bus.write(0x3fb, &[7]));

@@ -207,9 +207,7 @@ impl Vcpu {
         loop {
             let next = match self.fd.run() {
                 Ok(exit) => handle_exit(self.index, exit, ctx),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    Next::Continue
-                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
                 Err(e) => Next::Stop(self.fail(VcpuError::Run(e))),
             };
             match next {
@@ -281,7 +279,11 @@ fn handle_exit(index: u8, exit: VcpuExit, ctx: &VcpuContext) -> Next {
             if !ctx.pio.read(u64::from(port), data) {
                 METRICS.vcpu.unhandled_io.inc();
                 data.fill(0xff);
-                log_guest!(log::Level::Warn, "Unhandled PIO read of {} bytes at port {port:#x}", data.len());
+                log_guest!(
+                    log::Level::Warn,
+                    "Unhandled PIO read of {} bytes at port {port:#x}",
+                    data.len()
+                );
             }
             Next::Continue
         }
@@ -289,7 +291,11 @@ fn handle_exit(index: u8, exit: VcpuExit, ctx: &VcpuContext) -> Next {
             METRICS.vcpu.exit_io_out.inc();
             if !ctx.pio.write(u64::from(port), data) {
                 METRICS.vcpu.unhandled_io.inc();
-                log_guest!(log::Level::Warn, "Unhandled PIO write of {} bytes at port {port:#x}", data.len());
+                log_guest!(
+                    log::Level::Warn,
+                    "Unhandled PIO write of {} bytes at port {port:#x}",
+                    data.len()
+                );
             }
             Next::Continue
         }
@@ -298,7 +304,11 @@ fn handle_exit(index: u8, exit: VcpuExit, ctx: &VcpuContext) -> Next {
             if !ctx.mmio.read(addr, data) {
                 METRICS.vcpu.unhandled_mmio.inc();
                 data.fill(0xff);
-                log_guest!(log::Level::Warn, "Unhandled MMIO read of {} bytes at {addr:#x}", data.len());
+                log_guest!(
+                    log::Level::Warn,
+                    "Unhandled MMIO read of {} bytes at {addr:#x}",
+                    data.len()
+                );
             }
             Next::Continue
         }
@@ -306,7 +316,11 @@ fn handle_exit(index: u8, exit: VcpuExit, ctx: &VcpuContext) -> Next {
             METRICS.vcpu.exit_mmio_write.inc();
             if !ctx.mmio.write(addr, data) {
                 METRICS.vcpu.unhandled_mmio.inc();
-                log_guest!(log::Level::Warn, "Unhandled MMIO write of {} bytes at {addr:#x}", data.len());
+                log_guest!(
+                    log::Level::Warn,
+                    "Unhandled MMIO write of {} bytes at {addr:#x}",
+                    data.len()
+                );
             }
             Next::Continue
         }
@@ -327,7 +341,10 @@ fn handle_exit(index: u8, exit: VcpuExit, ctx: &VcpuContext) -> Next {
         VcpuExit::InternalError => Next::Continue,
         VcpuExit::FailEntry(reason, _cpu) => {
             METRICS.vcpu.failures.inc();
-            log::error!("vCPU {index} stopped the VM: {}", VcpuError::FailEntry(reason));
+            log::error!(
+                "vCPU {index} stopped the VM: {}",
+                VcpuError::FailEntry(reason)
+            );
             Next::Stop(exit_code::GENERIC_ERROR)
         }
         other => {

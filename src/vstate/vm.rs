@@ -35,7 +35,9 @@ pub struct Vm {
 impl Vm {
     /// Creates the VM with `mem_size` bytes of RAM laid out as the platform spec says.
     pub fn new(kvm: &Kvm, mem_size: u64) -> Result<Vm, VmError> {
-        let fd = kvm.create_vm().map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
         // Anonymous, private, MAP_NORESERVE: untouched guest pages cost the host nothing.
         let memory = GuestMemoryMmap::from_ranges(&arch::arch_memory_regions(mem_size))
             .map_err(|e| VmError::Memory(e.to_string()))?;

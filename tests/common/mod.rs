@@ -20,7 +20,9 @@ pub fn require_kvm() -> bool {
         eprintln!("!!! /dev/kvm is missing: SKIPPING this test because EMBER_SKIP_KVM_TESTS=1");
         return false;
     }
-    panic!("/dev/kvm is missing: these tests boot real guests (set EMBER_SKIP_KVM_TESTS=1 to skip)");
+    panic!(
+        "/dev/kvm is missing: these tests boot real guests (set EMBER_SKIP_KVM_TESTS=1 to skip)"
+    );
 }
 
 /// A directory for one test's files, removed when dropped.

@@ -7,12 +7,14 @@
 use std::fmt;
 
 use acpi_tables::aml;
-use acpi_tables::Aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{
@@ -51,12 +53,26 @@ pub struct MmioDeviceInfo {
 #[derive(Debug, PartialEq, Eq)]
 pub enum AcpiError {
     /// A virtio-mmio window that a 32-bit Memory32Fixed descriptor cannot describe.
-    MmioDeviceNot32Bit { index: usize, addr: u64, len: u64 },
-    TooManyMmioDevices { count: usize, max: usize },
+    MmioDeviceNot32Bit {
+        index: usize,
+        addr: u64,
+        len: u64,
+    },
+    TooManyMmioDevices {
+        count: usize,
+        max: usize,
+    },
     /// The tables run into the RSDP at 0xe0000.
-    TablesTooLarge { start: u64, end: u64 },
+    TablesTooLarge {
+        start: u64,
+        end: u64,
+    },
     /// Writing a table failed (outside guest RAM).
-    Write { table: &'static str, addr: u64, len: usize },
+    Write {
+        table: &'static str,
+        addr: u64,
+        len: usize,
+    },
 }
 
 impl fmt::Display for AcpiError {
@@ -124,9 +140,7 @@ pub fn dsdt_aml(mmio_devices: &[MmioDeviceInfo]) -> Result<Vec<u8>, AcpiError> {
     let mut virtio = Vec::with_capacity(mmio_devices.len());
     for (index, dev) in mmio_devices.iter().enumerate() {
         let (base, len) = match (u32::try_from(dev.addr), u32::try_from(dev.len)) {
-            (Ok(b), Ok(l)) if dev.addr.checked_add(dev.len).is_some_and(|e| e <= 1 << 32) => {
-                (b, l)
-            }
+            (Ok(b), Ok(l)) if dev.addr.checked_add(dev.len).is_some_and(|e| e <= 1 << 32) => (b, l),
             _ => {
                 return Err(AcpiError::MmioDeviceNot32Bit {
                     index,

@@ -15,8 +15,7 @@ use vm_memory::{Address, Bytes, GuestAddress};
 use super::acpi::{create_acpi_tables, AcpiError, MmioDeviceInfo};
 use super::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, FIRST_ADDR_PAST_32BITS, HIMEM_START,
-    MPTABLE_START, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START, RSDP_ADDR,
-    ZERO_PAGE_START,
+    MPTABLE_START, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START, RSDP_ADDR, ZERO_PAGE_START,
 };
 use super::loader::{BootProtocol, InitrdConfig, KernelFormat, LoadedKernel};
 use super::memory::{GuestMemoryMmap, RamLayout};
@@ -50,13 +49,32 @@ pub struct BootConfig<'a> {
 #[derive(Debug)]
 pub enum ConfigureError {
     /// `len` counts the terminating NUL.
-    CmdlineTooLong { len: usize, max: usize },
-    CmdlineContainsNul { position: usize },
-    VcpuCount { count: u8, max: u8 },
-    InitrdOverlapsKernel { initrd: InitrdConfig, kernel_end: u64 },
-    InitrdAboveKernelLimit { initrd_end: u64, limit: u32 },
+    CmdlineTooLong {
+        len: usize,
+        max: usize,
+    },
+    CmdlineContainsNul {
+        position: usize,
+    },
+    VcpuCount {
+        count: u8,
+        max: u8,
+    },
+    InitrdOverlapsKernel {
+        initrd: InitrdConfig,
+        kernel_end: u64,
+    },
+    InitrdAboveKernelLimit {
+        initrd_end: u64,
+        limit: u32,
+    },
     /// A structure did not fit in guest RAM.
-    GuestMemory { what: &'static str, addr: u64, len: usize, ram: RamLayout },
+    GuestMemory {
+        what: &'static str,
+        addr: u64,
+        len: usize,
+        ram: RamLayout,
+    },
     Mptable(MptableError),
     Acpi(AcpiError),
     BootParams(linux_loader::configurator::Error),
@@ -73,7 +91,10 @@ impl fmt::Display for ConfigureError {
                 max - 1
             ),
             CmdlineContainsNul { position } => {
-                write!(f, "kernel command line contains a NUL byte at position {position}")
+                write!(
+                    f,
+                    "kernel command line contains a NUL byte at position {position}"
+                )
             }
             VcpuCount { count, max } => {
                 write!(f, "vCPU count {count} is out of range (1 to {max})")
@@ -170,7 +191,7 @@ fn write(
 
 fn check_initrd(kernel: &LoadedKernel, initrd: &InitrdConfig) -> Result<(), ConfigureError> {
     let start = initrd.address.raw_value();
-    let end = start + initrd.size as u64;
+    let end = start.saturating_add(initrd.size as u64);
     if start < kernel.kernel_end && end > kernel.kernel_load.raw_value() {
         return Err(ConfigureError::InitrdOverlapsKernel {
             initrd: *initrd,
@@ -180,7 +201,7 @@ fn check_initrd(kernel: &LoadedKernel, initrd: &InitrdConfig) -> Result<(), Conf
     if let Some(hdr) = kernel.setup_header {
         let limit = hdr.initrd_addr_max;
         let anywhere = hdr.xloadflags & XLF_CAN_BE_LOADED_ABOVE_4G != 0;
-        if !anywhere && limit != 0 && end - 1 > u64::from(limit) {
+        if !anywhere && limit != 0 && end.saturating_sub(1) > u64::from(limit) {
             return Err(ConfigureError::InitrdAboveKernelLimit {
                 initrd_end: end,
                 limit,
@@ -381,7 +402,13 @@ mod tests {
         assert_eq!(got[2047], 0);
 
         let e = write_cmdline(&mem, &"a".repeat(2048)).unwrap_err();
-        assert!(matches!(e, ConfigureError::CmdlineTooLong { len: 2049, max: 2048 }));
+        assert!(matches!(
+            e,
+            ConfigureError::CmdlineTooLong {
+                len: 2049,
+                max: 2048
+            }
+        ));
         assert!(e.to_string().contains("2048"), "{e}");
         assert!(matches!(
             write_cmdline(&mem, "a\0b").unwrap_err(),
@@ -428,7 +455,10 @@ mod tests {
         assert_eq!(gdt[1], 0x00af_9b00_0000_ffff);
         assert_eq!(mem.read_obj::<u64>(GuestAddress(0x520)).unwrap(), 0);
         assert_eq!(mem.read_obj::<u64>(GuestAddress(0x9000)).unwrap(), 0xa003);
-        assert_eq!(mem.read_obj::<u64>(GuestAddress(0xb008)).unwrap(), 0x20_0083);
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(0xb008)).unwrap(),
+            0x20_0083
+        );
         let mut mp = vec![0u8; mptable_size(2)];
         mem.read_slice(&mut mp, GuestAddress(0x9fc00)).unwrap();
         assert_eq!(&mp[0..4], b"_MP_");
@@ -451,7 +481,11 @@ mod tests {
         assert_eq!({ p.hdr.code32_start }, 0x10_0000);
         assert_eq!({ p.hdr.type_of_loader }, 0xff);
         assert_eq!({ p.hdr.cmd_line_ptr }, 0x20000);
-        assert_eq!({ p.hdr.ramdisk_image }, 0, "no initrd: the header's value is cleared");
+        assert_eq!(
+            { p.hdr.ramdisk_image },
+            0,
+            "no initrd: the header's value is cleared"
+        );
         assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
         assert_eq!(p.e820_entries, 3);
     }
@@ -467,7 +501,10 @@ mod tests {
             ..boot_cfg(&kernel, "")
         };
         let e = configure_system(&mem, &cfg).unwrap_err();
-        assert!(matches!(e, ConfigureError::InitrdAboveKernelLimit { .. }), "{e}");
+        assert!(
+            matches!(e, ConfigureError::InitrdAboveKernelLimit { .. }),
+            "{e}"
+        );
     }
 
     #[test]
@@ -503,9 +540,15 @@ mod tests {
         assert_eq!((info.memmap_paddr, info.memmap_entries), (0x7000, 4));
         assert_eq!((info.nr_modules, info.modlist_paddr), (1, 0x6040));
         let module: hvm_modlist_entry = mem.read_obj(GuestAddress(0x6040)).unwrap();
-        assert_eq!((module.paddr, module.size), (initrd.address.raw_value(), 100));
+        assert_eq!(
+            (module.paddr, module.size),
+            (initrd.address.raw_value(), 100)
+        );
         let last: hvm_memmap_table_entry = mem.read_obj(GuestAddress(0x7000 + 3 * 24)).unwrap();
-        assert_eq!((last.addr, last.size, last.type_), (4 * GIB, 2 * GIB, E820_RAM));
+        assert_eq!(
+            (last.addr, last.size, last.type_),
+            (4 * GIB, 2 * GIB, E820_RAM)
+        );
         // The 32-bit GDT for the PVH entry.
         let gdt: [u64; 4] = mem.read_obj(GuestAddress(0x500)).unwrap();
         assert_eq!(gdt[1], 0x00cf_9b00_0000_ffff);

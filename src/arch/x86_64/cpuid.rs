@@ -69,12 +69,21 @@ pub struct CpuidLeafModifier {
 #[derive(Debug, PartialEq, Eq)]
 pub enum CpuidError {
     NoVcpus,
-    TooManyVcpus { count: u8, max: u8 },
-    VcpuIndexOutOfRange { index: u8, count: u8 },
+    TooManyVcpus {
+        count: u8,
+        max: u8,
+    },
+    VcpuIndexOutOfRange {
+        index: u8,
+        count: u8,
+    },
     /// KVM's answer has no leaf 1, so the guest could not identify itself.
     MissingLeaf(u32),
     /// The CPUID array is full (KVM accepts at most 256 entries).
-    TooManyEntries { leaf: u32, subleaf: u32 },
+    TooManyEntries {
+        leaf: u32,
+        subleaf: u32,
+    },
 }
 
 impl fmt::Display for CpuidError {
@@ -418,7 +427,10 @@ pub(crate) mod tests {
         if cpuid.as_slice().iter().any(|e| e.function == 0xb) {
             let threads = if smt && count > 1 { 2 } else { 1 };
             let s0 = find(cpuid, 0xb, 0);
-            assert_eq!((s0.ebx, s0.ecx >> 8, s0.edx), (threads, 1, u32::from(index)));
+            assert_eq!(
+                (s0.ebx, s0.ecx >> 8, s0.edx),
+                (threads, 1, u32::from(index))
+            );
             let s1 = find(cpuid, 0xb, 1);
             assert_eq!(
                 (s1.eax, s1.ebx, s1.ecx, s1.edx),
@@ -452,7 +464,10 @@ pub(crate) mod tests {
     #[test]
     fn normalize_rejects_bad_indices() {
         let mut c = synthetic_intel();
-        assert_eq!(normalize_cpuid(&mut c, 0, 0, false), Err(CpuidError::NoVcpus));
+        assert_eq!(
+            normalize_cpuid(&mut c, 0, 0, false),
+            Err(CpuidError::NoVcpus)
+        );
         assert_eq!(
             normalize_cpuid(&mut c, 2, 2, false),
             Err(CpuidError::VcpuIndexOutOfRange { index: 2, count: 2 })
@@ -520,7 +535,10 @@ pub(crate) mod tests {
         assert_eq!(after.edx, before.edx | 1);
         assert_eq!((after.eax, after.ebx), (before.eax, before.ebx));
         let added = find(&c, 7, 1);
-        assert_eq!((added.eax, added.flags), (0x30, KVM_CPUID_FLAG_SIGNIFCANT_INDEX));
+        assert_eq!(
+            (added.eax, added.flags),
+            (0x30, KVM_CPUID_FLAG_SIGNIFCANT_INDEX)
+        );
     }
 
     #[test]

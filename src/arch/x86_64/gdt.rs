@@ -93,7 +93,10 @@ mod tests {
         let gdt = gdt_table(BootProtocol::LinuxBoot);
         let cs = kvm_segment_from_gdt(gdt[1], 1);
         assert_eq!(cs.selector, CODE_SELECTOR);
-        assert_eq!((cs.l, cs.db, cs.g, cs.present, cs.s, cs.type_), (1, 0, 1, 1, 1, 0xb));
+        assert_eq!(
+            (cs.l, cs.db, cs.g, cs.present, cs.s, cs.type_),
+            (1, 0, 1, 1, 1, 0xb)
+        );
         assert_eq!(cs.base, 0);
         assert_eq!(cs.limit, 0xffff_ffff);
         let ds = kvm_segment_from_gdt(gdt[2], 2);

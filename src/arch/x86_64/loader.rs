@@ -219,10 +219,7 @@ fn describe_ram(ram: &RamLayout) -> String {
     if ram.high_size == 0 {
         format!("[0, {:#x})", ram.low_end)
     } else {
-        format!(
-            "[0, {:#x}) and [4 GiB, +{:#x})",
-            ram.low_end, ram.high_size
-        )
+        format!("[0, {:#x}) and [4 GiB, +{:#x})", ram.low_end, ram.high_size)
     }
 }
 
@@ -294,7 +291,11 @@ fn le_u64(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-fn load_elf<F>(mem: &GuestMemoryMmap, kernel: &mut F, file_len: u64) -> Result<LoadedKernel, LoadError>
+fn load_elf<F>(
+    mem: &GuestMemoryMmap,
+    kernel: &mut F,
+    file_len: u64,
+) -> Result<LoadedKernel, LoadError>
 where
     F: Read + ReadVolatile + Seek,
 {
@@ -344,11 +345,14 @@ where
         let paddr = le_u64(&ph, 24);
         let filesz = le_u64(&ph, 32);
         let memsz = le_u64(&ph, 40);
-        // linux-loader skips PT_LOAD segments with no file bytes, and so do we.
-        if p_type != PT_LOAD || filesz == 0 {
+        if p_type != PT_LOAD || memsz.max(filesz) == 0 {
             continue;
         }
-        loadable += 1;
+        // linux-loader copies only segments with file bytes; pure-bss segments must still be
+        // in RAM (which starts zeroed).
+        if filesz > 0 {
+            loadable += 1;
+        }
         if paddr < HIMEM_START {
             return Err(LoadError::ElfSegmentBelowHimem { index, paddr });
         }
@@ -377,8 +381,8 @@ where
         return Err(LoadError::ElfNoLoadableSegment);
     }
 
-    let result = Elf::load(mem, None, kernel, Some(GuestAddress(HIMEM_START)))
-        .map_err(LoadError::Loader)?;
+    let result =
+        Elf::load(mem, None, kernel, Some(GuestAddress(HIMEM_START))).map_err(LoadError::Loader)?;
     let entry = match result.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(addr) => EntryPoint {
             entry_addr: addr,
@@ -449,13 +453,14 @@ where
         n => u64::from(n),
     };
     let setup_size = (setup_sects + 1) * 512;
-    let payload = file_len
-        .checked_sub(setup_size)
-        .filter(|n| *n > 0)
-        .ok_or(LoadError::BzImageTooSmall {
-            file_len,
-            setup_size,
-        })?;
+    let payload =
+        file_len
+            .checked_sub(setup_size)
+            .filter(|n| *n > 0)
+            .ok_or(LoadError::BzImageTooSmall {
+                file_len,
+                setup_size,
+            })?;
     let fits = usize::try_from(payload)
         .ok()
         .is_some_and(|len| mem.check_range(GuestAddress(HIMEM_START), len));
@@ -467,8 +472,8 @@ where
     }
 
     let load_addr = GuestAddress(HIMEM_START);
-    let result = BzImage::load(mem, Some(load_addr), kernel, Some(load_addr))
-        .map_err(LoadError::Loader)?;
+    let result =
+        BzImage::load(mem, Some(load_addr), kernel, Some(load_addr)).map_err(LoadError::Loader)?;
     Ok(LoadedKernel {
         entry: EntryPoint {
             entry_addr: load_addr.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
@@ -487,9 +492,7 @@ pub fn load_initrd<F>(mem: &GuestMemoryMmap, initrd: &mut F) -> Result<InitrdCon
 where
     F: Read + ReadVolatile + Seek,
 {
-    let size = initrd
-        .seek(SeekFrom::End(0))
-        .map_err(read_err("initrd"))?;
+    let size = initrd.seek(SeekFrom::End(0)).map_err(read_err("initrd"))?;
     if size == 0 {
         return Err(LoadError::InitrdEmpty);
     }
@@ -628,7 +631,10 @@ pub(crate) mod tests {
         let mem = guest_mem(128 * MIB);
         let elf = make_elf(0x10_0000, &[1, 2, 3], None);
         let path = std::env::temp_dir().join(format!("ember-arch-elf-{}", std::process::id()));
-        std::fs::File::create(&path).unwrap().write_all(&elf).unwrap();
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(&elf)
+            .unwrap();
         let mut f = std::fs::File::open(&path).unwrap();
         let k = load_kernel(&mem, &mut f).unwrap();
         std::fs::remove_file(&path).unwrap();
@@ -695,8 +701,12 @@ pub(crate) mod tests {
     #[test]
     fn bzimage_old_protocol_or_32bit_rejected() {
         let mem = guest_mem(64 * MIB);
-        let e = load_kernel_bytes(&mem, &make_bzimage(0x020b, XLF_KERNEL_64, &[1; 64])).unwrap_err();
-        assert!(matches!(e, LoadError::BzImageProtocolTooOld { version: 0x020b }));
+        let e =
+            load_kernel_bytes(&mem, &make_bzimage(0x020b, XLF_KERNEL_64, &[1; 64])).unwrap_err();
+        assert!(matches!(
+            e,
+            LoadError::BzImageProtocolTooOld { version: 0x020b }
+        ));
         assert!(e.to_string().contains("2.11"), "{e}");
         let e = load_kernel_bytes(&mem, &make_bzimage(0x020c, 0, &[1; 64])).unwrap_err();
         assert!(matches!(e, LoadError::BzImageNot64Bit { .. }), "{e}");

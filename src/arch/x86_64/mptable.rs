@@ -44,10 +44,16 @@ const BUS_TYPE_ISA: &[u8; 6] = b"ISA   ";
 #[derive(Debug, PartialEq, Eq)]
 pub enum MptableError {
     /// APIC ids are 8-bit and 0xff is broadcast, and the IOAPIC takes the id after the last CPU.
-    TooManyCpus { count: u8, max: u8 },
+    TooManyCpus {
+        count: u8,
+        max: u8,
+    },
     NoCpus,
     /// The table does not fit in guest RAM at the given address.
-    Write { addr: u64, len: usize },
+    Write {
+        addr: u64,
+        len: usize,
+    },
 }
 
 impl fmt::Display for MptableError {

@@ -55,7 +55,10 @@ pub fn boot_msr_entries() -> Vec<kvm_msr_entry> {
 
 /// Applies modifiers to `entries`. A modifier for an MSR not in the list is returned so that the
 /// caller can read its current value from KVM and apply it there.
-pub fn apply_msr_modifiers(entries: &mut [kvm_msr_entry], mods: &[MsrModifier]) -> Vec<MsrModifier> {
+pub fn apply_msr_modifiers(
+    entries: &mut [kvm_msr_entry],
+    mods: &[MsrModifier],
+) -> Vec<MsrModifier> {
     let mut missing = Vec::new();
     for m in mods {
         match entries.iter_mut().find(|e| e.index == m.addr) {

@@ -178,8 +178,14 @@ mod tests {
         configure_sregs(&mut s, BootProtocol::LinuxBoot);
         assert_eq!(s.cr0, 0x8000_0011);
         assert_eq!((s.cr3, s.cr4, s.efer), (0x9000, 0x20, 0x500));
-        assert_eq!((s.cs.selector, s.cs.l, s.ds.selector, s.tr.selector), (8, 1, 0x10, 0x18));
-        assert_eq!((s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit), (0x500, 31, 0x520, 7));
+        assert_eq!(
+            (s.cs.selector, s.cs.l, s.ds.selector, s.tr.selector),
+            (8, 1, 0x10, 0x18)
+        );
+        assert_eq!(
+            (s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit),
+            (0x500, 31, 0x520, 7)
+        );
     }
 
     #[test]

@@ -247,7 +247,10 @@ mod tests {
         for _ in 0..3 {
             dev.trigger_ctrl_alt_del().unwrap();
         }
-        assert!(matches!(dev.trigger_ctrl_alt_del(), Err(I8042Error::BufferFull)));
+        assert!(matches!(
+            dev.trigger_ctrl_alt_del(),
+            Err(I8042Error::BufferFull)
+        ));
     }
 
     #[test]
