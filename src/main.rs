@@ -345,6 +345,7 @@ fn main() {
     signal::restore_terminal();
     log::info!("Stopping the microVM with exit code {code}");
     metrics::flush();
+    ember::vstate::vm::detach_teardown(vm.vm.fd().as_raw_fd());
     std::process::exit(code);
 }
 

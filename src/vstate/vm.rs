@@ -1,6 +1,7 @@
 //! The KVM VM: its guest memory, the in-kernel irqchip and PIT.
 
 use std::fmt;
+use std::os::fd::RawFd;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -80,5 +81,44 @@ impl Vm {
         self.fd
             .register_irqfd(evt, gsi)
             .map_err(|e| VmError::Kvm("KVM_IRQFD", e))
+    }
+}
+
+/// Destroying a VM with an in-kernel irqchip and PIT takes the kernel some 20 ms (it waits
+/// for SRCU grace periods as it unregisters each device), and it happens in the exiting
+/// process before its parent can reap it. So at exit a child that shares our memory and
+/// holds only the VM fd is left to drop the last reference: ember is gone at once, and the
+/// kernel finishes the teardown in that short-lived child.
+pub fn detach_teardown(vm_fd: RawFd) {
+    extern "C" fn teardown(arg: *mut libc::c_void) -> libc::c_int {
+        let keep = arg as usize as libc::c_uint;
+        // SAFETY: closing descriptors of this child's own (copied) table; it runs no Rust code
+        // that could use them afterwards.
+        unsafe {
+            if keep > 0 {
+                libc::close_range(0, keep - 1, 0);
+            }
+            libc::close_range(keep + 1, libc::c_uint::MAX, 0);
+            libc::_exit(0)
+        }
+    }
+    const STACK: usize = 16 * 1024;
+    // The child only closes fds and exits; a small stack it owns for its short life is enough.
+    let stack = Box::leak(vec![0u8; STACK].into_boxed_slice());
+    // SAFETY: the child runs `teardown` on its own stack; it shares our address space
+    // (CLONE_VM) but touches nothing in it, and gets a copy of the fd table (no CLONE_FILES).
+    let pid = unsafe {
+        libc::clone(
+            teardown,
+            stack.as_mut_ptr().add(STACK) as *mut libc::c_void,
+            libc::CLONE_VM,
+            vm_fd as usize as *mut libc::c_void,
+        )
+    };
+    if pid < 0 {
+        log::debug!(
+            "cannot detach the VM teardown: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }

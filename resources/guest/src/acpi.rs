@@ -62,7 +62,11 @@ fn find_madt(bp: &BootParams) -> Result<u64, &'static str> {
     }
     let mut p = root + 36;
     while p + entry_size <= root + len {
-        let t = if entry_size == 8 { peek::<u64>(p) } else { peek::<u32>(p) as u64 };
+        let t = if entry_size == 8 {
+            peek::<u64>(p)
+        } else {
+            peek::<u32>(p) as u64
+        };
         if t != 0 && t < 1 << 33 && sig(t) == *b"APIC" {
             return Ok(t);
         }
@@ -78,7 +82,10 @@ pub fn cpus(bp: &BootParams) -> Result<Cpus, &'static str> {
     if len < 44 || !sum_ok(madt, len) {
         return Err("ACPI: bad MADT checksum");
     }
-    let mut cpus = Cpus { apic_ids: [0; MAX_CPUS], count: 0 };
+    let mut cpus = Cpus {
+        apic_ids: [0; MAX_CPUS],
+        count: 0,
+    };
     let mut p = madt + 44;
     while p + 2 <= madt + len {
         let (kind, elen) = (peek::<u8>(p), peek::<u8>(p + 1) as u64);

@@ -68,7 +68,11 @@ impl BootParams {
         let n = (self.get::<u8>(E820_ENTRIES) as u64).min(E820_MAX);
         (0..n).map(move |i| {
             let e = E820_TABLE + i * 20;
-            E820Entry { addr: self.get(e), size: self.get(e + 8), kind: self.get(e + 16) }
+            E820Entry {
+                addr: self.get(e),
+                size: self.get(e + 8),
+                kind: self.get(e + 16),
+            }
         })
     }
 

@@ -6,37 +6,40 @@ use core::hint::spin_loop;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 pub fn outb(port: u16, v: u8) {
-    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
+    }
 }
 pub fn outw(port: u16, v: u16) {
-    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags))
+    }
 }
 pub fn outl(port: u16, v: u32) {
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
+    }
 }
 pub fn inb(port: u16) -> u8 {
     let v: u8;
-    unsafe { asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
     v
 }
 pub fn inw(port: u16) -> u16 {
     let v: u16;
-    unsafe { asm!("in ax, dx", out("ax") v, in("dx") port, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in ax, dx", out("ax") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
     v
 }
 pub fn inl(port: u16) -> u32 {
     let v: u32;
-    unsafe { asm!("in eax, dx", out("eax") v, in("dx") port, options(nomem, nostack, preserves_flags)) }
-    v
-}
-
-/// `rep outsb`: the whole buffer in one instruction.
-pub fn outsb(port: u16, b: &[u8]) {
     unsafe {
-        asm!("rep outsb dx, byte ptr [rsi]",
-             inout("rsi") b.as_ptr() => _, inout("rcx") b.len() => _, in("dx") port,
-             options(readonly, nostack, preserves_flags))
+        asm!("in eax, dx", out("eax") v, in("dx") port, options(nomem, nostack, preserves_flags))
     }
+    v
 }
 
 pub unsafe fn mmio_read8(a: u64) -> u8 {
@@ -79,10 +82,11 @@ static BOOT_TIMER_PRESENT: AtomicBool = AtomicBool::new(false);
 
 /// Must be the guest's first MMIO access (before any port I/O): without an
 /// ember boot timer the read leaves KVM's exit data untouched, and that is 0
-/// only while nothing has used it yet.
+/// only while nothing has used it yet; ember fills a read with no device with
+/// all ones.
 pub fn init_boot_timer() {
     let us = unsafe { mmio_read64(BOOT_TIMER + 8) };
-    BOOT_TIMER_PRESENT.store(us != 0, Ordering::Relaxed);
+    BOOT_TIMER_PRESENT.store(us != 0 && us != u64::MAX, Ordering::Relaxed);
 }
 
 pub fn boot_timer_present() -> bool {

@@ -31,10 +31,10 @@ extern "C" fn bsp_main(zero_page: u64) -> ! {
     // First MMIO access, before any port I/O: on ember the boot timer reports
     // the time since the start request; elsewhere it reads as 0.
     hw::init_boot_timer();
-    // ember handles `rep outsb` as one exit; other VMMs may not.
-    serial::set_string_io(hw::boot_timer_present());
 
-    let ctx = Ctx { bp: BootParams::new(zero_page) };
+    let ctx = Ctx {
+        bp: BootParams::new(zero_page),
+    };
     let cmdline = ctx.bp.cmdline();
     say!("ember-guest: cmdline ", cmdline.len(), " bytes");
 

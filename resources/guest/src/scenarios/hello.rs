@@ -7,8 +7,22 @@ pub fn run(ctx: &Ctx, _arg: &[u8]) {
     let mib = ctx.bp.ram_mib();
     let us = hw::boot_time_us();
     if us != 0 {
-        say!("Hello from the ember guest! vCPUs: ", cpus, ", memory: ", mib, " MiB, boot: ", us, " us");
+        say!(
+            "Hello from the ember guest! vCPUs: ",
+            cpus,
+            ", memory: ",
+            mib,
+            " MiB, boot: ",
+            us,
+            " us"
+        );
     } else {
-        say!("Hello from the ember guest! vCPUs: ", cpus, ", memory: ", mib, " MiB");
+        say!(
+            "Hello from the ember guest! vCPUs: ",
+            cpus,
+            ", memory: ",
+            mib,
+            " MiB"
+        );
     }
 }

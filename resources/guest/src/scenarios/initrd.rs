@@ -17,7 +17,13 @@ pub fn run(ctx: &Ctx, _arg: &[u8]) {
         None => say!("initrd: none"),
         Some((addr, size)) => {
             if !ctx.bp.is_ram(addr, size) {
-                fail!("initrd: [", Hex(addr, 8), ", +", size, ") is not in e820 RAM");
+                fail!(
+                    "initrd: [",
+                    Hex(addr, 8),
+                    ", +",
+                    size,
+                    ") is not in e820 RAM"
+                );
             }
             let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, size as usize) };
             say!("initrd: size=", size, " fnv1a64=", Hex(fnv1a64(bytes), 16));

@@ -35,7 +35,11 @@ pub fn run(ctx: &Ctx, arg: &[u8]) {
     };
     for (_, end) in regions() {
         if end > MAPPED {
-            fail!("mem: RAM up to ", Hex(end, 9), " is beyond the guest's 8 GiB map");
+            fail!(
+                "mem: RAM up to ",
+                Hex(end, 9),
+                " is beyond the guest's 8 GiB map"
+            );
         }
     }
     let mut pages = 0u64;
@@ -53,13 +57,31 @@ pub fn run(ctx: &Ctx, arg: &[u8]) {
     for (start, end) in regions() {
         let mut p = start;
         while p < end {
-            let (a, b) = unsafe { (read_volatile(p as *const u64), read_volatile((p + PAGE - 8) as *const u64)) };
+            let (a, b) = unsafe {
+                (
+                    read_volatile(p as *const u64),
+                    read_volatile((p + PAGE - 8) as *const u64),
+                )
+            };
             if a != p || b != pattern(p) {
-                fail!("mem: page ", Hex(p, 9), " reads ", Hex(a, 16), "/", Hex(b, 16));
+                fail!(
+                    "mem: page ",
+                    Hex(p, 9),
+                    " reads ",
+                    Hex(a, 16),
+                    "/",
+                    Hex(b, 16)
+                );
             }
             p += PAGE;
         }
     }
-    say!("mem: ", pages, " pages (", pages * PAGE / MIB, " MiB) above the image written and verified");
+    say!(
+        "mem: ",
+        pages,
+        " pages (",
+        pages * PAGE / MIB,
+        " MiB) above the image written and verified"
+    );
     say!("mem: ", want, " MiB ok");
 }

@@ -12,6 +12,7 @@ pub mod initrd;
 pub mod mem;
 pub mod panic;
 pub mod smp;
+pub mod ticks;
 pub mod wild;
 
 pub struct Scenario {
@@ -20,12 +21,34 @@ pub struct Scenario {
 }
 
 pub const ALL: &[Scenario] = &[
-    Scenario { name: "hello", run: hello::run },
-    Scenario { name: "smp", run: smp::run },
-    Scenario { name: "mem=", run: mem::run },
-    Scenario { name: "panic", run: panic::run },
-    Scenario { name: "wild", run: wild::run },
-    Scenario { name: "initrd", run: initrd::run },
+    Scenario {
+        name: "hello",
+        run: hello::run,
+    },
+    Scenario {
+        name: "smp",
+        run: smp::run,
+    },
+    Scenario {
+        name: "mem=",
+        run: mem::run,
+    },
+    Scenario {
+        name: "panic",
+        run: panic::run,
+    },
+    Scenario {
+        name: "wild",
+        run: wild::run,
+    },
+    Scenario {
+        name: "initrd",
+        run: initrd::run,
+    },
+    Scenario {
+        name: "ticks",
+        run: ticks::run,
+    },
 ];
 
 /// The argument (empty for plain names) when `token` selects `s`.
@@ -43,7 +66,10 @@ fn matches<'a>(s: &Scenario, token: &'a [u8]) -> Option<&'a [u8]> {
 /// Runs every scenario named on the command line; false if there was none.
 pub fn run_all(ctx: &Ctx, cmdline: &[u8]) -> bool {
     let mut ran = false;
-    for token in cmdline.split(|c| c.is_ascii_whitespace()).filter(|t| !t.is_empty()) {
+    for token in cmdline
+        .split(|c| c.is_ascii_whitespace())
+        .filter(|t| !t.is_empty())
+    {
         for s in ALL {
             if let Some(arg) = matches(s, token) {
                 (s.run)(ctx, arg);

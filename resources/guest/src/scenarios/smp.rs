@@ -50,7 +50,10 @@ pub fn run(ctx: &Ctx, _arg: &[u8]) {
         fail!("smp: APIC id ", id, " is not reachable through the xAPIC");
     }
 
-    let (start, end) = (core::ptr::addr_of!(ember_tramp_start), core::ptr::addr_of!(ember_tramp_end));
+    let (start, end) = (
+        core::ptr::addr_of!(ember_tramp_start),
+        core::ptr::addr_of!(ember_tramp_end),
+    );
     let len = end as usize - start as usize;
     if !ctx.bp.is_ram(TRAMPOLINE, 4096) {
         fail!("smp: the trampoline page is not RAM");

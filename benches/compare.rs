@@ -1,0 +1,842 @@
+//! Side-by-side benchmarks of ember and any Firecracker-compatible VMM.
+//!
+//! Drives a VMM only through the Firecracker surface (command line, `--config-file` with
+//! `--no-api`, the REST API on a Unix socket), so the same code measures ember and a peer
+//! given with `--peer PATH`; runs are interleaved (A, B, A, B, ...) so drift on a shared
+//! machine hits both alike. Reports min / median / max, and with a peer the ratio
+//! ember / peer of the medians. Writes `results.md` and `results.svg` to the output folder.
+//!
+//! cargo bench --bench compare -- [--peer PATH] [--runs N] [--only a,b] [--out DIR]
+//!                                [--jailer PATH] [--launch 10,50,200]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const EMBER: &str = env!("CARGO_BIN_EXE_ember");
+const GUEST: &str = concat!(env!("OUT_DIR"), "/ember-guest");
+/// What the test guest prints when its scenario finished.
+const BOOT_MARK: &str = "ember-guest: done";
+
+struct Opts {
+    peer: Option<PathBuf>,
+    jailer: Option<PathBuf>,
+    runs: usize,
+    only: Option<Vec<String>>,
+    out: PathBuf,
+    launch: Vec<usize>,
+}
+
+fn parse_opts() -> Opts {
+    let mut o = Opts {
+        peer: None,
+        jailer: None,
+        runs: 20,
+        only: None,
+        out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/results"),
+        launch: vec![10, 50, 200],
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
+        match a.as_str() {
+            "--peer" => o.peer = Some(PathBuf::from(val())),
+            "--jailer" => o.jailer = Some(PathBuf::from(val())),
+            "--runs" => o.runs = val().parse().expect("--runs N"),
+            "--only" => o.only = Some(val().split(',').map(String::from).collect()),
+            "--out" => o.out = PathBuf::from(val()),
+            "--launch" => {
+                o.launch = val()
+                    .split(',')
+                    .map(|n| n.parse().expect("--launch N,N"))
+                    .collect()
+            }
+            // cargo bench passes --bench; ignore it and anything else of libtest's.
+            _ => {}
+        }
+    }
+    o
+}
+
+#[derive(Clone)]
+struct Vmm {
+    name: String,
+    bin: PathBuf,
+}
+
+/// Samples of one metric for one VMM.
+#[derive(Default, Clone)]
+struct Samples(Vec<f64>);
+
+impl Samples {
+    fn sorted(&self) -> Vec<f64> {
+        let mut v = self.0.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v
+    }
+    fn median(&self) -> f64 {
+        let v = self.sorted();
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    }
+    fn min(&self) -> f64 {
+        self.sorted().first().copied().unwrap_or(f64::NAN)
+    }
+    fn max(&self) -> f64 {
+        self.sorted().last().copied().unwrap_or(f64::NAN)
+    }
+}
+
+/// One row of the report: a metric, its unit, and samples per VMM.
+struct Row {
+    scenario: String,
+    metric: String,
+    unit: &'static str,
+    by_vmm: BTreeMap<String, Samples>,
+}
+
+struct Report {
+    rows: Vec<Row>,
+    /// Raw boot-time samples per VMM for the chart.
+    boot_ms: BTreeMap<String, Vec<f64>>,
+    /// (VMM, N, VMs/s) for the chart.
+    launch: Vec<(String, usize, f64)>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    fn add(&mut self, scenario: &str, metric: &str, unit: &'static str, vmm: &str, v: f64) {
+        let row = match self
+            .rows
+            .iter_mut()
+            .position(|r| r.scenario == scenario && r.metric == metric)
+        {
+            Some(i) => &mut self.rows[i],
+            None => {
+                self.rows.push(Row {
+                    scenario: scenario.into(),
+                    metric: metric.into(),
+                    unit,
+                    by_vmm: BTreeMap::new(),
+                });
+                self.rows.last_mut().unwrap()
+            }
+        };
+        row.by_vmm.entry(vmm.into()).or_default().0.push(v);
+    }
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let p = std::env::temp_dir().join(format!(
+        "ember-bench-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+fn guest_config(dir: &Path, boot_args: &str, vcpus: u8, mem: usize) -> PathBuf {
+    let cfg = serde_json::json!({
+        "boot-source": {"kernel_image_path": GUEST, "boot_args": boot_args},
+        "drives": [],
+        "machine-config": {"vcpu_count": vcpus, "mem_size_mib": mem}
+    });
+    let p = dir.join("vm.json");
+    std::fs::write(&p, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    p
+}
+
+/// wait4 for the child: exit status and the CPU time (user + system) it used, in us.
+fn wait_rusage(child: &mut Child) -> (i32, f64) {
+    let mut status = 0;
+    // SAFETY: plain zeroed C struct that wait4 fills in.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child; both pointers are to live locals.
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    assert!(r > 0, "wait4 failed");
+    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    (code, us(ru.ru_utime) + us(ru.ru_stime))
+}
+
+fn boot_time_us(output: &str) -> Option<f64> {
+    let l = output.lines().find(|l| l.contains("Guest-boot-time ="))?;
+    let after = l.split("Guest-boot-time =").nth(1)?;
+    after.split_whitespace().next()?.parse().ok()
+}
+
+/// Scenario 1: exec, boot the hello guest, reset, exit.
+fn whole_process(vmm: &Vmm, report: &mut Report) {
+    let dir = tmpdir("whole");
+    let cfg = guest_config(&dir, "hello", 1, 128);
+    let start = Instant::now();
+    let mut child = Command::new(&vmm.bin)
+        .args(["--no-api", "--boot-timer", "--config-file"])
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut out = String::new();
+    let _ = child.stdout.take().unwrap().read_to_string(&mut out);
+    let (code, cpu_us) = wait_rusage(&mut child);
+    let wall = start.elapsed().as_secs_f64() * 1e3;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 0, "{} exited {code}: {out}", vmm.name);
+    assert!(
+        out.contains(BOOT_MARK),
+        "{}: guest did not boot: {out}",
+        vmm.name
+    );
+    let s = "1. whole process (hello, 1 vCPU, 128 MiB)";
+    report.add(s, "exec to exit, wall", "ms", &vmm.name, wall);
+    report.add(s, "exec to exit, CPU", "ms", &vmm.name, cpu_us / 1e3);
+    if let Some(b) = boot_time_us(&out) {
+        report.add(s, "VMM's own boot timer", "ms", &vmm.name, b / 1e3);
+        report
+            .boot_ms
+            .entry(vmm.name.clone())
+            .or_default()
+            .push(wall);
+    }
+}
+
+fn wait_for_socket(path: &Path, guard: Duration) -> Option<UnixStream> {
+    let start = Instant::now();
+    while start.elapsed() < guard {
+        if let Ok(s) = UnixStream::connect(path) {
+            return Some(s);
+        }
+        std::hint::spin_loop();
+    }
+    None
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Scenario 2: exec to the API socket accepting connections.
+fn exec_to_socket(vmm: &Vmm, report: &mut Report) {
+    let dir = tmpdir("sock");
+    let sock = dir.join("api.sock");
+    let start = Instant::now();
+    let mut child = Command::new(&vmm.bin)
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let ok = wait_for_socket(&sock, Duration::from_secs(5)).is_some();
+    let t = start.elapsed().as_secs_f64() * 1e3;
+    kill(&mut child);
+    let _ = std::fs::remove_dir_all(&dir);
+    if ok {
+        report.add(
+            "2. exec to API socket accepting",
+            "wall",
+            "ms",
+            &vmm.name,
+            t,
+        );
+    } else {
+        report
+            .notes
+            .push(format!("{}: API socket never accepted", vmm.name));
+    }
+}
+
+/// A minimal HTTP/1.1 client for the API socket: returns the status code.
+fn http(stream: &mut UnixStream, method: &str, path: &str, body: Option<&str>) -> u16 {
+    let req = match body {
+        Some(b) => format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        ),
+        None => format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+    };
+    stream.write_all(req.as_bytes()).expect("write request");
+    // Read the status line and headers, then the body by Content-Length.
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).unwrap_or(0) == 0 {
+            break;
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    let _ = stream.read_exact(&mut body);
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Scenario 3: configure through the API, InstanceStart, to the boot-timer marker and exit.
+fn api_boot(vmm: &Vmm, report: &mut Report) {
+    let dir = tmpdir("api");
+    let sock = dir.join("api.sock");
+    let mut child = Command::new(&vmm.bin)
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--boot-timer")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let Some(mut s) = wait_for_socket(&sock, Duration::from_secs(5)) else {
+        kill(&mut child);
+        report
+            .notes
+            .push(format!("{}: API socket never accepted", vmm.name));
+        return;
+    };
+    let marker = Arc::new(AtomicU64::new(0));
+    let exited_ok = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    let stdout = child.stdout.take().unwrap();
+    let reader = {
+        let marker = marker.clone();
+        let booted = exited_ok.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("Guest-boot-time") {
+                    marker.store(t0.elapsed().as_nanos() as u64, Ordering::SeqCst);
+                }
+                if line.contains(BOOT_MARK) {
+                    booted.store(true, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    let t_cfg = Instant::now();
+    let body = format!(r#"{{"kernel_image_path":"{GUEST}","boot_args":"hello"}}"#);
+    let a = http(&mut s, "PUT", "/boot-source", Some(&body));
+    let b = http(
+        &mut s,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count":1,"mem_size_mib":128}"#),
+    );
+    let start_sent = t0.elapsed();
+    let c = http(
+        &mut s,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type":"InstanceStart"}"#),
+    );
+    if (a, b, c) != (204, 204, 204) {
+        kill(&mut child);
+        report
+            .notes
+            .push(format!("{}: API boot answered {a}/{b}/{c}", vmm.name));
+        return;
+    }
+    let (code, _) = wait_rusage(&mut child);
+    let to_exit = t_cfg.elapsed().as_secs_f64() * 1e3;
+    let _ = reader.join();
+    let _ = std::fs::remove_dir_all(&dir);
+    let m = marker.load(Ordering::SeqCst);
+    if code != 0 || m == 0 || !exited_ok.load(Ordering::SeqCst) {
+        report.notes.push(format!(
+            "{}: API boot did not finish cleanly (exit {code})",
+            vmm.name
+        ));
+        return;
+    }
+    let sc = "3. API: configure + InstanceStart";
+    let marker_ms = (Duration::from_nanos(m) - start_sent).as_secs_f64() * 1e3;
+    report.add(
+        sc,
+        "InstanceStart to boot-timer marker",
+        "ms",
+        &vmm.name,
+        marker_ms,
+    );
+    report.add(sc, "configure to process exit", "ms", &vmm.name, to_exit);
+}
+
+/// Sum of RSS in KiB of every mapping except guest memory (the anonymous mappings whose sizes
+/// are the guest's RAM regions).
+fn rss_outside_guest_kib(pid: u32, mem_mib: usize) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mem = (mem_mib as u64) << 20;
+    let low = mem.min(3 << 30);
+    let high = mem.saturating_sub(3 << 30);
+    let mut total = 0;
+    let mut skip = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            let (a, b) = first.split_once('-')?;
+            let size = u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?;
+            skip = size == low || (high > 0 && size == high);
+        } else if let Some(v) = line.strip_prefix("Rss:") {
+            if !skip {
+                total += v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
+            }
+        }
+    }
+    Some(total)
+}
+
+/// Scenario 4: VMM memory outside guest memory with a guest running (`ticks` keeps it alive).
+fn memory(vmm: &Vmm, report: &mut Report, mem: usize, vcpus: u8) {
+    let dir = tmpdir("mem");
+    let cfg = guest_config(&dir, "ticks", vcpus, mem);
+    let mut child = Command::new(&vmm.bin)
+        .args(["--no-api", "--config-file"])
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // Wait until the guest runs its payload (first tick), then measure.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let running = lines.any(|l| l.map(|l| l.contains("tick")).unwrap_or(false));
+    std::thread::sleep(Duration::from_millis(20));
+    let rss = rss_outside_guest_kib(child.id(), mem);
+    kill(&mut child);
+    let _ = std::fs::remove_dir_all(&dir);
+    match (running, rss) {
+        (true, Some(kib)) => report.add(
+            "4. VMM RSS outside guest memory (running guest)",
+            &format!("{mem} MiB, {vcpus} vCPU"),
+            "MiB",
+            &vmm.name,
+            kib as f64 / 1024.0,
+        ),
+        _ => report
+            .notes
+            .push(format!("{}: memory scenario: guest did not run", vmm.name)),
+    }
+}
+
+/// Scenario 5: N VMs started at once; VMs per second from the first exec to the last exit,
+/// the peak of the summed RSS, and every guest confirmed booted.
+fn launch_rate(vmm: &Vmm, report: &mut Report, n: usize) {
+    let dir = tmpdir("launch");
+    let cfg = guest_config(&dir, "hello", 1, 128);
+    let pids = Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (pids, stop, peak) = (pids.clone(), stop.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let list = pids.lock().unwrap().clone();
+                let total: u64 = list
+                    .iter()
+                    .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/statm")).ok())
+                    .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum::<u64>()
+                    * 4;
+                peak.fetch_max(total, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let start = Instant::now();
+    let mut children = Vec::with_capacity(n);
+    for _ in 0..n {
+        let c = Command::new(&vmm.bin)
+            .args(["--no-api", "--config-file"])
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("spawn");
+        pids.lock().unwrap().push(c.id());
+        children.push(c);
+    }
+    let mut booted = 0;
+    for mut c in children {
+        let mut out = String::new();
+        let _ = c.stdout.take().unwrap().read_to_string(&mut out);
+        let ok = c.wait().map(|s| s.success()).unwrap_or(false);
+        if ok && out.contains(BOOT_MARK) {
+            booted += 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::SeqCst);
+    let _ = sampler.join();
+    let _ = std::fs::remove_dir_all(&dir);
+    if booted != n {
+        report.notes.push(format!(
+            "{}: launch of {n}: only {booted} guests confirmed booted",
+            vmm.name
+        ));
+    }
+    let sc = "5. launch rate (N at once, hello guest)";
+    let rate = n as f64 / secs;
+    report.add(sc, &format!("N = {n}: VMs/s"), "VMs/s", &vmm.name, rate);
+    report.add(
+        sc,
+        &format!("N = {n}: peak total RSS"),
+        "MiB",
+        &vmm.name,
+        peak.load(Ordering::SeqCst) as f64 / 1024.0,
+    );
+    report.launch.push((vmm.name.clone(), n, rate));
+}
+
+/// Scenario 6: jailer exec to the VMM's API socket accepting.
+fn jailer_to_socket(vmm: &Vmm, jailer: &Path, report: &mut Report) {
+    let base = tmpdir("jail");
+    static ID: AtomicU64 = AtomicU64::new(0);
+    let id = format!(
+        "bench-{}-{}",
+        std::process::id(),
+        ID.fetch_add(1, Ordering::SeqCst)
+    );
+    let exec_name = vmm.bin.file_name().unwrap().to_string_lossy().to_string();
+    let sock = base
+        .join(&exec_name)
+        .join(&id)
+        .join("root/run/firecracker.socket");
+    let start = Instant::now();
+    let mut child = Command::new(jailer)
+        .args([
+            "--id",
+            &id,
+            "--uid",
+            "10000",
+            "--gid",
+            "10000",
+            "--exec-file",
+        ])
+        .arg(&vmm.bin)
+        .arg("--chroot-base-dir")
+        .arg(&base)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn jailer");
+    let ok = wait_for_socket(&sock, Duration::from_secs(5)).is_some();
+    let t = start.elapsed().as_secs_f64() * 1e3;
+    kill(&mut child);
+    let _ = std::fs::remove_dir_all(&base);
+    if ok {
+        report.add(
+            "6. jailer exec to API socket accepting",
+            "wall",
+            "ms",
+            &vmm.name,
+            t,
+        );
+    } else {
+        report
+            .notes
+            .push(format!("{}: jailed API socket never accepted", vmm.name));
+    }
+}
+
+fn fmt(v: f64) -> String {
+    if v.is_nan() {
+        "-".into()
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default();
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(0);
+    let kvm = if Path::new("/sys/module/kvm_pvm").exists() {
+        "kvm_pvm (software-nested)"
+    } else {
+        "kvm"
+    };
+    format!(
+        "{} x {cpu}, {} GiB, {kvm}, kernel {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        mem_kib / 1024 / 1024,
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    )
+}
+
+fn markdown(report: &Report, vmms: &[Vmm], runs: usize) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "Machine: {}. Runs per scenario: {runs} (launch rate: one run per N). Date: {}.\n\n",
+        machine(),
+        String::from_utf8_lossy(
+            &Command::new("date")
+                .arg("-u")
+                .arg("+%Y-%m-%d")
+                .output()
+                .map(|o| o.stdout)
+                .unwrap_or_default()
+        )
+        .trim()
+    ));
+    s.push_str("| scenario | metric | unit |");
+    for v in vmms {
+        s.push_str(&format!(" {} min / median / max |", v.name));
+    }
+    if vmms.len() > 1 {
+        s.push_str(&format!(" {} / {} (median) |", vmms[0].name, vmms[1].name));
+    }
+    s.push_str("\n|---|---|---|");
+    for _ in vmms {
+        s.push_str("---|");
+    }
+    if vmms.len() > 1 {
+        s.push_str("---|");
+    }
+    s.push('\n');
+    for r in &report.rows {
+        s.push_str(&format!("| {} | {} | {} |", r.scenario, r.metric, r.unit));
+        for v in vmms {
+            match r.by_vmm.get(&v.name) {
+                Some(x) => s.push_str(&format!(
+                    " {} / **{}** / {} |",
+                    fmt(x.min()),
+                    fmt(x.median()),
+                    fmt(x.max())
+                )),
+                None => s.push_str(" - |"),
+            }
+        }
+        if vmms.len() > 1 {
+            let a = r.by_vmm.get(&vmms[0].name).map(Samples::median);
+            let b = r.by_vmm.get(&vmms[1].name).map(Samples::median);
+            match (a, b) {
+                (Some(a), Some(b)) if b != 0.0 => s.push_str(&format!(" {:.2} |", a / b)),
+                _ => s.push_str(" - |"),
+            }
+        }
+        s.push('\n');
+    }
+    for n in &report.notes {
+        s.push_str(&format!("\n- note: {n}"));
+    }
+    s.push('\n');
+    s
+}
+
+/// Two panels: the whole-process boot time distribution (one dot per run, median bar), and
+/// the launch rate per N.
+fn svg(report: &Report) -> String {
+    let colors = ["#d9480f", "#1c7ed6", "#2f9e44"];
+    let (w, h) = (760.0, 330.0);
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="20" y="22" font-size="14">Whole process, exec to exit (ms), one dot per run</text>
+<text x="420" y="22" font-size="14">Launch rate (VMs/s) by N</text>
+"#
+    );
+    // Panel 1.
+    let all: Vec<f64> = report.boot_ms.values().flatten().copied().collect();
+    let max = all.iter().copied().fold(1.0f64, f64::max) * 1.1;
+    let (x0, y0, pw, ph) = (50.0, 40.0, 320.0, 240.0);
+    s.push_str(&format!(
+        r#"<line x1="{x0}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{x0}" y1="{y0}" x2="{x0}" y2="{}" stroke="black"/>"#,
+        y0 + ph,
+        x0 + pw,
+        y0 + ph,
+        y0 + ph
+    ));
+    for i in 0..=4 {
+        let v = max * i as f64 / 4.0;
+        let y = y0 + ph - ph * i as f64 / 4.0;
+        s.push_str(&format!(
+            r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+            x0 - 4.0,
+            y + 4.0,
+            fmt(v)
+        ));
+    }
+    let n = report.boot_ms.len().max(1) as f64;
+    for (i, (name, vals)) in report.boot_ms.iter().enumerate() {
+        let cx = x0 + pw * (i as f64 + 0.5) / n;
+        let c = colors[i % colors.len()];
+        for (j, v) in vals.iter().enumerate() {
+            let jitter = ((j * 37) % 21) as f64 - 10.0;
+            s.push_str(&format!(
+                r#"<circle cx="{}" cy="{}" r="3" fill="{c}" fill-opacity="0.6"/>"#,
+                cx + jitter,
+                y0 + ph - ph * v / max
+            ));
+        }
+        let med = Samples(vals.clone()).median();
+        let y = y0 + ph - ph * med / max;
+        s.push_str(&format!(
+            r#"<line x1="{}" y1="{y}" x2="{}" y2="{y}" stroke="black" stroke-width="2"/><text x="{cx}" y="{}" text-anchor="middle">{name} (median {})</text>"#,
+            cx - 25.0,
+            cx + 25.0,
+            y0 + ph + 16.0,
+            fmt(med)
+        ));
+    }
+    // Panel 2.
+    let (x0, pw) = (440.0, 300.0);
+    let rmax = report.launch.iter().map(|l| l.2).fold(1.0f64, f64::max) * 1.1;
+    s.push_str(&format!(
+        r#"<line x1="{x0}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#,
+        y0 + ph,
+        x0 + pw,
+        y0 + ph
+    ));
+    let ns: Vec<usize> = {
+        let mut v: Vec<usize> = report.launch.iter().map(|l| l.1).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let names: Vec<String> = report.boot_ms.keys().cloned().collect();
+    let groups = ns.len().max(1) as f64;
+    let bw = pw / groups / (names.len().max(1) as f64 + 1.0);
+    for (gi, nn) in ns.iter().enumerate() {
+        let gx = x0 + pw * gi as f64 / groups;
+        for (vi, name) in names.iter().enumerate() {
+            if let Some(l) = report.launch.iter().find(|l| &l.0 == name && l.1 == *nn) {
+                let bh = ph * l.2 / rmax;
+                let x = gx + bw * (vi as f64 + 0.5);
+                s.push_str(&format!(
+                    r#"<rect x="{x}" y="{}" width="{}" height="{bh}" fill="{}"/><text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+                    y0 + ph - bh,
+                    bw * 0.9,
+                    colors[vi % colors.len()],
+                    x + bw * 0.45,
+                    y0 + ph - bh - 4.0,
+                    fmt(l.2)
+                ));
+            }
+        }
+        s.push_str(&format!(
+            r#"<text x="{}" y="{}" text-anchor="middle">N = {nn}</text>"#,
+            gx + pw / groups / 2.0,
+            y0 + ph + 16.0
+        ));
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn main() {
+    let o = parse_opts();
+    let want = |s: &str| o.only.as_ref().is_none_or(|l| l.iter().any(|x| x == s));
+    let mut vmms = vec![Vmm {
+        name: "ember".into(),
+        bin: PathBuf::from(EMBER),
+    }];
+    if let Some(p) = &o.peer {
+        vmms.push(Vmm {
+            name: "peer".into(),
+            bin: p.clone(),
+        });
+    }
+    let mut report = Report {
+        rows: Vec::new(),
+        boot_ms: BTreeMap::new(),
+        launch: Vec::new(),
+        notes: Vec::new(),
+    };
+    // Interleave: each run does every VMM once.
+    for _ in 0..o.runs {
+        for v in &vmms {
+            if want("whole") {
+                whole_process(v, &mut report);
+            }
+            if want("socket") {
+                exec_to_socket(v, &mut report);
+            }
+            if want("api") {
+                api_boot(v, &mut report);
+            }
+            if want("memory") {
+                for (mem, vcpus) in [(128, 1), (128, 2), (1024, 1), (1024, 2)] {
+                    memory(v, &mut report, mem, vcpus);
+                }
+            }
+            if want("jailer") {
+                if let Some(j) = &o.jailer {
+                    jailer_to_socket(v, j, &mut report);
+                }
+            }
+        }
+    }
+    if want("launch") {
+        for &n in &o.launch {
+            for v in &vmms {
+                launch_rate(v, &mut report, n);
+            }
+        }
+    }
+    report.notes.sort();
+    report.notes.dedup();
+    let md = markdown(&report, &vmms, o.runs);
+    print!("{md}");
+    std::fs::create_dir_all(&o.out).expect("create the results folder");
+    std::fs::write(o.out.join("results.md"), &md).expect("write results.md");
+    std::fs::write(o.out.join("results.svg"), svg(&report)).expect("write results.svg");
+    eprintln!("results written to {}", o.out.display());
+}

@@ -1,0 +1,189 @@
+//! The jail's file system: `<base>/<exec name>/<id>/root` with a private copy of the VMM, the
+//! switch into it (`pivot_root`), and the device nodes inside.
+
+use std::fmt;
+use std::fs::{self, OpenOptions, Permissions};
+use std::io;
+use std::os::unix::fs::{chown, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::sys;
+
+/// What went wrong building the jail.
+#[derive(Debug)]
+pub enum JailError {
+    CreateDir(PathBuf, io::Error),
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        err: io::Error,
+    },
+    Chown(PathBuf, io::Error),
+    Chmod(PathBuf, io::Error),
+    /// A step of the switch into the new root: what, and why it failed.
+    Pivot(&'static str, io::Error),
+    Mknod(PathBuf, io::Error),
+}
+
+impl fmt::Display for JailError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JailError::CreateDir(p, e) => write!(f, "cannot create the directory {p:?}: {e}"),
+            JailError::Copy { from, to, err } => {
+                write!(f, "cannot copy the exec file {from:?} to {to:?}: {err}")
+            }
+            JailError::Chown(p, e) => write!(f, "cannot change the owner of {p:?}: {e}"),
+            JailError::Chmod(p, e) => write!(f, "cannot change the mode of {p:?}: {e}"),
+            JailError::Pivot(step, e) => write!(f, "cannot enter the jail ({step}): {e}"),
+            JailError::Mknod(p, e) => write!(f, "cannot create the device node {p:?}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for JailError {}
+
+/// What `prepare` created, so that a failure before the jail is entered leaves nothing behind.
+#[derive(Default)]
+pub struct Created {
+    dirs: Vec<PathBuf>,
+    files: Vec<PathBuf>,
+}
+
+impl Created {
+    /// Removes what was created, newest first. Directories that are not empty (the caller put
+    /// files there) stay.
+    pub fn rollback(&self) {
+        for f in self.files.iter().rev() {
+            let _ = fs::remove_file(f);
+        }
+        for d in self.dirs.iter().rev() {
+            let _ = fs::remove_dir(d);
+        }
+    }
+}
+
+fn create_dir_all(dir: &Path, created: &mut Created) -> Result<(), JailError> {
+    let mut missing = Vec::new();
+    for p in dir.ancestors() {
+        if p.as_os_str().is_empty() || p.is_dir() {
+            break;
+        }
+        missing.push(p);
+    }
+    for p in missing.into_iter().rev() {
+        match fs::create_dir(p) {
+            Ok(()) => created.dirs.push(p.to_path_buf()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && p.is_dir() => {}
+            Err(e) => return Err(JailError::CreateDir(p.to_path_buf(), e)),
+        }
+    }
+    Ok(())
+}
+
+fn own(path: &Path, uid: u32, gid: u32) -> Result<(), JailError> {
+    chown(path, Some(uid), Some(gid)).map_err(|e| JailError::Chown(path.to_path_buf(), e))
+}
+
+/// Copies (never links) `exec` to `<root>/<name>`, mode 0755, owned by uid:gid. The target
+/// must not exist.
+fn copy_exec(
+    exec: &Path,
+    target: &Path,
+    uid: u32,
+    gid: u32,
+    created: &mut Created,
+) -> Result<(), JailError> {
+    let err = |err| JailError::Copy {
+        from: exec.to_path_buf(),
+        to: target.to_path_buf(),
+        err,
+    };
+    let mut src = fs::File::open(exec).map_err(err)?;
+    let mut dst = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o700)
+        .open(target)
+        .map_err(err)?;
+    created.files.push(target.to_path_buf());
+    io::copy(&mut src, &mut dst).map_err(err)?;
+    dst.sync_all().map_err(err)?;
+    drop(dst);
+    own(target, uid, gid)?;
+    fs::set_permissions(target, Permissions::from_mode(0o755))
+        .map_err(|e| JailError::Chmod(target.to_path_buf(), e))
+}
+
+/// Creates `<root>` (and what is missing above it), copies the VMM in, gives the root and
+/// `<root>/run` (where the API socket goes) to uid:gid.
+pub fn prepare(
+    root: &Path,
+    exec: &Path,
+    exec_name: &str,
+    uid: u32,
+    gid: u32,
+    created: &mut Created,
+) -> Result<(), JailError> {
+    create_dir_all(root, created)?;
+    copy_exec(exec, &root.join(exec_name), uid, gid, created)?;
+    own(root, uid, gid)?;
+    let run = root.join("run");
+    create_dir_all(&run, created)?;
+    own(&run, uid, gid)?;
+    Ok(())
+}
+
+/// Makes `root` the process's `/` in a new mount namespace; the host's tree is detached.
+pub fn pivot_into(root: &Path) -> Result<(), JailError> {
+    let step = |what| move |e| JailError::Pivot(what, e);
+    sys::unshare(libc::CLONE_NEWNS).map_err(step("unshare the mount namespace"))?;
+    // Nothing done in here may propagate back to the host; pivot_root also refuses shared
+    // mounts.
+    sys::mount_propagation(Path::new("/"), libc::MS_SLAVE | libc::MS_REC)
+        .map_err(step("make / a recursive slave"))?;
+    // pivot_root needs the new root to be a mount point.
+    sys::bind_onto_itself(root).map_err(step("bind-mount the root onto itself"))?;
+    std::env::set_current_dir(root).map_err(step("chdir into the root"))?;
+    let old = Path::new("old_root");
+    match fs::create_dir(old) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && old.is_dir() => {}
+        Err(e) => return Err(JailError::Pivot("create old_root", e)),
+    }
+    sys::pivot_root(Path::new("."), old).map_err(step("pivot_root"))?;
+    sys::umount_detach(old).map_err(step("unmount the old root"))?;
+    fs::remove_dir(old).map_err(step("remove old_root"))?;
+    std::env::set_current_dir("/").map_err(step("chdir to /"))?;
+    std::os::unix::fs::chroot(".").map_err(step("chroot"))?;
+    Ok(())
+}
+
+/// The host's /dev/userfaultfd as (major, minor), when it has one. Read before the pivot.
+pub fn host_userfaultfd() -> Option<(u32, u32)> {
+    let m = fs::metadata("/dev/userfaultfd").ok()?;
+    m.file_type()
+        .is_char_device()
+        .then(|| sys::dev_major_minor(m.rdev()))
+}
+
+/// Creates /dev/kvm, /dev/net/tun, /dev/urandom and, when the host has it, /dev/userfaultfd,
+/// all owned by uid:gid. Runs inside the jail.
+pub fn make_devices(uid: u32, gid: u32, userfaultfd: Option<(u32, u32)>) -> Result<(), JailError> {
+    let mut created = Created::default();
+    create_dir_all(Path::new("/dev/net"), &mut created)?;
+    let mut nodes = vec![
+        ("/dev/kvm", 10, 232),
+        ("/dev/net/tun", 10, 200),
+        ("/dev/urandom", 1, 9),
+    ];
+    if let Some((major, minor)) = userfaultfd {
+        nodes.push(("/dev/userfaultfd", major, minor));
+    }
+    for (path, major, minor) in nodes {
+        let p = Path::new(path);
+        sys::mknod_char(p, libc::S_IRUSR | libc::S_IWUSR, major, minor)
+            .map_err(|e| JailError::Mknod(p.to_path_buf(), e))?;
+        own(p, uid, gid)?;
+    }
+    Ok(())
+}

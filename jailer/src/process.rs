@@ -1,0 +1,135 @@
+//! The process side: network namespace, resource limits, daemonizing, the PID namespace, and
+//! finally dropping privileges and exec'ing the VMM.
+
+use std::ffi::CString;
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use crate::args::Resource;
+use crate::sys::{self, Forked};
+
+/// What went wrong on the process side.
+#[derive(Debug)]
+pub enum ProcessError {
+    Netns(PathBuf, io::Error),
+    Rlimit(Resource, u64, io::Error),
+    DevNull(io::Error),
+    Daemonize(&'static str, io::Error),
+    PidNs(&'static str, io::Error),
+    PidFile(PathBuf, io::Error),
+    Privileges { uid: u32, gid: u32, err: io::Error },
+    Exec(PathBuf, io::Error),
+    BadArg(String),
+}
+
+impl fmt::Display for ProcessError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProcessError::Netns(p, e) => {
+                write!(f, "cannot join the network namespace {p:?}: {e}")
+            }
+            ProcessError::Rlimit(r, v, e) => {
+                write!(f, "cannot set the resource limit {r}={v}: {e}")
+            }
+            ProcessError::DevNull(e) => write!(f, "cannot open /dev/null: {e}"),
+            ProcessError::Daemonize(step, e) => write!(f, "cannot daemonize ({step}): {e}"),
+            ProcessError::PidNs(step, e) => {
+                write!(f, "cannot start the VMM in a new PID namespace ({step}): {e}")
+            }
+            ProcessError::PidFile(p, e) => write!(f, "cannot write the pid file {p:?}: {e}"),
+            ProcessError::Privileges { uid, gid, err } => {
+                write!(f, "cannot switch to uid {uid}, gid {gid}: {err}")
+            }
+            ProcessError::Exec(p, e) => write!(f, "cannot exec {p:?} in the jail: {e}"),
+            ProcessError::BadArg(a) => write!(f, "the VMM argument {a:?} contains a NUL byte"),
+        }
+    }
+}
+
+impl std::error::Error for ProcessError {}
+
+/// setns(CLONE_NEWNET) on the namespace file at `path`.
+pub fn join_netns(path: &Path) -> Result<(), ProcessError> {
+    let err = |e| ProcessError::Netns(path.to_path_buf(), e);
+    let f = File::open(path).map_err(err)?;
+    sys::setns(f.as_fd(), libc::CLONE_NEWNET).map_err(err)
+}
+
+/// Sets each limit (soft = hard).
+pub fn set_rlimits(limits: &[(Resource, u64)]) -> Result<(), ProcessError> {
+    for &(res, value) in limits {
+        let which = match res {
+            Resource::Fsize => libc::RLIMIT_FSIZE,
+            Resource::NoFile => libc::RLIMIT_NOFILE,
+        };
+        sys::set_rlimit(which, value).map_err(|e| ProcessError::Rlimit(res, value, e))?;
+    }
+    Ok(())
+}
+
+/// Opens /dev/null while the host's /dev is still visible.
+pub fn open_dev_null() -> Result<File, ProcessError> {
+    File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(ProcessError::DevNull)
+}
+
+/// Double fork with setsid in between; the caller's process exits 0 at once, the grandchild
+/// returns here with stdin/stdout/stderr on /dev/null.
+pub fn daemonize(dev_null: File) -> Result<(), ProcessError> {
+    let step = |what| move |e| ProcessError::Daemonize(what, e);
+    if let Forked::Parent(_) = sys::fork().map_err(step("first fork"))? {
+        std::process::exit(0);
+    }
+    // Not a process group leader after the fork, so setsid works.
+    sys::setsid().map_err(step("setsid"))?;
+    // The session leader exits: the grandchild can never acquire a controlling terminal.
+    if let Forked::Parent(_) = sys::fork().map_err(step("second fork"))? {
+        std::process::exit(0);
+    }
+    for fd in [libc::STDIN_FILENO, libc::STDOUT_FILENO, libc::STDERR_FILENO] {
+        sys::dup2(dev_null.as_fd(), fd).map_err(step("redirect stdio to /dev/null"))?;
+    }
+    Ok(())
+}
+
+/// Forks the rest of the work into a new PID namespace, where it is pid 1. The parent writes
+/// the child's pid (as the parent sees it) to `pid_file` and exits 0; the child returns.
+pub fn enter_new_pid_ns(pid_file: &Path) -> Result<(), ProcessError> {
+    sys::unshare(libc::CLONE_NEWPID).map_err(|e| ProcessError::PidNs("unshare", e))?;
+    match sys::fork().map_err(|e| ProcessError::PidNs("fork", e))? {
+        Forked::Child => Ok(()),
+        Forked::Parent(pid) => {
+            if let Err(e) = std::fs::write(pid_file, pid.to_string()) {
+                let err = ProcessError::PidFile(pid_file.to_path_buf(), e);
+                eprintln!("ember-jailer: {err}");
+                std::process::exit(1);
+            }
+            std::process::exit(0);
+        }
+    }
+}
+
+/// Drops to uid:gid (no supplementary groups) and execs `path` with `args` and an empty
+/// environment. Returns only on failure.
+pub fn exec_as(path: &Path, args: &[String], uid: u32, gid: u32) -> ProcessError {
+    let mut argv = Vec::with_capacity(args.len() + 1);
+    for a in std::iter::once(path.to_string_lossy().into_owned()).chain(args.iter().cloned()) {
+        match CString::new(a) {
+            Ok(c) => argv.push(c),
+            Err(e) => {
+                let bytes = e.into_vec();
+                return ProcessError::BadArg(String::from_utf8_lossy(&bytes).into_owned());
+            }
+        }
+    }
+    if let Err(err) = sys::drop_privileges(uid, gid) {
+        return ProcessError::Privileges { uid, gid, err };
+    }
+    ProcessError::Exec(path.to_path_buf(), sys::execve_empty_env(path, &argv))
+}
