@@ -5,9 +5,11 @@
 //! `vstate` (KVM VM and vCPUs), `devices` (device models and the bus), `vmm` (the event
 //! loop), `logger`, `metrics`, `signal`.
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;
+pub mod controller;
 pub mod devices;
 pub mod logger;
 pub mod metrics;

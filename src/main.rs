@@ -1,17 +1,23 @@
 //! The `ember` binary: Firecracker's command line, plus `ember run` for people.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd};
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::EventFd;
 
 use argh::FromArgs;
 
-use ember::builder::{build_microvm, KernelImage, StartError, BUILTIN_GUEST};
+use ember::api::ApiServer;
+use ember::builder::{KernelImage, StartError, BUILTIN_GUEST};
 use ember::config::{BootSourceConfig, LogLevel, LoggerConfig, MachineConfig, VmConfig};
+use ember::controller::{ApiLink, Controller};
 use ember::time::Timestamp;
 use ember::vmm::{self, StopWatcher};
 use ember::vstate::vcpu::{exit_code, ExitSignal};
 use ember::{logger, metrics, signal, VERSION};
+use event_manager::SubscriberOps;
 
 /// ember: a microVM monitor that speaks Firecracker's API.
 #[derive(FromArgs)]
@@ -160,6 +166,12 @@ fn main() {
         std::process::exit(exit_code::ARG_PARSING);
     }
 
+    if args.metadata.is_some() {
+        eprintln!("ember: --metadata: the metadata service (MMDS) is not supported by ember yet");
+        std::process::exit(exit_code::GENERIC_ERROR);
+    }
+    // Accepted for compatibility; there is no metadata store to limit yet.
+    let _mmds_size_limit = args.mmds_size_limit;
     let is_run = matches!(args.command, Some(Command::Run(_)));
     // `ember run` is for people watching the console: only warnings and errors by default.
     let default_level = if is_run {
@@ -220,6 +232,12 @@ fn main() {
             format!("cannot install signal handlers: {e}"),
         );
     }
+    if let Err(e) = ember::vstate::vcpu::register_kick_handler() {
+        fail(
+            exit_code::GENERIC_ERROR,
+            format!("cannot install the vCPU kick handler: {e}"),
+        );
+    }
 
     let (cfg, kernel) = match args.command {
         Some(Command::Run(run)) => {
@@ -256,51 +274,86 @@ fn main() {
                 None => KernelImage::Builtin(BUILTIN_GUEST),
             };
             signal::set_raw_terminal(true);
-            (cfg, kernel)
+            (cfg, Some(kernel))
         }
-        None => {
-            let Some(path) = &args.config_file else {
+        None => match &args.config_file {
+            Some(path) => {
+                let text = match std::fs::read_to_string(path) {
+                    Ok(t) => t,
+                    Err(e) => fail(
+                        exit_code::BAD_CONFIGURATION,
+                        format!("cannot read the config file {path:?}: {e}"),
+                    ),
+                };
+                let mut cfg = match VmConfig::from_json(&text) {
+                    Ok(c) => c,
+                    Err(e) => fail(
+                        exit_code::BAD_CONFIGURATION,
+                        format!("invalid config file {path:?}: {e}"),
+                    ),
+                };
+                cfg.boot_timer = args.boot_timer;
+                if let Some(l) = &cfg.logger {
+                    if let Err(e) = logger::configure(l) {
+                        fail(exit_code::BAD_CONFIGURATION, e);
+                    }
+                }
+                if let Some(m) = &cfg.metrics {
+                    if let Err(e) = metrics::init(&m.metrics_path) {
+                        fail(exit_code::BAD_CONFIGURATION, e);
+                    }
+                }
+                let kernel = match &cfg.boot_source {
+                    Some(bs) => open_kernel(bs),
+                    None => fail(exit_code::BAD_CONFIGURATION, "boot-source is required"),
+                };
+                signal::set_raw_terminal(false);
+                (cfg, Some(kernel))
+            }
+            None => {
                 if args.no_api {
                     fail(exit_code::ARG_PARSING, "--no-api needs --config-file");
                 }
-                fail(
-                    exit_code::GENERIC_ERROR,
-                    "the API server is not available in this build yet; use --config-file with --no-api",
-                );
-            };
-            let text = match std::fs::read_to_string(path) {
-                Ok(t) => t,
-                Err(e) => fail(
-                    exit_code::BAD_CONFIGURATION,
-                    format!("cannot read the config file {path:?}: {e}"),
-                ),
-            };
-            let mut cfg = match VmConfig::from_json(&text) {
-                Ok(c) => c,
-                Err(e) => fail(
-                    exit_code::BAD_CONFIGURATION,
-                    format!("invalid config file {path:?}: {e}"),
-                ),
-            };
-            cfg.boot_timer = args.boot_timer;
-            if let Some(l) = &cfg.logger {
-                if let Err(e) = logger::configure(l) {
-                    fail(exit_code::BAD_CONFIGURATION, e);
-                }
+                let cfg = VmConfig {
+                    boot_timer: args.boot_timer,
+                    ..Default::default()
+                };
+                (cfg, None)
             }
-            if let Some(m) = &cfg.metrics {
-                if let Err(e) = metrics::init(&m.metrics_path) {
-                    fail(exit_code::BAD_CONFIGURATION, e);
-                }
-            }
-            let kernel = match &cfg.boot_source {
-                Some(bs) => open_kernel(bs),
-                None => fail(exit_code::BAD_CONFIGURATION, "boot-source is required"),
-            };
-            signal::set_raw_terminal(false);
-            (cfg, kernel)
-        }
+        },
     };
+
+    let mut controller = Controller::new(&args.id, cfg, exit.clone());
+    let api_sock = (!args.no_api && !is_run).then(|| PathBuf::from(&args.api_sock));
+    if let Some(path) = &api_sock {
+        let server = match ApiServer::bind(path) {
+            Ok(s) => s,
+            Err(e) => fail(
+                exit_code::GENERIC_ERROR,
+                format!("cannot serve the API on {}: {e}", path.display()),
+            ),
+        };
+        let (req_tx, req_rx) = std::sync::mpsc::channel();
+        let (resp_tx, resp_rx) = std::sync::mpsc::channel();
+        let evt = match EventFd::new(libc::EFD_NONBLOCK).and_then(|e| Ok((e.try_clone()?, e))) {
+            Ok(pair) => pair,
+            Err(e) => fail(
+                exit_code::GENERIC_ERROR,
+                format!("cannot create an eventfd: {e}"),
+            ),
+        };
+        if let Err(e) = server.spawn(args.http_api_max_payload_size, req_tx, evt.0, resp_rx) {
+            fail(
+                exit_code::GENERIC_ERROR,
+                format!("cannot start the API thread: {e}"),
+            );
+        }
+        controller = controller.with_api(ApiLink {
+            evt: evt.1,
+            requests: req_rx,
+            responses: resp_tx,
+        });
+    }
 
     record_startup(
         &args.start_time_us,
@@ -310,16 +363,11 @@ fn main() {
     );
     metrics::flush();
 
-    let serial_out: Box<dyn std::io::Write + Send> =
-        match std::io::stdout().as_fd().try_clone_to_owned() {
-            Ok(fd) => Box::new(File::from(fd)),
-            Err(e) => fail(exit_code::GENERIC_ERROR, format!("cannot use stdout: {e}")),
-        };
-    let vm = match build_microvm(&cfg, kernel, start, serial_out, exit.clone()) {
-        Ok(vm) => vm,
-        Err(e) => fail(start_error_code(&e), e),
-    };
-    log::info!("Successfully started microvm");
+    if let Some(kernel) = kernel {
+        if let Err(e) = controller.start(kernel, start) {
+            fail(start_error_code(&e), e);
+        }
+    }
 
     let mut em = match vmm::Manager::new() {
         Ok(em) => em,
@@ -332,20 +380,20 @@ fn main() {
         Ok(w) => vmm::add_subscriber(&mut em, w),
         Err(e) => fail(exit_code::GENERIC_ERROR, e),
     }
-    let serial_ready = match vm.serial_buffer_ready.try_clone() {
-        Ok(r) => r,
-        Err(e) => fail(exit_code::GENERIC_ERROR, e),
-    };
-    vmm::add_subscriber(
-        &mut em,
-        vmm::SerialInput::new(vm.serial.clone(), serial_ready),
-    );
+    let controller = Arc::new(Mutex::new(controller));
+    em.add_subscriber(controller.clone() as vmm::Subscriber);
 
     let code = vmm::run_until_stopped(&mut em, &exit);
     signal::restore_terminal();
     log::info!("Stopping the microVM with exit code {code}");
     metrics::flush();
-    ember::vstate::vm::detach_teardown(vm.vm.fd().as_raw_fd());
+    if let Some(path) = &api_sock {
+        let _ = std::fs::remove_file(path);
+    }
+    let ctl = controller.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(vm) = ctl.microvm() {
+        ember::vstate::vm::detach_teardown(vm.vm.fd().as_raw_fd());
+    }
     std::process::exit(code);
 }
 

@@ -310,11 +310,6 @@ fn inherit_cpuset(mount: &Path, leaf: &Path) -> Result<(), CgroupError> {
 }
 
 impl CgroupPlan {
-    /// The cgroup directories the VMM ends up in.
-    pub fn leaves(&self) -> impl Iterator<Item = &Path> {
-        self.targets.iter().map(|t| t.leaf.as_path())
-    }
-
     /// Creates the cgroups, writes the values and moves process `pid` in. When anything fails
     /// before `pid` moves, the directories created here are removed again.
     pub fn apply(&self, pid: u32) -> Result<(), CgroupError> {

@@ -15,6 +15,7 @@ use crate::sys::{self, Forked};
 #[derive(Debug)]
 pub enum ProcessError {
     Netns(PathBuf, io::Error),
+    NotNetns(PathBuf),
     Rlimit(Resource, u64, io::Error),
     DevNull(io::Error),
     Daemonize(&'static str, io::Error),
@@ -31,6 +32,9 @@ impl fmt::Display for ProcessError {
             ProcessError::Netns(p, e) => {
                 write!(f, "cannot join the network namespace {p:?}: {e}")
             }
+            ProcessError::NotNetns(p) => {
+                write!(f, "invalid --netns {p:?}: not a network namespace file")
+            }
             ProcessError::Rlimit(r, v, e) => {
                 write!(f, "cannot set the resource limit {r}={v}: {e}")
             }
@@ -43,6 +47,11 @@ impl fmt::Display for ProcessError {
             ProcessError::Privileges { uid, gid, err } => {
                 write!(f, "cannot switch to uid {uid}, gid {gid}: {err}")
             }
+            ProcessError::Exec(p, e) if e.kind() == io::ErrorKind::NotFound => write!(
+                f,
+                "cannot exec {p:?} in the jail: {e} (a dynamically linked binary finds no loader \
+                 there: the exec file must be static)"
+            ),
             ProcessError::Exec(p, e) => write!(f, "cannot exec {p:?} in the jail: {e}"),
             ProcessError::BadArg(a) => write!(f, "the VMM argument {a:?} contains a NUL byte"),
         }
@@ -51,11 +60,25 @@ impl fmt::Display for ProcessError {
 
 impl std::error::Error for ProcessError {}
 
-/// setns(CLONE_NEWNET) on the namespace file at `path`.
-pub fn join_netns(path: &Path) -> Result<(), ProcessError> {
+/// Opens the namespace file at `path` and checks that it is a network namespace.
+pub fn open_netns(path: &Path) -> Result<File, ProcessError> {
     let err = |e| ProcessError::Netns(path.to_path_buf(), e);
     let f = File::open(path).map_err(err)?;
-    sys::setns(f.as_fd(), libc::CLONE_NEWNET).map_err(err)
+    match sys::ns_type(f.as_fd()) {
+        Ok(t) if t == libc::CLONE_NEWNET => Ok(f),
+        Ok(_) => Err(ProcessError::NotNetns(path.to_path_buf())),
+        // Not a namespace file at all.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => {
+            Err(ProcessError::NotNetns(path.to_path_buf()))
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// setns(CLONE_NEWNET) on a file from `open_netns`.
+pub fn join_netns(path: &Path, ns: &File) -> Result<(), ProcessError> {
+    sys::setns(ns.as_fd(), libc::CLONE_NEWNET)
+        .map_err(|e| ProcessError::Netns(path.to_path_buf(), e))
 }
 
 /// Sets each limit (soft = hard).

@@ -91,6 +91,14 @@ pub fn unshare(flags: libc::c_int) -> io::Result<()> {
     check(unsafe { libc::unshare(flags) }).map(drop)
 }
 
+/// The CLONE_NEW* type of a namespace file (ioctl NS_GET_NSTYPE); ENOTTY for other files.
+pub fn ns_type(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
+    // _IO(0xb7, 0x3) from <linux/nsfs.h>.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: this ioctl takes no argument and only returns an integer.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE) })
+}
+
 /// setns(fd, nstype).
 pub fn setns(fd: BorrowedFd<'_>, nstype: libc::c_int) -> io::Result<()> {
     // SAFETY: `fd` is a live descriptor borrowed for the duration of the call.

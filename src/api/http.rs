@@ -59,9 +59,14 @@ impl HttpError {
 pub enum Parse {
     /// More bytes are needed. `expect_continue` is set once the headers are complete and the
     /// client waits for `100 Continue` before sending the body.
-    Incomplete { expect_continue: bool },
+    Incomplete {
+        expect_continue: bool,
+    },
     /// A request, and how many bytes of the buffer it took.
-    Complete { request: Request, consumed: usize },
+    Complete {
+        request: Request,
+        consumed: usize,
+    },
     Invalid(HttpError),
 }
 
@@ -171,8 +176,7 @@ pub fn parse(buf: &[u8], max_payload: usize) -> Parse {
              by server. All previous unanswered requests will be dropped."
         )));
     }
-    // No overflow: len is bounded by max_payload, which is far below usize::MAX in practice,
-    // but stay exact anyway.
+    // Only a max_payload near usize::MAX could overflow here.
     let Some(end) = head_len.checked_add(len) else {
         return Parse::Invalid(HttpError::bad("Invalid Content-Length header."));
     };

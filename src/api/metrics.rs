@@ -89,9 +89,18 @@ pub static API_METRICS: ApiMetrics = ApiMetrics {
 pub fn serialize_into(map: &mut serde_json::Map<String, serde_json::Value>) {
     let m = &API_METRICS;
     let groups: [(&str, serde_json::Result<serde_json::Value>); 3] = [
-        ("get_api_requests", serde_json::to_value(&m.get_api_requests)),
-        ("put_api_requests", serde_json::to_value(&m.put_api_requests)),
-        ("patch_api_requests", serde_json::to_value(&m.patch_api_requests)),
+        (
+            "get_api_requests",
+            serde_json::to_value(&m.get_api_requests),
+        ),
+        (
+            "put_api_requests",
+            serde_json::to_value(&m.put_api_requests),
+        ),
+        (
+            "patch_api_requests",
+            serde_json::to_value(&m.patch_api_requests),
+        ),
     ];
     for (key, value) in groups {
         match value {
@@ -152,9 +161,7 @@ impl RequestCounters {
                 ("GET", Endpoint::MachineConfig) => (&g.machine_cfg_count, None),
                 ("GET", Endpoint::Mmds) => (&g.mmds_count, None),
                 ("PUT", Endpoint::Actions) => (&p.actions_count, Some(&p.actions_fails)),
-                ("PUT", Endpoint::BootSource) => {
-                    (&p.boot_source_count, Some(&p.boot_source_fails))
-                }
+                ("PUT", Endpoint::BootSource) => (&p.boot_source_count, Some(&p.boot_source_fails)),
                 ("PUT", Endpoint::CpuConfig) => (&p.cpu_cfg_count, Some(&p.cpu_cfg_fails)),
                 ("PUT", Endpoint::Drive) => (&p.drive_count, Some(&p.drive_fails)),
                 ("PUT", Endpoint::Logger) => (&p.logger_count, Some(&p.logger_fails)),

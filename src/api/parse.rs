@@ -9,9 +9,8 @@ use serde::de::DeserializeOwned;
 use super::metrics::{Endpoint, RequestCounters};
 use super::models::{
     ActionBody, ActionType, BalloonBody, BalloonStatsUpdateBody, BalloonUpdateBody, DriveBody,
-    DriveUpdateBody, EntropyBody, MmdsConfigBody, NetworkInterfaceBody,
-    NetworkInterfaceUpdateBody, SerialConfig, SnapshotCreateBody, SnapshotLoadBody, VmState,
-    VmStateConfig, VsockBody,
+    DriveUpdateBody, EntropyBody, MmdsConfigBody, NetworkInterfaceBody, NetworkInterfaceUpdateBody,
+    SerialConfig, SnapshotCreateBody, SnapshotLoadBody, VmState, VmStateConfig, VsockBody,
 };
 use super::{ApiResponse, VmmAction};
 use crate::config::{
@@ -313,8 +312,14 @@ mod tests {
         assert_eq!(ok("GET", "/", None), VmmAction::GetInstanceInfo);
         assert_eq!(ok("GET", "/version", None), VmmAction::GetVersion);
         assert_eq!(ok("GET", "/vm/config", None), VmmAction::GetVmConfig);
-        assert_eq!(ok("GET", "/machine-config", None), VmmAction::GetMachineConfig);
-        assert_eq!(ok("GET", "/machine-config/", None), VmmAction::GetMachineConfig);
+        assert_eq!(
+            ok("GET", "/machine-config", None),
+            VmmAction::GetMachineConfig
+        );
+        assert_eq!(
+            ok("GET", "/machine-config/", None),
+            VmmAction::GetMachineConfig
+        );
         assert_eq!(ok("GET", "/balloon", None), VmmAction::GetBalloon);
         assert_eq!(
             ok("GET", "/balloon/statistics", None),
@@ -377,7 +382,10 @@ mod tests {
         assert_eq!(err("PUT", "/machine-config", None), "Empty PUT request.");
         assert_eq!(err("PUT", "/nope", None), "Empty PUT request.");
         assert_eq!(err("PATCH", "/vm", None), "Empty PATCH request.");
-        assert_eq!(err("PATCH", "/machine-config", Some("{}")), "Empty PATCH request.");
+        assert_eq!(
+            err("PATCH", "/machine-config", Some("{}")),
+            "Empty PATCH request."
+        );
     }
 
     #[test]
@@ -411,13 +419,19 @@ mod tests {
         assert_eq!(m.huge_pages, HugePages::Hugetlbfs2M);
 
         let e = err("PUT", "/machine-config", Some(r#"{"vcpu_count": 2}"#));
-        assert!(e.starts_with(DESER) && e.contains("missing field `mem_size_mib`"), "{e}");
+        assert!(
+            e.starts_with(DESER) && e.contains("missing field `mem_size_mib`"),
+            "{e}"
+        );
         let e = err(
             "PUT",
             "/machine-config",
             Some(r#"{"vcpu_count": 2, "mem_size_mib": 256, "bogus": 1}"#),
         );
-        assert!(e.starts_with(DESER) && e.contains("unknown field `bogus`"), "{e}");
+        assert!(
+            e.starts_with(DESER) && e.contains("unknown field `bogus`"),
+            "{e}"
+        );
         let e = err(
             "PUT",
             "/machine-config",
@@ -553,11 +567,7 @@ mod tests {
             ok("PUT", "/serial", Some("{}")),
             VmmAction::PutSerial(SerialConfig::default())
         );
-        let e = err(
-            "PUT",
-            "/serial",
-            Some(r#"{"rate_limiter": {"size": 1}}"#),
-        );
+        let e = err("PUT", "/serial", Some(r#"{"rate_limiter": {"size": 1}}"#));
         assert!(e.contains("missing field `refill_time`"), "{e}");
     }
 
@@ -573,8 +583,14 @@ mod tests {
             err("PUT", "/drives/other", Some(drive)),
             "The id from the path does not match the id from the body!"
         );
-        assert_eq!(err("PUT", "/drives", Some(drive)), "The ID cannot be empty.");
-        assert_eq!(err("PUT", "/drives/", Some(drive)), "The ID cannot be empty.");
+        assert_eq!(
+            err("PUT", "/drives", Some(drive)),
+            "The ID cannot be empty."
+        );
+        assert_eq!(
+            err("PUT", "/drives/", Some(drive)),
+            "The ID cannot be empty."
+        );
         assert_eq!(
             err("PUT", "/drives/a-b", Some(drive)),
             "API Resource IDs can only contain alphanumeric characters and underscores."
@@ -647,7 +663,12 @@ mod tests {
     #[test]
     fn other_unsupported_features_validate_bodies() {
         let cases: &[(&str, &str, &str, &str)] = &[
-            ("PUT", "/vsock", r#"{"guest_cid": 3, "uds_path": "/v"}"#, "vsock"),
+            (
+                "PUT",
+                "/vsock",
+                r#"{"guest_cid": 3, "uds_path": "/v"}"#,
+                "vsock",
+            ),
             ("PUT", "/entropy", r#"{}"#, "entropy"),
             (
                 "PUT",
@@ -685,7 +706,11 @@ mod tests {
             ),
         ];
         for (m, p, b, feature) in cases {
-            assert_eq!(ok(m, p, Some(b)), VmmAction::NotSupported(feature), "{m} {p}");
+            assert_eq!(
+                ok(m, p, Some(b)),
+                VmmAction::NotSupported(feature),
+                "{m} {p}"
+            );
         }
         let bad_bodies: &[(&str, &str, &str)] = &[
             ("PUT", "/vsock", r#"{"guest_cid": 3}"#),
@@ -694,7 +719,11 @@ mod tests {
             ("PATCH", "/balloon", r#"{"amount_mib": -1}"#),
             ("PATCH", "/balloon/statistics", r#"{}"#),
             ("PUT", "/mmds", r#"{"a": "#),
-            ("PUT", "/mmds/config", r#"{"version": "V3", "network_interfaces": []}"#),
+            (
+                "PUT",
+                "/mmds/config",
+                r#"{"version": "V3", "network_interfaces": []}"#,
+            ),
             ("PUT", "/snapshot/create", r#"{"snapshot_path": "/s"}"#),
             ("PUT", "/snapshot/load", r#"{"snapshot_path": "/s"}"#),
             (
@@ -770,7 +799,9 @@ mod tests {
         ];
         // The seeds themselves are whole requests.
         for seed in seeds {
-            assert!(matches!(parse(seed, 256), Parse::Complete { consumed, .. } if consumed == seed.len()));
+            assert!(
+                matches!(parse(seed, 256), Parse::Complete { consumed, .. } if consumed == seed.len())
+            );
         }
         let alphabet = b"GETPUTPATCH /\r\n:{}\"[],0123456789abcdefContent-Length";
         let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
@@ -816,8 +847,7 @@ mod tests {
                     }
                     Parse::Complete { request, consumed } => {
                         assert!(consumed > 0 && consumed <= rest.len());
-                        let routed =
-                            route(&request.method, &request.path, request.body.as_deref());
+                        let routed = route(&request.method, &request.path, request.body.as_deref());
                         if let Err(resp) = routed.outcome {
                             match resp {
                                 ApiResponse::Error(s, _) => assert!((400..500).contains(&s)),

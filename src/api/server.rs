@@ -349,7 +349,10 @@ impl Conn {
                     self.ready = false;
                 }
                 Parse::Invalid(e) => {
-                    log::warn!("Closing an API connection after a bad request: {}", e.message);
+                    log::warn!(
+                        "Closing an API connection after a bad request: {}",
+                        e.message
+                    );
                     let response = ApiResponse::Error(e.status, e.message);
                     self.respond(Version::Http11, &response, false);
                     self.inbuf = Vec::new();
@@ -454,7 +457,10 @@ impl Server {
                     let id = self.next_id;
                     self.next_id += 1;
                     let ev = EpollEvent::new(EventSet::IN, id);
-                    if let Err(e) = self.epoll.ctl(ControlOperation::Add, stream.as_raw_fd(), ev) {
+                    if let Err(e) = self
+                        .epoll
+                        .ctl(ControlOperation::Add, stream.as_raw_fd(), ev)
+                    {
                         log::warn!("Dropping an API connection: {e}");
                         continue;
                     }
@@ -525,5 +531,306 @@ impl Server {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::mpsc::{channel, Receiver as MpscReceiver};
+    use std::time::Duration;
+
+    use super::*;
+
+    const LIMIT: usize = 1024;
+
+    fn temp_socket(tag: &str) -> PathBuf {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ember-api-test-{}-{}-{tag}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("api.sock")
+    }
+
+    /// Starts a server with a fake VMM that answers every action and reports it.
+    fn start(tag: &str) -> (PathBuf, MpscReceiver<VmmAction>) {
+        let path = temp_socket(tag);
+        let server = ApiServer::bind(&path).unwrap();
+        let (to_vmm, vmm_rx) = channel::<VmmAction>();
+        let (vmm_tx, from_vmm) = channel::<ApiResponse>();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let vmm_evt = evt.try_clone().unwrap();
+        let (seen_tx, seen_rx) = channel();
+        std::thread::spawn(move || {
+            while let Ok(action) = vmm_rx.recv() {
+                // The eventfd was written before or right after the send.
+                let _ = evt.read();
+                let answer = match &action {
+                    VmmAction::GetVersion => {
+                        ApiResponse::json(&serde_json::json!({"firecracker_version": "1.0.0"}))
+                    }
+                    VmmAction::NotSupported(f) => ApiResponse::not_supported(f),
+                    _ => ApiResponse::NoContent,
+                };
+                let _ = seen_tx.send(action);
+                if vmm_tx.send(answer).is_err() {
+                    return;
+                }
+            }
+        });
+        server.spawn(LIMIT, to_vmm, vmm_evt, from_vmm).unwrap();
+        (path, seen_rx)
+    }
+
+    fn connect(path: &Path) -> UnixStream {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+
+    /// Reads one response: (status, headers, body).
+    fn read_response(s: &mut UnixStream) -> (u16, String, String) {
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\n") {
+            match s.read(&mut byte) {
+                Ok(1) => buf.push(byte[0]),
+                other => panic!("connection ended inside a response head: {other:?} {buf:?}"),
+            }
+        }
+        let head = String::from_utf8(buf).unwrap();
+        let status = head[9..12].parse().unwrap();
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).unwrap();
+        (status, head, String::from_utf8(body).unwrap())
+    }
+
+    fn assert_closed(s: &mut UnixStream) {
+        let mut b = [0u8; 16];
+        assert_eq!(s.read(&mut b).unwrap(), 0, "expected the server to close");
+    }
+
+    const GET_VERSION: &[u8] = b"GET /version HTTP/1.1\r\n\r\n";
+    const START: &[u8] =
+        b"PUT /actions HTTP/1.1\r\nContent-Length: 31\r\n\r\n{\"action_type\":\"InstanceStart\"}";
+
+    #[test]
+    fn keep_alive_and_pipelining() {
+        let (path, seen) = start("keepalive");
+        let mut c = connect(&path);
+        c.write_all(GET_VERSION).unwrap();
+        let (status, head, body) = read_response(&mut c);
+        assert_eq!(status, 200);
+        assert!(head.contains("Server: Firecracker API\r\n"), "{head}");
+        assert!(
+            head.contains("Content-Type: application/json\r\n"),
+            "{head}"
+        );
+        assert_eq!(body, r#"{"firecracker_version":"1.0.0"}"#);
+        c.write_all(START).unwrap();
+        let (status, head, body) = read_response(&mut c);
+        assert_eq!((status, body.as_str()), (204, ""));
+        assert!(head.starts_with("HTTP/1.1 204 No Content\r\n"), "{head}");
+        assert_eq!(seen.recv().unwrap(), VmmAction::GetVersion);
+        assert_eq!(seen.recv().unwrap(), VmmAction::InstanceStart);
+
+        // Three pipelined requests, one of them refused by the router: answered in order.
+        let mut batch = GET_VERSION.to_vec();
+        batch.extend_from_slice(b"GET /nope HTTP/1.1\r\n\r\n");
+        batch.extend_from_slice(START);
+        c.write_all(&batch).unwrap();
+        assert_eq!(read_response(&mut c).0, 200);
+        let (status, _, body) = read_response(&mut c);
+        assert_eq!(status, 400);
+        assert_eq!(
+            body,
+            r#"{"fault_message":"Invalid request method and/or path: GET nope."}"#
+        );
+        assert_eq!(read_response(&mut c).0, 204);
+
+        // Connection: close is honoured after the answer.
+        c.write_all(b"GET /version HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let (status, head, _) = read_response(&mut c);
+        assert_eq!(status, 200);
+        assert!(head.contains("Connection: close\r\n"), "{head}");
+        assert_closed(&mut c);
+    }
+
+    #[test]
+    fn two_clients_at_once() {
+        let (path, _seen) = start("two");
+        let mut a = connect(&path);
+        let mut b = connect(&path);
+        a.write_all(GET_VERSION).unwrap();
+        b.write_all(START).unwrap();
+        assert_eq!(read_response(&mut b).0, 204);
+        assert_eq!(read_response(&mut a).0, 200);
+        b.write_all(GET_VERSION).unwrap();
+        assert_eq!(read_response(&mut b).0, 200);
+    }
+
+    #[test]
+    fn a_stalled_half_request_does_not_block_others() {
+        let (path, seen) = start("stall");
+        let mut slow = connect(&path);
+        slow.write_all(b"PUT /machine-config HTTP/1.1\r\nContent-Length: 36\r\n\r\n{\"vcpu")
+            .unwrap();
+        let mut fast = connect(&path);
+        fast.write_all(GET_VERSION).unwrap();
+        assert_eq!(read_response(&mut fast).0, 200);
+        assert_eq!(seen.recv().unwrap(), VmmAction::GetVersion);
+        // The slow client can still finish its request later.
+        slow.write_all(b"_count\":2,\"mem_size_mib\":1024}")
+            .unwrap();
+        assert_eq!(read_response(&mut slow).0, 204);
+        assert!(matches!(
+            seen.recv().unwrap(),
+            VmmAction::PutMachineConfig(m) if m.vcpu_count == 2 && m.mem_size_mib == 1024
+        ));
+    }
+
+    #[test]
+    fn a_client_leaving_mid_request_is_forgotten() {
+        let (path, seen) = start("leave");
+        {
+            let mut gone = connect(&path);
+            gone.write_all(b"PUT /actions HTTP/1.1\r\nContent-Length: 31\r\n\r\n{\"act")
+                .unwrap();
+        }
+        // And one that shuts down its write side inside a request, still reading.
+        let mut half = connect(&path);
+        half.write_all(b"GET /ver").unwrap();
+        half.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_closed(&mut half);
+
+        let mut c = connect(&path);
+        c.write_all(GET_VERSION).unwrap();
+        assert_eq!(read_response(&mut c).0, 200);
+        // The VMM saw only the complete request.
+        assert_eq!(seen.recv().unwrap(), VmmAction::GetVersion);
+        assert!(seen.try_recv().is_err());
+    }
+
+    #[test]
+    fn framing_errors_answer_then_close() {
+        let (path, seen) = start("framing");
+        let mut c = connect(&path);
+        c.write_all(b"PUT /mmds HTTP/1.1\r\nContent-Length: 5000\r\n\r\n")
+            .unwrap();
+        let (status, _, body) = read_response(&mut c);
+        assert_eq!(status, 400);
+        assert!(body.contains("larger than the limit of 1024"), "{body}");
+        assert_closed(&mut c);
+
+        let mut c = connect(&path);
+        c.write_all(b"BLAH\x01 / HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(read_response(&mut c).0, 400);
+        assert_closed(&mut c);
+
+        // Expect: 100-continue gets its interim answer, then the real one.
+        let mut c = connect(&path);
+        c.write_all(b"PUT /actions HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 31\r\n\r\n")
+            .unwrap();
+        let mut interim = [0u8; 25];
+        c.read_exact(&mut interim).unwrap();
+        assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+        c.write_all(b"{\"action_type\":\"InstanceStart\"}").unwrap();
+        assert_eq!(read_response(&mut c).0, 204);
+        assert_eq!(seen.recv().unwrap(), VmmAction::InstanceStart);
+
+        // HTTP/1.0 closes after the answer unless asked otherwise.
+        let mut c = connect(&path);
+        c.write_all(b"GET /version HTTP/1.0\r\n\r\n").unwrap();
+        let (status, head, _) = read_response(&mut c);
+        assert_eq!(status, 200);
+        assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
+        assert_closed(&mut c);
+    }
+
+    #[test]
+    fn a_client_that_never_reads_does_not_block_others() {
+        let (path, _seen) = start("flood");
+        let mut flood = connect(&path);
+        flood
+            .set_write_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        // Pipeline requests without reading until the sockets are full both ways.
+        let mut sent = 0usize;
+        let burst = GET_VERSION.repeat(64);
+        while sent < 64 * 1024 * 1024 {
+            match flood.write(&burst) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        assert!(sent < 64 * 1024 * 1024, "the server never stopped reading");
+        let mut other = connect(&path);
+        other.write_all(GET_VERSION).unwrap();
+        assert_eq!(read_response(&mut other).0, 200);
+        // The flooder still gets its answers, in order, once it reads.
+        for _ in 0..10 {
+            assert_eq!(read_response(&mut flood).0, 200);
+        }
+    }
+
+    #[test]
+    fn connections_over_the_cap_are_refused() {
+        let (path, _seen) = start("cap");
+        let mut held: Vec<UnixStream> = (0..MAX_CONNECTIONS).map(|_| connect(&path)).collect();
+        // Make sure the server has accepted all of them.
+        for c in held.iter_mut().step_by(16) {
+            c.write_all(GET_VERSION).unwrap();
+            assert_eq!(read_response(c).0, 200);
+        }
+        let mut extra = connect(&path);
+        let _ = extra.write_all(GET_VERSION);
+        let mut b = [0u8; 8];
+        assert!(matches!(extra.read(&mut b), Ok(0) | Err(_)));
+        // Closing one makes room again.
+        drop(held.pop());
+        let mut again = None;
+        for _ in 0..100 {
+            let mut c = connect(&path);
+            if c.write_all(GET_VERSION).is_ok() {
+                let mut first = [0u8; 1];
+                if matches!(c.read(&mut first), Ok(1)) {
+                    again = Some(first[0]);
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(again, Some(b'H'));
+    }
+
+    #[test]
+    fn stale_sockets_are_replaced_live_ones_refused() {
+        let path = temp_socket("stale");
+        // A socket file nobody listens on any more.
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let server = ApiServer::bind(&path).unwrap();
+        assert!(UnixStream::connect(&path).is_ok());
+
+        // While it is bound, a second bind is refused and the file left alone.
+        let e = ApiServer::bind(&path).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        drop(server);
+
+        let file = temp_socket("file");
+        std::fs::write(&file, b"not a socket").unwrap();
+        let e = ApiServer::bind(&file).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"not a socket");
     }
 }

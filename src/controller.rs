@@ -1,0 +1,327 @@
+//! The VMM thread's state machine: the configuration accumulated before start, the running
+//! microVM after it, and the answers to API requests. It is the event-loop subscriber for the
+//! API's wake-up eventfd and for the guest console's input.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use serde_json::json;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::{ApiResponse, SerialConfig, VmmAction};
+use crate::builder::{build_microvm, KernelImage, Microvm, StartError};
+use crate::config::VmConfig;
+use crate::devices::bus::lock;
+use crate::devices::legacy::serial::SerialOut;
+use crate::metrics::METRICS;
+use crate::time::Timestamp;
+use crate::vmm::SerialInput;
+use crate::vstate::vcpu::{self, ExitSignal};
+
+/// The API version ember implements; Firecracker clients check it to pick features.
+pub const FIRECRACKER_API_VERSION: &str = "1.16.1";
+
+const NOT_BEFORE_START: &str =
+    "The requested operation is not supported before starting the microVM.";
+const NOT_AFTER_START: &str =
+    "The requested operation is not supported after starting the microVM.";
+
+/// The API's end of the VMM thread.
+pub struct ApiLink {
+    pub evt: EventFd,
+    pub requests: Receiver<VmmAction>,
+    pub responses: Sender<ApiResponse>,
+}
+
+pub struct Controller {
+    instance_id: String,
+    config: VmConfig,
+    serial_config: SerialConfig,
+    vm: Option<Microvm>,
+    paused: bool,
+    exit: Arc<ExitSignal>,
+    api: Option<ApiLink>,
+    serial_input: Option<SerialInput>,
+}
+
+impl Controller {
+    pub fn new(instance_id: &str, config: VmConfig, exit: Arc<ExitSignal>) -> Controller {
+        Controller {
+            instance_id: instance_id.to_string(),
+            config,
+            serial_config: SerialConfig::default(),
+            vm: None,
+            paused: false,
+            exit,
+            api: None,
+            serial_input: None,
+        }
+    }
+
+    pub fn with_api(mut self, api: ApiLink) -> Controller {
+        self.api = Some(api);
+        self
+    }
+
+    pub fn microvm(&self) -> Option<&Microvm> {
+        self.vm.as_ref()
+    }
+
+    /// Builds and starts the microVM from the current configuration. `start` is the moment
+    /// the boot timer counts from.
+    pub fn start(&mut self, kernel: KernelImage, start: Timestamp) -> Result<(), StartError> {
+        let out = self.serial_out()?;
+        let vm = build_microvm(&self.config, kernel, start, out, self.exit.clone())?;
+        let ready = vm
+            .serial_buffer_ready
+            .try_clone()
+            .map_err(|e| StartError::Device(e.to_string()))?;
+        self.serial_input = Some(SerialInput::new(vm.serial.clone(), ready));
+        self.vm = Some(vm);
+        METRICS.latencies_us.vmm_start_us.store(start.elapsed_us());
+        log::info!("Successfully started microvm");
+        Ok(())
+    }
+
+    fn serial_out(&self) -> Result<SerialOut, StartError> {
+        let err = |what: String| StartError::Device(what);
+        match &self.serial_config.serial_out_path {
+            Some(p) => std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(p)
+                .map(|f| Box::new(f) as SerialOut)
+                .map_err(|e| err(format!("cannot open the serial output {p:?}: {e}"))),
+            None => std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map(|fd| Box::new(File::from(fd)) as SerialOut)
+                .map_err(|e| err(format!("cannot use stdout for the serial console: {e}"))),
+        }
+    }
+
+    fn state(&self) -> &'static str {
+        match (&self.vm, self.paused) {
+            (None, _) => "Not started",
+            (Some(_), false) => "Running",
+            (Some(_), true) => "Paused",
+        }
+    }
+
+    /// The configuration as `GET /vm/config` shows it: the config file's keys.
+    fn vm_config_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(&self.config).unwrap_or_else(|_| json!({}));
+        if let Some(map) = v.as_object_mut() {
+            for (k, empty) in [
+                ("boot-source", json!(null)),
+                ("cpu-config", json!(null)),
+                ("logger", json!(null)),
+                ("metrics", json!(null)),
+                ("drives", json!([])),
+                ("network-interfaces", json!([])),
+                ("vsock", json!(null)),
+                ("balloon", json!(null)),
+                ("mmds-config", json!(null)),
+                ("entropy", json!(null)),
+            ] {
+                map.entry(k).or_insert(empty);
+            }
+        }
+        v
+    }
+
+    fn before_start(&self) -> Result<(), ApiResponse> {
+        match self.vm {
+            None => Ok(()),
+            Some(_) => Err(ApiResponse::bad_request(NOT_AFTER_START)),
+        }
+    }
+
+    fn after_start(&self) -> Result<&Microvm, ApiResponse> {
+        self.vm
+            .as_ref()
+            .ok_or_else(|| ApiResponse::bad_request(NOT_BEFORE_START))
+    }
+
+    /// Performs one API action.
+    pub fn handle(&mut self, action: VmmAction) -> ApiResponse {
+        match self.try_handle(action) {
+            Ok(r) | Err(r) => r,
+        }
+    }
+
+    fn try_handle(&mut self, action: VmmAction) -> Result<ApiResponse, ApiResponse> {
+        use VmmAction::*;
+        let bad = |e: &dyn std::fmt::Display| ApiResponse::bad_request(e.to_string());
+        Ok(match action {
+            GetInstanceInfo => ApiResponse::json(&json!({
+                "id": self.instance_id,
+                "state": self.state(),
+                "vmm_version": FIRECRACKER_API_VERSION,
+                "app_name": "Firecracker",
+            })),
+            GetVersion => ApiResponse::json(&json!({
+                "firecracker_version": FIRECRACKER_API_VERSION,
+            })),
+            GetVmConfig => ApiResponse::json(&self.vm_config_json()),
+            GetMachineConfig => ApiResponse::json(&self.config.machine_config),
+            GetBalloon | GetBalloonStats => ApiResponse::not_supported("The balloon device"),
+            GetMmds => ApiResponse::not_supported("The metadata service (MMDS)"),
+            PutMachineConfig(m) => {
+                self.before_start()?;
+                m.validate().map_err(|e| bad(&e))?;
+                self.config.machine_config = m;
+                ApiResponse::NoContent
+            }
+            PatchMachineConfig(u) => {
+                self.before_start()?;
+                let m = self.config.machine_config.apply(&u);
+                m.validate().map_err(|e| bad(&e))?;
+                self.config.machine_config = m;
+                ApiResponse::NoContent
+            }
+            PutCpuConfig(c) => {
+                self.before_start()?;
+                c.to_modifiers().map_err(|e| bad(&e))?;
+                self.config.cpu_config = Some(c);
+                ApiResponse::NoContent
+            }
+            PutBootSource(b) => {
+                self.before_start()?;
+                b.validate().map_err(|e| bad(&e))?;
+                self.config.boot_source = Some(b);
+                ApiResponse::NoContent
+            }
+            PutLogger(l) => {
+                self.before_start()?;
+                crate::logger::configure(&l).map_err(|e| bad(&e))?;
+                self.config.logger = Some(l);
+                ApiResponse::NoContent
+            }
+            PutMetrics(m) => {
+                self.before_start()?;
+                crate::metrics::init(&m.metrics_path).map_err(|e| bad(&e))?;
+                self.config.metrics = Some(m);
+                ApiResponse::NoContent
+            }
+            PutSerial(s) => {
+                self.before_start()?;
+                if s.rate_limiter.is_some() {
+                    return Err(ApiResponse::not_supported(
+                        "Rate limiting of the serial console",
+                    ));
+                }
+                self.serial_config = s;
+                ApiResponse::NoContent
+            }
+            InstanceStart => {
+                self.before_start()?;
+                let start = Timestamp::now();
+                let Some(bs) = &self.config.boot_source else {
+                    return Err(ApiResponse::bad_request(
+                        "Cannot start the microVM without a boot source: PUT /boot-source first.",
+                    ));
+                };
+                let file = File::open(&bs.kernel_image_path).map_err(|e| {
+                    ApiResponse::bad_request(format!(
+                        "Cannot open the kernel image {:?}: {e}",
+                        bs.kernel_image_path
+                    ))
+                })?;
+                self.start(KernelImage::File(file), start).map_err(|e| {
+                    ApiResponse::bad_request(format!("Cannot start the microVM: {e}"))
+                })?;
+                ApiResponse::NoContent
+            }
+            SendCtrlAltDel => {
+                let vm = self.after_start()?;
+                lock(&vm.i8042)
+                    .trigger_ctrl_alt_del()
+                    .map_err(|e| bad(&e))?;
+                ApiResponse::NoContent
+            }
+            FlushMetrics => {
+                if !crate::metrics::is_initialized() {
+                    return Err(ApiResponse::bad_request(
+                        "The metrics system is not initialized: PUT /metrics first.",
+                    ));
+                }
+                crate::metrics::flush();
+                ApiResponse::NoContent
+            }
+            Pause => {
+                let vm = self.after_start()?;
+                let t = Timestamp::now();
+                vcpu::pause_all(&vm.control, &vm.vcpus);
+                self.paused = true;
+                METRICS.latencies_us.pause_vm.store(t.elapsed_us());
+                ApiResponse::NoContent
+            }
+            Resume => {
+                let vm = self.after_start()?;
+                let t = Timestamp::now();
+                vcpu::resume_all(&vm.control);
+                self.paused = false;
+                METRICS.latencies_us.resume_vm.store(t.elapsed_us());
+                ApiResponse::NoContent
+            }
+            NotSupported(feature) => ApiResponse::not_supported(feature),
+        })
+    }
+
+    fn serve_api(&mut self) {
+        let Some(api) = &self.api else { return };
+        let _ = api.evt.read();
+        loop {
+            let Some(api) = &self.api else { return };
+            let Ok(action) = api.requests.try_recv() else {
+                return;
+            };
+            log::debug!("API request: {action:?}");
+            let response = self.handle(action);
+            if let Some(api) = &self.api {
+                if api.responses.send(response).is_err() {
+                    log::warn!("The API thread is gone; serving no more requests.");
+                    self.api = None;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for Controller {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        METRICS.vmm.device_events.inc();
+        let api_fd = self.api.as_ref().map(|a| a.evt.as_raw_fd());
+        if Some(events.fd()) == api_fd {
+            let had_input = self.serial_input.is_some();
+            self.serve_api();
+            // A start through the API brings a console to watch.
+            if !had_input {
+                if let Some(input) = self.serial_input.as_mut() {
+                    input.init(ops);
+                }
+            }
+            return;
+        }
+        if let Some(input) = self.serial_input.as_mut() {
+            input.process(events, ops);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Some(api) = &self.api {
+            if let Err(e) = ops.add(Events::new(&api.evt, EventSet::IN)) {
+                log::error!("cannot watch the API event: {e:?}");
+            }
+        }
+        if let Some(input) = self.serial_input.as_mut() {
+            input.init(ops);
+        }
+    }
+}
