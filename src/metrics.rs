@@ -164,9 +164,13 @@ pub static METRICS: Metrics = Metrics {
 
 impl Serialize for Metrics {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("Metrics", 9)?;
+        let api = &crate::api::metrics::API_METRICS;
+        let mut st = s.serialize_struct("Metrics", 12)?;
         st.serialize_field("utc_timestamp_ms", &crate::time::utc_ms())?;
         st.serialize_field("api_server", &self.api_server)?;
+        st.serialize_field("get_api_requests", &api.get_api_requests)?;
+        st.serialize_field("put_api_requests", &api.put_api_requests)?;
+        st.serialize_field("patch_api_requests", &api.patch_api_requests)?;
         st.serialize_field("i8042", &self.i8042)?;
         st.serialize_field("latencies_us", &self.latencies_us)?;
         st.serialize_field("seccomp", &self.seccomp)?;

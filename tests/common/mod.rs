@@ -172,3 +172,237 @@ pub fn fnv1a64(data: &[u8]) -> u64 {
     }
     h
 }
+
+/// A running `ember` serving its API on a socket in its own temp dir; killed when dropped.
+pub struct ApiVm {
+    pub dir: TempDir,
+    pub sock: PathBuf,
+    pub child: Option<Child>,
+    pub lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ApiVm {
+    pub fn start(extra: &[&str]) -> ApiVm {
+        let dir = TempDir::new("api");
+        let sock = dir.path("api.sock");
+        let mut args = vec!["--api-sock", sock.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let mut child = spawn(&args);
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                sink.lock().unwrap().push(l);
+            }
+        });
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            if let Ok(Some(s)) = child.try_wait() {
+                panic!("ember exited before serving its API: {s}");
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "API socket never came up"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        ApiVm {
+            dir,
+            sock,
+            child: Some(child),
+            lines,
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(&self.sock)
+    }
+
+    pub fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits (hang guard only) until a console or log line contains `needle`.
+    pub fn wait_for(&self, needle: &str) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return l.clone();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{needle:?} never appeared:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// The highest `tick N` the ticks scenario printed so far.
+    pub fn last_tick(&self) -> u64 {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Waits for the process to end by itself.
+    pub fn wait_exit(&mut self) -> i32 {
+        let mut c = self.child.take().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s.code().unwrap_or(-1);
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "ember did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Sends SIGTERM and returns the exit code.
+    pub fn terminate(&mut self) -> i32 {
+        let pid = self.child.as_ref().unwrap().id() as i32;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        self.wait_exit()
+    }
+}
+
+impl Drop for ApiVm {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A keep-alive HTTP/1.1 client on the API socket.
+pub struct Client {
+    pub stream: std::os::unix::net::UnixStream,
+}
+
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Response {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+    pub fn fault(&self) -> String {
+        self.json()["fault_message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Client {
+        let stream = std::os::unix::net::UnixStream::connect(path).expect("connect to the API");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        Client { stream }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    pub fn request(&mut self, method: &str, path: &str, body: Option<&str>) -> Response {
+        let req = match body {
+            Some(b) => format!(
+                "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+                b.len()
+            ),
+            None => format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+        };
+        self.send_raw(req.as_bytes());
+        self.read_response().expect("no response")
+    }
+
+    /// Reads one response; None when the server closed the connection.
+    pub fn read_response(&mut self) -> Option<Response> {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match self.stream.read(&mut b) {
+                Ok(1) => head.push(b[0]),
+                _ => return None,
+            }
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        let status = head.split_whitespace().nth(1)?.parse().ok()?;
+        let len = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        self.stream.read_exact(&mut body).ok()?;
+        Some(Response {
+            status,
+            body: String::from_utf8_lossy(&body).to_string(),
+        })
+    }
+
+    pub fn get(&mut self, path: &str) -> Response {
+        self.request("GET", path, None)
+    }
+    pub fn put(&mut self, path: &str, body: &str) -> Response {
+        self.request("PUT", path, Some(body))
+    }
+    pub fn patch(&mut self, path: &str, body: &str) -> Response {
+        self.request("PATCH", path, Some(body))
+    }
+}
+
+/// Configures the test guest through the API and starts it.
+pub fn api_boot(c: &mut Client, boot_args: &str, vcpus: u8) {
+    let r = c.put(
+        "/boot-source",
+        &format!(r#"{{"kernel_image_path":"{GUEST}","boot_args":"{boot_args}"}}"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = c.put(
+        "/machine-config",
+        &format!(r#"{{"vcpu_count":{vcpus},"mem_size_mib":128}}"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = c.put("/actions", r#"{"action_type":"InstanceStart"}"#);
+    assert_eq!(r.status, 204, "{}", r.body);
+}
+
+impl Client {
+    pub fn connect_opt(path: &Path) -> Option<Client> {
+        std::os::unix::net::UnixStream::connect(path)
+            .ok()
+            .map(|stream| Client { stream })
+    }
+}

@@ -1,0 +1,390 @@
+//! The REST API over the real socket, driving the real `ember` and the test guest.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn boot_driven_entirely_through_the_api() {
+    if !require_kvm() {
+        return;
+    }
+    let mut vm = ApiVm::start(&["--boot-timer"]);
+    let mut c = vm.client();
+    let info = c.get("/").json();
+    assert_eq!(info["state"], "Not started");
+    assert_eq!(info["id"], "anonymous-instance");
+    api_boot(&mut c, "hello", 2);
+    assert_eq!(vm.wait_exit(), 0);
+    let out = vm.output();
+    assert!(out.contains("vCPUs: 2"), "{out}");
+    assert!(out.contains("ember-guest: done"), "{out}");
+    assert!(out.contains("Guest-boot-time ="), "{out}");
+}
+
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    if !require_kvm() {
+        return;
+    }
+    let mut vm = ApiVm::start(&["--boot-timer"]);
+    let mut c = vm.client();
+    api_boot(&mut c, "ticks", 2);
+    vm.wait_for("tick 3");
+    assert_eq!(c.patch("/vm", r#"{"state":"Paused"}"#).status, 204);
+    assert_eq!(c.get("/").json()["state"], "Paused");
+    let paused_at = vm.last_tick();
+    // Ticks come every 10 ms of guest time: 300 ms paused would show ~30 more.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(vm.last_tick(), paused_at, "the guest ran while paused");
+    assert_eq!(c.patch("/vm", r#"{"state":"Resumed"}"#).status, 204);
+    assert_eq!(c.get("/").json()["state"], "Running");
+    vm.wait_for(&format!("tick {}", paused_at + 3));
+    // Pausing twice and resuming twice is harmless.
+    assert_eq!(c.patch("/vm", r#"{"state":"Paused"}"#).status, 204);
+    assert_eq!(c.patch("/vm", r#"{"state":"Paused"}"#).status, 204);
+    assert_eq!(c.patch("/vm", r#"{"state":"Resumed"}"#).status, 204);
+    assert_eq!(c.patch("/vm", r#"{"state":"Resumed"}"#).status, 204);
+    assert_eq!(vm.terminate(), 0, "SIGTERM is a clean stop");
+}
+
+#[test]
+fn endpoints_before_start() {
+    let vm = ApiVm::start(&[]);
+    let mut c = vm.client();
+    let v = c.get("/version");
+    assert_eq!(v.status, 200);
+    assert!(v.json()["firecracker_version"].is_string());
+
+    let m = c.get("/machine-config").json();
+    assert_eq!(m["vcpu_count"], 1);
+    assert_eq!(m["mem_size_mib"], 128);
+    assert_eq!(m["smt"], false);
+
+    // PUT: required fields, validation, and fields left out go back to defaults.
+    let r = c.put("/machine-config", r#"{"vcpu_count":2}"#);
+    assert_eq!(r.status, 400);
+    assert!(r.fault().contains("mem_size_mib"), "{}", r.body);
+    let r = c.put("/machine-config", r#"{"vcpu_count":0,"mem_size_mib":128}"#);
+    assert_eq!(r.status, 400);
+    let r = c.put(
+        "/machine-config",
+        r#"{"vcpu_count":3,"mem_size_mib":64,"smt":true}"#,
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.fault().contains("SMT"), "{}", r.body);
+    assert_eq!(
+        c.put(
+            "/machine-config",
+            r#"{"vcpu_count":2,"mem_size_mib":256,"smt":true}"#
+        )
+        .status,
+        204
+    );
+    assert_eq!(
+        c.put("/machine-config", r#"{"vcpu_count":2,"mem_size_mib":256}"#)
+            .status,
+        204
+    );
+    assert_eq!(c.get("/machine-config").json()["smt"], false);
+    assert_eq!(
+        c.patch("/machine-config", r#"{"mem_size_mib":512}"#).status,
+        204
+    );
+    let m = c.get("/machine-config").json();
+    assert_eq!(
+        (m["vcpu_count"].as_u64(), m["mem_size_mib"].as_u64()),
+        (Some(2), Some(512))
+    );
+
+    // CPU template: a CPUID mask.
+    let tpl = r#"{"cpuid_modifiers":[{"leaf":"0x1","subleaf":"0x0","flags":0,
+        "modifiers":[{"register":"ecx","bitmap":"0bxxxxxxxxxxxxxxxxxxxxxxxxxxx0xxxx"}]}]}"#;
+    assert_eq!(c.put("/cpu-config", tpl).status, 204);
+    let r = c.put(
+        "/cpu-config",
+        r#"{"cpuid_modifiers":[{"leaf":"0x1","subleaf":"0x0","flags":0,"modifiers":[{"register":"exx","bitmap":"0b1"}]}]}"#,
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.fault().contains("exx"), "{}", r.body);
+
+    // Boot source: files are checked when set.
+    let r = c.put(
+        "/boot-source",
+        r#"{"kernel_image_path":"/nonexistent/kernel"}"#,
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.fault().contains("/nonexistent/kernel"), "{}", r.body);
+
+    // Phase rules.
+    for (m, p, b) in [
+        ("PUT", "/actions", r#"{"action_type":"SendCtrlAltDel"}"#),
+        ("PATCH", "/vm", r#"{"state":"Paused"}"#),
+    ] {
+        let r = c.request(m, p, Some(b));
+        assert_eq!(r.status, 400, "{m} {p}");
+        assert_eq!(
+            r.fault(),
+            "The requested operation is not supported before starting the microVM."
+        );
+    }
+    let r = c.put("/actions", r#"{"action_type":"InstanceStart"}"#);
+    assert_eq!(r.status, 400, "start without a boot source");
+
+    // Metrics and logger: once each.
+    assert_eq!(
+        c.put("/actions", r#"{"action_type":"FlushMetrics"}"#)
+            .status,
+        400
+    );
+    let metrics = vm.dir.path("metrics.json");
+    let body = format!(r#"{{"metrics_path":"{}"}}"#, metrics.display());
+    assert_eq!(c.put("/metrics", &body).status, 204);
+    assert_eq!(c.put("/metrics", &body).status, 400);
+    assert_eq!(
+        c.put("/actions", r#"{"action_type":"FlushMetrics"}"#)
+            .status,
+        204
+    );
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    for key in [
+        "utc_timestamp_ms",
+        "api_server",
+        "get_api_requests",
+        "put_api_requests",
+        "patch_api_requests",
+        "latencies_us",
+        "seccomp",
+        "signals",
+        "vcpu",
+        "uart",
+        "i8042",
+    ] {
+        assert!(last.get(key).is_some(), "metrics lack {key}: {last}");
+    }
+    assert!(
+        last["put_api_requests"]["machine_cfg_count"]
+            .as_u64()
+            .unwrap()
+            >= 4
+    );
+    assert!(
+        last["put_api_requests"]["machine_cfg_fails"]
+            .as_u64()
+            .unwrap()
+            >= 3
+    );
+    let log = vm.dir.path("ember.log");
+    let body = format!(
+        r#"{{"log_path":"{}","level":"debug","show_level":true}}"#,
+        log.display()
+    );
+    assert_eq!(c.put("/logger", &body).status, 204);
+    assert_eq!(c.put("/logger", &body).status, 400);
+    assert_eq!(c.get("/").status, 200);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains(":DEBUG]") || logged.contains(":INFO]"),
+        "{logged}"
+    );
+
+    // Features ember lacks answer 400 and say so.
+    let r = c.put(
+        "/drives/rootfs",
+        r#"{"drive_id":"rootfs","is_root_device":true,"path_on_host":"/tmp/x"}"#,
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.fault().contains("not supported"), "{}", r.body);
+    let r = c.put("/vsock", r#"{"guest_cid":3,"uds_path":"/tmp/v.sock"}"#);
+    assert_eq!(r.status, 400);
+
+    // /vm/config shows what was configured.
+    let cfg = c.get("/vm/config").json();
+    assert_eq!(cfg["machine-config"]["mem_size_mib"], 512);
+    assert!(cfg["cpu-config"].is_object());
+    assert_eq!(cfg["drives"], serde_json::json!([]));
+}
+
+#[test]
+fn malformed_requests_get_4xx_and_the_vm_keeps_running() {
+    if !require_kvm() {
+        return;
+    }
+    let vm = ApiVm::start(&["--boot-timer"]);
+    let mut c = vm.client();
+    api_boot(&mut c, "ticks", 1);
+    vm.wait_for("tick 2");
+
+    let cases: &[(&str, &str, Option<&str>, &str)] = &[
+        ("GET", "/nope", None, "Invalid request method and/or path"),
+        (
+            "DELETE",
+            "/machine-config",
+            None,
+            "Invalid request method and/or path",
+        ),
+        ("GET", "/", Some("{}"), "body"),
+        ("PUT", "/machine-config", None, "Empty"),
+        ("PUT", "/machine-config", Some("{not json"), "deserializing"),
+        (
+            "PUT",
+            "/boot-source",
+            Some(r#"{"kernel_image_path":"/x","bogus":1}"#),
+            "bogus",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count":"two","mem_size_mib":1}"#),
+            "invalid type",
+        ),
+        (
+            "PUT",
+            "/drives/a",
+            Some(r#"{"drive_id":"b","is_root_device":false}"#),
+            "does not match",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count":1,"mem_size_mib":64}"#),
+            "after starting",
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type":"InstanceStart"}"#),
+            "after starting",
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type":"Explode"}"#),
+            "deserializing",
+        ),
+    ];
+    for (m, p, b, why) in cases {
+        let r = c.request(m, p, *b);
+        assert_eq!(r.status, 400, "{m} {p}: {}", r.body);
+        assert!(r.fault().contains(why), "{m} {p}: {}", r.body);
+    }
+
+    // A bad request line and a huge header close the connection with a 400.
+    let mut bad = vm.client();
+    bad.send_raw(b"THIS IS NOT HTTP\r\n\r\n");
+    assert_eq!(bad.read_response().map(|r| r.status), Some(400));
+    let mut huge = vm.client();
+    let header = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
+    huge.send_raw(header.as_bytes());
+    let r = huge.read_response();
+    assert!(r.is_none() || r.unwrap().status == 400);
+    // A body over the payload limit.
+    let mut big = vm.client();
+    let body = format!(r#"{{"kernel_image_path":"{}"}}"#, "x".repeat(60_000));
+    let r = big.request("PUT", "/boot-source", Some(&body));
+    assert_eq!(r.status, 400);
+    assert!(r.fault().contains("larger than the limit"), "{}", r.body);
+    // A client that sends half a request and stalls, and one that disconnects mid-request,
+    // do not stop a third client.
+    let mut stalled = vm.client();
+    stalled.send_raw(b"PUT /machine-config HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"vcpu");
+    {
+        let mut gone = vm.client();
+        gone.send_raw(b"PUT /actions HTTP/1.1\r\nContent-Len");
+    }
+    let mut fine = vm.client();
+    assert_eq!(fine.get("/").json()["state"], "Running");
+    // The guest still runs and the first connection still works (keep-alive).
+    let t = vm.last_tick();
+    vm.wait_for(&format!("tick {}", t + 2));
+    assert_eq!(c.get("/").status, 200);
+    drop(stalled);
+}
+
+#[test]
+fn several_clients_at_once() {
+    let vm = ApiVm::start(&[]);
+    let sock = vm.sock.clone();
+    let handles: Vec<_> = (0..6)
+        .map(|i| {
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&sock);
+                for j in 0..25 {
+                    if (i + j) % 2 == 0 {
+                        assert_eq!(c.get("/").status, 200);
+                    } else {
+                        let r = c.patch(
+                            "/machine-config",
+                            &format!(r#"{{"mem_size_mib":{}}}"#, 128 + j),
+                        );
+                        assert_eq!(r.status, 204);
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    // Pipelined requests on one connection are answered in order.
+    let mut c = vm.client();
+    c.send_raw(
+        b"GET /version HTTP/1.1\r\n\r\nGET /machine-config HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+    );
+    let a = c.read_response().unwrap();
+    let b = c.read_response().unwrap();
+    let d = c.read_response().unwrap();
+    assert!(a.json().get("firecracker_version").is_some());
+    assert!(b.json().get("vcpu_count").is_some());
+    assert!(d.json().get("state").is_some());
+}
+
+#[test]
+fn stale_socket_is_replaced_and_a_live_one_refused() {
+    let dir = TempDir::new("sock");
+    let sock = dir.path("api.sock");
+    // A socket file left by a dead process.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let mut first = spawn(&["--api-sock", sock.to_str().unwrap()]);
+    let start = Instant::now();
+    while Client::connect_opt(&sock).is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "first ember never served"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let second = run(&["--api-sock", sock.to_str().unwrap()]);
+    assert_ne!(second.code(), 0);
+    second.expect(sock.to_str().unwrap());
+    // The first is unaffected.
+    assert_eq!(Client::connect(&sock).get("/").status, 200);
+    let _ = first.kill();
+    let _ = first.wait();
+}
+
+#[test]
+fn config_file_boot_keeps_serving_the_api() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("cfgapi");
+    let cfg = dir.write(
+        "vm.json",
+        serde_json::to_vec(&guest_config("ticks", 1, 128)).unwrap(),
+    );
+    let mut vm = ApiVm::start(&["--config-file", cfg.to_str().unwrap()]);
+    vm.wait_for("tick 1");
+    let mut c = vm.client();
+    assert_eq!(c.get("/").json()["state"], "Running");
+    assert_eq!(
+        c.get("/vm/config").json()["boot-source"]["boot_args"],
+        "ticks"
+    );
+    assert_eq!(vm.terminate(), 0);
+}
