@@ -13,6 +13,39 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
+    build_guest();
+    compile_seccomp();
+}
+
+/// Compiles the JSON seccomp policy into BPF for each thread kind and writes them to
+/// `$OUT_DIR/seccomp.bin` as `[u32 instruction count, instructions (8 bytes each)]` for the
+/// `vmm`, `api` and `vcpu` threads in that order; the binary embeds that file.
+fn compile_seccomp() {
+    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
+    let policy = manifest.join("resources/seccomp/x86_64-unknown-linux-gnu.json");
+    println!("cargo:rerun-if-changed={}", policy.display());
+    let file = std::fs::File::open(&policy)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", policy.display()));
+    let map = seccompiler::compile_from_json(file, seccompiler::TargetArch::x86_64)
+        .unwrap_or_else(|e| panic!("invalid seccomp policy {}: {e}", policy.display()));
+    let mut blob = Vec::new();
+    for thread in ["vmm", "api", "vcpu"] {
+        let prog = map
+            .get(thread)
+            .unwrap_or_else(|| panic!("the seccomp policy has no {thread:?} filter"));
+        blob.extend_from_slice(&(prog.len() as u32).to_le_bytes());
+        for insn in prog {
+            blob.extend_from_slice(&insn.code.to_le_bytes());
+            blob.push(insn.jt);
+            blob.push(insn.jf);
+            blob.extend_from_slice(&insn.k.to_le_bytes());
+        }
+    }
+    std::fs::write(out_dir.join("seccomp.bin"), blob).expect("write seccomp.bin");
+}
+
+fn build_guest() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
     let guest = manifest.join("resources/guest");

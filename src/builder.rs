@@ -15,6 +15,7 @@ use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_SIZE};
 use crate::devices::legacy::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_GSI, COM1_SIZE};
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::{Bus, BusDevice};
+use crate::seccomp::Filters;
 use crate::time::Timestamp;
 use crate::vstate::vcpu::{ExitSignal, ResetLine, Vcpu, VcpuContext, VcpuControl, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
@@ -92,6 +93,7 @@ pub fn build_microvm(
     start: Timestamp,
     serial_out: SerialOut,
     exit: Arc<ExitSignal>,
+    seccomp: &Filters,
 ) -> Result<Microvm, StartError> {
     let mc = &cfg.machine_config;
     mc.validate().map_err(StartError::Config)?;
@@ -200,6 +202,7 @@ pub fn build_microvm(
         memory: mem.clone(),
         exit,
         control: control.clone(),
+        seccomp: seccomp.clone(),
     });
     let mut handles = Vec::with_capacity(vcpus.len());
     for v in vcpus {

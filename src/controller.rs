@@ -18,6 +18,7 @@ use crate::config::VmConfig;
 use crate::devices::bus::lock;
 use crate::devices::legacy::serial::SerialOut;
 use crate::metrics::METRICS;
+use crate::seccomp::Filters;
 use crate::time::Timestamp;
 use crate::vmm::SerialInput;
 use crate::vstate::vcpu::{self, ExitSignal};
@@ -46,10 +47,16 @@ pub struct Controller {
     exit: Arc<ExitSignal>,
     api: Option<ApiLink>,
     serial_input: Option<SerialInput>,
+    seccomp: Filters,
 }
 
 impl Controller {
-    pub fn new(instance_id: &str, config: VmConfig, exit: Arc<ExitSignal>) -> Controller {
+    pub fn new(
+        instance_id: &str,
+        config: VmConfig,
+        exit: Arc<ExitSignal>,
+        seccomp: Filters,
+    ) -> Controller {
         Controller {
             instance_id: instance_id.to_string(),
             config,
@@ -59,6 +66,7 @@ impl Controller {
             exit,
             api: None,
             serial_input: None,
+            seccomp,
         }
     }
 
@@ -75,7 +83,14 @@ impl Controller {
     /// the boot timer counts from.
     pub fn start(&mut self, kernel: KernelImage, start: Timestamp) -> Result<(), StartError> {
         let out = self.serial_out()?;
-        let vm = build_microvm(&self.config, kernel, start, out, self.exit.clone())?;
+        let vm = build_microvm(
+            &self.config,
+            kernel,
+            start,
+            out,
+            self.exit.clone(),
+            &self.seccomp,
+        )?;
         let ready = vm
             .serial_buffer_ready
             .try_clone()

@@ -13,6 +13,7 @@ pub mod controller;
 pub mod devices;
 pub mod logger;
 pub mod metrics;
+pub mod seccomp;
 pub mod signal;
 pub mod time;
 pub mod vmm;

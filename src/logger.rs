@@ -5,7 +5,8 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -27,6 +28,10 @@ pub struct Logger {
 }
 
 static LOGGER: OnceLock<Logger> = OnceLock::new();
+
+/// The log destination as a raw fd, for the signal-safe path.
+static LOG_FD: AtomicI32 = AtomicI32::new(1);
+static INSTANCE_ID: Mutex<[u8; 64]> = Mutex::new([0; 64]);
 
 #[derive(Debug)]
 pub enum LoggerError {
@@ -62,6 +67,10 @@ fn logger() -> &'static Logger {
 pub fn init(instance_id: &str, level: LevelFilter) {
     let l = logger();
     l.lock().instance_id = instance_id.to_string();
+    if let Ok(mut id) = INSTANCE_ID.lock() {
+        let n = instance_id.len().min(id.len());
+        id[..n].copy_from_slice(&instance_id.as_bytes()[..n]);
+    }
     // A second init (tests) keeps the first logger; only the level changes.
     let _ = log::set_logger(l);
     log::set_max_level(level);
@@ -87,8 +96,9 @@ pub fn configure(cfg: &LoggerConfig) -> Result<(), LoggerError> {
         None => None,
     };
     let mut st = l.lock();
-    if file.is_some() {
-        st.file = file;
+    if let Some(f) = file {
+        LOG_FD.store(f.as_raw_fd(), Ordering::SeqCst);
+        st.file = Some(f);
     }
     if let Some(v) = cfg.show_level {
         st.show_level = v;
@@ -262,5 +272,137 @@ mod tests {
         let t = local_timestamp();
         assert_eq!(t.len(), 29, "{t}");
         assert_eq!(&t[10..11], "T");
+    }
+}
+
+/// A fixed buffer for text built where allocating is not allowed (signal handlers).
+pub struct StackBuf<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> StackBuf<N> {
+    pub const fn new() -> Self {
+        StackBuf {
+            buf: [0; N],
+            len: 0,
+        }
+    }
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl<const N: usize> Default for StackBuf<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> std::fmt::Write for StackBuf<N> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let b = s.as_bytes();
+        let n = b.len().min(N - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&b[..n]);
+        self.len += n;
+        if n < b.len() {
+            Err(std::fmt::Error)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl<const N: usize> std::io::Write for StackBuf<N> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = b.len().min(N - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&b[..n]);
+        self.len += n;
+        if n < b.len() {
+            return Err(std::io::Error::other("stack buffer full"));
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// UTC civil time from Unix seconds (no locks, unlike localtime_r).
+fn utc_parts(secs: i64) -> (i64, u32, u32, u32, u32, u32) {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (
+        y,
+        m,
+        d,
+        (rem / 3600) as u32,
+        (rem % 3600 / 60) as u32,
+        (rem % 60) as u32,
+    )
+}
+
+/// Logs `msg` from a signal handler: no allocation and no locks that the interrupted code
+/// could hold; one write(2) to the log destination.
+pub fn emergency(thread: &str, msg: std::fmt::Arguments) {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the struct we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    let (y, mo, d, h, mi, se) = utc_parts(ts.tv_sec);
+    let mut id = [0u8; 64];
+    if let Ok(g) = INSTANCE_ID.try_lock() {
+        id = *g;
+    }
+    let id_len = id.iter().position(|&b| b == 0).unwrap_or(id.len());
+    let id = std::str::from_utf8(&id[..id_len]).unwrap_or("?");
+    let mut line = StackBuf::<512>::new();
+    let _ = std::fmt::Write::write_fmt(
+        &mut line,
+        format_args!(
+            "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{se:02}.{:09}Z [{id}:{thread}:ERROR] {msg}\n",
+            ts.tv_nsec
+        ),
+    );
+    let b = line.as_bytes();
+    // SAFETY: write(2) of a buffer on this stack to a file descriptor we own.
+    unsafe {
+        libc::write(
+            LOG_FD.load(Ordering::SeqCst),
+            b.as_ptr() as *const libc::c_void,
+            b.len(),
+        )
+    };
+}
+
+#[cfg(test)]
+mod emergency_tests {
+    use super::*;
+
+    #[test]
+    fn utc_conversion() {
+        assert_eq!(utc_parts(0), (1970, 1, 1, 0, 0, 0));
+        // 2026-11-23T01:54:07Z
+        assert_eq!(utc_parts(1_795_398_847), (2026, 11, 23, 1, 54, 7));
+        assert_eq!(utc_parts(951_782_400), (2000, 2, 29, 0, 0, 0));
+    }
+
+    #[test]
+    fn stack_buffer_truncates() {
+        let mut b = StackBuf::<4>::new();
+        assert!(std::fmt::Write::write_str(&mut b, "hello").is_err());
+        assert_eq!(b.as_bytes(), b"hell");
     }
 }

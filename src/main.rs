@@ -13,6 +13,7 @@ use ember::api::ApiServer;
 use ember::builder::{KernelImage, StartError, BUILTIN_GUEST};
 use ember::config::{BootSourceConfig, LogLevel, LoggerConfig, MachineConfig, VmConfig};
 use ember::controller::{ApiLink, Controller};
+use ember::seccomp::{Filters, ThreadKind};
 use ember::time::Timestamp;
 use ember::vmm::{self, StopWatcher};
 use ember::vstate::vcpu::{exit_code, ExitSignal};
@@ -323,11 +324,29 @@ fn main() {
         },
     };
 
-    let mut controller = Controller::new(&args.id, cfg, exit.clone());
+    let filters = if args.no_seccomp {
+        Filters::none()
+    } else if let Some(p) = &args.seccomp_filter {
+        Filters::from_json_file(p).unwrap_or_else(|e| fail(exit_code::BAD_CONFIGURATION, e))
+    } else {
+        Filters::builtin().unwrap_or_else(|e| fail(exit_code::GENERIC_ERROR, e))
+    };
+    if let Err(e) = ember::seccomp::install_sigsys_handler() {
+        fail(
+            exit_code::GENERIC_ERROR,
+            format!("cannot install the SIGSYS handler: {e}"),
+        );
+    }
+    let mut controller = Controller::new(&args.id, cfg, exit.clone(), filters.clone());
     let api_sock = (!args.no_api && !is_run).then(|| PathBuf::from(&args.api_sock));
     if let Some(path) = &api_sock {
+        let api_filters = filters.clone();
         let server = match ApiServer::bind(path) {
-            Ok(s) => s,
+            Ok(s) => s.with_thread_init(move || {
+                if let Err(e) = api_filters.apply(ThreadKind::Api) {
+                    fail(exit_code::GENERIC_ERROR, e);
+                }
+            }),
             Err(e) => fail(
                 exit_code::GENERIC_ERROR,
                 format!("cannot serve the API on {}: {e}", path.display()),
@@ -381,6 +400,10 @@ fn main() {
         Err(e) => fail(exit_code::GENERIC_ERROR, e),
     }
     let controller = Arc::new(Mutex::new(controller));
+    // From here the VMM thread serves clients and the guest's console.
+    if let Err(e) = filters.apply(ThreadKind::Vmm) {
+        fail(exit_code::GENERIC_ERROR, e);
+    }
     em.add_subscriber(controller.clone() as vmm::Subscriber);
 
     let code = vmm::run_until_stopped(&mut em, &exit);

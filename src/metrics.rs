@@ -238,13 +238,23 @@ pub fn flush() {
     }
 }
 
-/// For signal handlers: flushes only if nobody holds the lock (never block in a handler).
+/// For signal handlers: flushes only if nobody holds the lock (never block in a handler), and
+/// serialises into a stack buffer (never allocate in a handler).
 pub fn try_flush() {
-    if let Ok(mut sink) = SINK.try_lock() {
-        if let Some(f) = sink.as_mut() {
-            if let Ok(mut line) = serde_json::to_vec(&METRICS) {
-                line.push(b'\n');
-                let _ = f.write_all(&line);
+    if let Ok(sink) = SINK.try_lock() {
+        if let Some(f) = sink.as_ref() {
+            let mut line = crate::logger::StackBuf::<8192>::new();
+            if serde_json::to_writer(&mut line, &METRICS).is_ok() {
+                let _ = std::io::Write::write(&mut line, b"\n");
+                let b = line.as_bytes();
+                // SAFETY: write(2) of a stack buffer to the metrics file we own.
+                unsafe {
+                    libc::write(
+                        std::os::fd::AsRawFd::as_raw_fd(f),
+                        b.as_ptr() as *const libc::c_void,
+                        b.len(),
+                    )
+                };
             }
         }
     }

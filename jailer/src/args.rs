@@ -123,14 +123,23 @@ impl Config {
             Err(e) => return Err(ArgsError::ExecFile(exec.clone(), e.to_string())),
         }
         // The base and every jail directory below it must be directories where they exist.
-        for dir in [
-            self.base_dir.clone(),
+        // Below the base, symbolic links are refused: the jailer, as root, would follow them
+        // out of the jail when it copies and changes owners.
+        let below_base = [
             self.base_dir.join(&self.exec_name),
             self.jail_dir(),
             self.root_dir(),
-        ] {
-            match std::fs::metadata(&dir) {
+            self.root_dir().join("run"),
+        ];
+        for dir in std::iter::once(self.base_dir.clone()).chain(below_base.iter().cloned()) {
+            let meta = if dir == self.base_dir {
+                std::fs::metadata(&dir)
+            } else {
+                std::fs::symlink_metadata(&dir)
+            };
+            match meta {
                 Ok(m) if m.is_dir() => {}
+                Ok(m) if m.file_type().is_symlink() => return Err(ArgsError::Symlink(dir)),
                 Ok(_) => return Err(ArgsError::NotADirectory(dir)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                 Err(e) => return Err(ArgsError::Inaccessible(dir, e.to_string())),
@@ -162,13 +171,23 @@ pub enum ArgsError {
     ExecName(PathBuf),
     BaseDir(String),
     NotADirectory(PathBuf),
+    Symlink(PathBuf),
     Inaccessible(PathBuf, String),
-    AlreadyJailed { id: String, path: PathBuf },
+    AlreadyJailed {
+        id: String,
+        path: PathBuf,
+    },
     Netns(PathBuf, String),
-    Cgroup { arg: String, reason: String },
+    Cgroup {
+        arg: String,
+        reason: String,
+    },
     CgroupVersion(String),
     ParentCgroup(String),
-    ResourceLimit { arg: String, reason: String },
+    ResourceLimit {
+        arg: String,
+        reason: String,
+    },
 }
 
 impl fmt::Display for ArgsError {
@@ -187,7 +206,12 @@ impl fmt::Display for ArgsError {
             ArgsError::BaseDir(why) => write!(f, "invalid --chroot-base-dir: {why}"),
             ArgsError::NotADirectory(p) => write!(
                 f,
-                "invalid --chroot-base-dir: {p:?} exists and is not a directory"
+                "invalid --chroot-base-dir: {p:?} exists and is not a directory (the base and \
+                 the jail below it must be directories)"
+            ),
+            ArgsError::Symlink(p) => write!(
+                f,
+                "{p:?} is a symbolic link: the jail's directories must be real directories"
             ),
             ArgsError::Inaccessible(p, why) => write!(f, "cannot inspect {p:?}: {why}"),
             ArgsError::AlreadyJailed { id, path } => write!(
@@ -344,7 +368,11 @@ fn parse_rlimit(arg: &str) -> Result<(Resource, u64), String> {
     let res = match name {
         "fsize" => Resource::Fsize,
         "no-file" => Resource::NoFile,
-        _ => return Err(format!("unknown resource {name:?}; expected fsize or no-file")),
+        _ => {
+            return Err(format!(
+                "unknown resource {name:?}; expected fsize or no-file"
+            ))
+        }
     };
     let n: u64 = value
         .parse()
@@ -416,7 +444,13 @@ mod tests {
 
     #[test]
     fn resource_limits() {
-        let c = config(&["--resource-limit", "fsize=10", "--resource-limit", "no-file=5"]).unwrap();
+        let c = config(&[
+            "--resource-limit",
+            "fsize=10",
+            "--resource-limit",
+            "no-file=5",
+        ])
+        .unwrap();
         assert_eq!(
             c.rlimits,
             vec![(Resource::Fsize, 10), (Resource::NoFile, 5)]
@@ -451,7 +485,14 @@ mod tests {
         assert_eq!(c.cgroup_version, CgroupVersion::V2);
         assert_eq!(c.cgroups.len(), 2);
         assert_eq!(c.cgroups[1].value, "max 100000");
-        for bad in ["cpu/shares=1", "../x.y=1", "cpu=1", "cpu.shares", ".x=1", "cpu.=1"] {
+        for bad in [
+            "cpu/shares=1",
+            "../x.y=1",
+            "cpu=1",
+            "cpu.shares",
+            ".x=1",
+            "cpu.=1",
+        ] {
             let e = config(&["--cgroup", bad]).unwrap_err();
             assert!(matches!(e, ArgsError::Cgroup { .. }), "{bad}: {e}");
         }

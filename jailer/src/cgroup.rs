@@ -29,6 +29,11 @@ impl CgroupSetting {
         let Some((file, value)) = arg.split_once('=') else {
             return Err("expected FILE=VALUE, e.g. cpu.shares=512".into());
         };
+        if file.contains("..") || file.contains('/') {
+            return Err(format!(
+                "the file {file:?} must be a plain file name (no '/' or '..')"
+            ));
+        }
         let Some((controller, property)) = file.split_once('.') else {
             return Err(format!(
                 "the file {file:?} is not of the form <controller>.<property>"
@@ -37,11 +42,6 @@ impl CgroupSetting {
         if controller.is_empty() || property.is_empty() {
             return Err(format!(
                 "the file {file:?} is not of the form <controller>.<property>"
-            ));
-        }
-        if file.contains("..") || file.contains('/') {
-            return Err(format!(
-                "the file {file:?} must be a plain file name (no '/' or '..')"
             ));
         }
         if !file
@@ -72,7 +72,10 @@ pub enum CgroupError {
     /// No cgroup2 mount at all.
     NoUnifiedMount,
     /// The v2 hierarchy does not offer this controller (it may be bound to v1).
-    Unavailable { controller: String, mount: PathBuf },
+    Unavailable {
+        controller: String,
+        mount: PathBuf,
+    },
     Read(PathBuf, io::Error),
     Create(PathBuf, io::Error),
     Write {
@@ -149,8 +152,7 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit)
-        {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
             let v = b[i + 1..i + 4]
                 .iter()
                 .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
@@ -201,7 +203,7 @@ pub fn plan(
             for s in settings {
                 let m = mounts
                     .iter()
-                    .find(|m| m.fstype == "cgroup" && m.options.iter().any(|o| *o == s.controller))
+                    .find(|m| m.fstype == "cgroup" && m.options.contains(&s.controller))
                     .ok_or_else(|| CgroupError::NotMounted(s.controller.clone()))?;
                 match targets.iter_mut().find(|t| t.mount == m.point) {
                     Some(t) => t.settings.push(s.clone()),
@@ -399,7 +401,10 @@ mod tests {
 
     #[test]
     fn levels_from_mount_to_leaf() {
-        let l = levels(Path::new("/sys/fs/cgroup/cpu"), Path::new("/sys/fs/cgroup/cpu/a/b"));
+        let l = levels(
+            Path::new("/sys/fs/cgroup/cpu"),
+            Path::new("/sys/fs/cgroup/cpu/a/b"),
+        );
         assert_eq!(
             l,
             vec![

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::fs::{self, OpenOptions, Permissions};
 use std::io;
-use std::os::unix::fs::{chown, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{lchown, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::sys;
@@ -80,8 +80,9 @@ fn create_dir_all(dir: &Path, created: &mut Created) -> Result<(), JailError> {
     Ok(())
 }
 
+/// Changes the owner of `path` itself (never of what a symbolic link points to).
 fn own(path: &Path, uid: u32, gid: u32) -> Result<(), JailError> {
-    chown(path, Some(uid), Some(gid)).map_err(|e| JailError::Chown(path.to_path_buf(), e))
+    lchown(path, Some(uid), Some(gid)).map_err(|e| JailError::Chown(path.to_path_buf(), e))
 }
 
 /// Copies (never links) `exec` to `<root>/<name>`, mode 0755, owned by uid:gid. The target

@@ -41,7 +41,10 @@ impl fmt::Display for ProcessError {
             ProcessError::DevNull(e) => write!(f, "cannot open /dev/null: {e}"),
             ProcessError::Daemonize(step, e) => write!(f, "cannot daemonize ({step}): {e}"),
             ProcessError::PidNs(step, e) => {
-                write!(f, "cannot start the VMM in a new PID namespace ({step}): {e}")
+                write!(
+                    f,
+                    "cannot start the VMM in a new PID namespace ({step}): {e}"
+                )
             }
             ProcessError::PidFile(p, e) => write!(f, "cannot write the pid file {p:?}: {e}"),
             ProcessError::Privileges { uid, gid, err } => {

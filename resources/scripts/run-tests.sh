@@ -28,4 +28,4 @@ rustup component add clippy rustfmt >/dev/null 2>&1 || true
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --workspace -- -D warnings
-cargo test --workspace
+cargo test --workspace --features seccomp-test

@@ -32,6 +32,8 @@ const LISTENER_TOKEN: u64 = u64::MAX;
 pub struct ApiServer {
     listener: UnixListener,
     path: PathBuf,
+    /// Runs first on the API thread, before it reads anything a client sends (seccomp).
+    thread_init: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// Asks whether something accepts connections on the socket at `path`, without blocking.
@@ -119,7 +121,14 @@ impl ApiServer {
         Ok(ApiServer {
             listener,
             path: path.to_path_buf(),
+            thread_init: None,
         })
+    }
+
+    /// `f` runs on the API thread before it serves anything.
+    pub fn with_thread_init(mut self, f: impl FnOnce() + Send + 'static) -> ApiServer {
+        self.thread_init = Some(Box::new(f));
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -136,6 +145,7 @@ impl ApiServer {
         vmm_evt: EventFd,
         from_vmm: Receiver<ApiResponse>,
     ) -> io::Result<JoinHandle<()>> {
+        let thread_init = self.thread_init;
         let epoll = Epoll::new()?;
         epoll.ctl(
             ControlOperation::Add,
@@ -159,7 +169,12 @@ impl ApiServer {
         };
         std::thread::Builder::new()
             .name("ember_api".into())
-            .spawn(move || server.run())
+            .spawn(move || {
+                if let Some(init) = thread_init {
+                    init();
+                }
+                server.run()
+            })
     }
 }
 

@@ -108,6 +108,7 @@ pub struct VcpuContext {
     pub memory: GuestMemoryMmap,
     pub exit: Arc<ExitSignal>,
     pub control: Arc<VcpuControl>,
+    pub seccomp: crate::seccomp::Filters,
 }
 
 pub struct Vcpu {
@@ -204,6 +205,12 @@ impl Vcpu {
     }
 
     fn run(mut self, ctx: &VcpuContext) {
+        // Before the first KVM_RUN: from here on the guest drives this thread.
+        if let Err(e) = ctx.seccomp.apply(crate::seccomp::ThreadKind::Vcpu) {
+            log::error!("vCPU {}: {e}", self.index);
+            ctx.exit.stop(exit_code::GENERIC_ERROR);
+            return;
+        }
         loop {
             let next = match self.fd.run() {
                 Ok(exit) => handle_exit(self.index, exit, ctx),
