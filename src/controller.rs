@@ -6,11 +6,13 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
+use std::time::Duration;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde_json::json;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::{ApiResponse, SerialConfig, VmmAction};
 use crate::builder::{build_microvm, KernelImage, Microvm, StartError};
@@ -48,7 +50,12 @@ pub struct Controller {
     api: Option<ApiLink>,
     serial_input: Option<SerialInput>,
     seccomp: Filters,
+    /// Drains coalesced console writes of a guest that stopped exiting.
+    drain_timer: Option<TimerFd>,
 }
+
+/// How long console output of a busy guest may sit in the coalesced ring.
+const DRAIN_PERIOD: Duration = Duration::from_millis(10);
 
 impl Controller {
     pub fn new(
@@ -67,6 +74,7 @@ impl Controller {
             api: None,
             serial_input: None,
             seccomp,
+            drain_timer: None,
         }
     }
 
@@ -96,6 +104,12 @@ impl Controller {
             .try_clone()
             .map_err(|e| StartError::Device(e.to_string()))?;
         self.serial_input = Some(SerialInput::new(vm.serial.clone(), ready));
+        if vm.vcpu_ctx.coalesced.is_some() {
+            let mut t = TimerFd::new().map_err(|e| StartError::Device(e.to_string()))?;
+            t.reset(DRAIN_PERIOD, Some(DRAIN_PERIOD))
+                .map_err(|e| StartError::Device(e.to_string()))?;
+            self.drain_timer = Some(t);
+        }
         self.vm = Some(vm);
         METRICS.latencies_us.vmm_start_us.store(start.elapsed_us());
         log::info!("Successfully started microvm");
@@ -313,14 +327,22 @@ impl MutEventSubscriber for Controller {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         METRICS.vmm.device_events.inc();
         let api_fd = self.api.as_ref().map(|a| a.evt.as_raw_fd());
+        let timer_fd = self.drain_timer.as_ref().map(|t| t.as_raw_fd());
+        if Some(events.fd()) == timer_fd {
+            if let Some(t) = self.drain_timer.as_mut() {
+                let _ = t.wait();
+            }
+            if let Some(vm) = &self.vm {
+                vm.vcpu_ctx.drain_coalesced();
+            }
+            return;
+        }
         if Some(events.fd()) == api_fd {
-            let had_input = self.serial_input.is_some();
+            let had_vm = self.vm.is_some();
             self.serve_api();
-            // A start through the API brings a console to watch.
-            if !had_input {
-                if let Some(input) = self.serial_input.as_mut() {
-                    input.init(ops);
-                }
+            // A start through the API brings a console and its drain timer to watch.
+            if !had_vm && self.vm.is_some() {
+                self.watch_vm(ops);
             }
             return;
         }
@@ -335,8 +357,19 @@ impl MutEventSubscriber for Controller {
                 log::error!("cannot watch the API event: {e:?}");
             }
         }
+        self.watch_vm(ops);
+    }
+}
+
+impl Controller {
+    fn watch_vm(&mut self, ops: &mut EventOps) {
         if let Some(input) = self.serial_input.as_mut() {
             input.init(ops);
+        }
+        if let Some(t) = &self.drain_timer {
+            if let Err(e) = ops.add(Events::new(t, EventSet::IN)) {
+                log::error!("cannot watch the console drain timer: {e:?}");
+            }
         }
     }
 }

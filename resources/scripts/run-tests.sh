@@ -28,4 +28,13 @@ rustup component add clippy rustfmt >/dev/null 2>&1 || true
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --workspace -- -D warnings
-cargo test --workspace --features seccomp-test
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --features seccomp-test 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "ember: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$status"

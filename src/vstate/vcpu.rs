@@ -109,6 +109,20 @@ pub struct VcpuContext {
     pub exit: Arc<ExitSignal>,
     pub control: Arc<VcpuControl>,
     pub seccomp: crate::seccomp::Filters,
+    /// COM1 writes queued by KVM instead of exiting, when the host supports it.
+    pub coalesced: Option<Arc<super::coalesced::CoalescedRing>>,
+}
+
+impl VcpuContext {
+    /// Hands queued port writes to their devices, in order.
+    pub fn drain_coalesced(&self) {
+        if let Some(ring) = &self.coalesced {
+            ring.drain(|addr, data, pio| {
+                let bus = if pio { &self.pio } else { &self.mmio };
+                bus.write(addr, data);
+            });
+        }
+    }
 }
 
 pub struct Vcpu {
@@ -212,7 +226,10 @@ impl Vcpu {
             return;
         }
         loop {
-            let next = match self.fd.run() {
+            let result = self.fd.run();
+            // Queued writes happened before this exit: the device sees them first.
+            ctx.drain_coalesced();
+            let next = match result {
                 Ok(exit) => handle_exit(self.index, exit, ctx),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
                 Err(e) => Next::Stop(self.fail(VcpuError::Run(e))),
@@ -221,12 +238,18 @@ impl Vcpu {
                 Next::Continue => {}
                 Next::Stop(code) => {
                     ctx.exit.stop(code);
-                    return;
+                    return park_forever();
                 }
             }
             if let Some(err) = self.take_failure(ctx) {
                 ctx.exit.stop(self.fail(err));
-                return;
+                return park_forever();
+            }
+            // The VM is stopping (this vCPU may have just asked for it through the i8042):
+            // don't re-enter the guest, so that exiting never waits for a vCPU to be kicked
+            // out of it.
+            if ctx.exit.code().is_some() {
+                return park_forever();
             }
             ctx.control.park_if_paused();
         }
@@ -276,6 +299,14 @@ impl Vcpu {
         METRICS.vcpu.failures.inc();
         log::error!("vCPU {} stopped the VM: {err}", self.index);
         exit_code::GENERIC_ERROR
+    }
+}
+
+/// A stopped vCPU waits for the process to end rather than tearing down its KVM state: the
+/// VMM thread is about to exit, and nothing here needs to be released first.
+fn park_forever() {
+    loop {
+        std::thread::park();
     }
 }
 

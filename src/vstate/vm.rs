@@ -87,32 +87,54 @@ impl Vm {
 /// Destroying a VM with an in-kernel irqchip and PIT takes the kernel some 20 ms (it waits
 /// for SRCU grace periods as it unregisters each device), and it happens in the exiting
 /// process before its parent can reap it. So at exit a child that shares our memory and
-/// holds only the VM fd is left to drop the last reference: ember is gone at once, and the
-/// kernel finishes the teardown in that short-lived child.
+/// holds the VM fd waits until ember is entirely gone and then drops the last reference:
+/// ember exits at once, and the kernel finishes the teardown in that short-lived child.
 pub fn detach_teardown(vm_fd: RawFd) {
+    #[repr(C)]
+    struct Args {
+        vm_fd: libc::c_uint,
+        parent: libc::pid_t,
+    }
     extern "C" fn teardown(arg: *mut libc::c_void) -> libc::c_int {
-        let keep = arg as usize as libc::c_uint;
-        // SAFETY: closing descriptors of this child's own (copied) table; it runs no Rust code
-        // that could use them afterwards.
+        // SAFETY: `arg` points to the leaked `Args` below; this child only makes syscalls on
+        // its own (copied) fd table and never returns into Rust code.
         unsafe {
+            let args = &*(arg as *const Args);
+            let keep = args.vm_fd;
             if keep > 0 {
                 libc::close_range(0, keep - 1, 0);
             }
             libc::close_range(keep + 1, libc::c_uint::MAX, 0);
+            // A pidfd polls readable once the whole thread group has exited, and so after
+            // its file table (with its KVM fds) was released. ESRCH: already gone.
+            let pidfd = libc::syscall(libc::SYS_pidfd_open, args.parent, 0) as libc::c_int;
+            if pidfd >= 0 {
+                let mut pfd = libc::pollfd {
+                    fd: pidfd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                while libc::poll(&mut pfd, 1, -1) < 0 {}
+            }
             libc::_exit(0)
         }
     }
     const STACK: usize = 16 * 1024;
-    // The child only closes fds and exits; a small stack it owns for its short life is enough.
+    // The child only makes a few syscalls; a small stack it owns for its short life is enough.
     let stack = Box::leak(vec![0u8; STACK].into_boxed_slice());
+    let args = Box::leak(Box::new(Args {
+        vm_fd: vm_fd as libc::c_uint,
+        // SAFETY: getpid has no preconditions.
+        parent: unsafe { libc::getpid() },
+    }));
     // SAFETY: the child runs `teardown` on its own stack; it shares our address space
-    // (CLONE_VM) but touches nothing in it, and gets a copy of the fd table (no CLONE_FILES).
+    // (CLONE_VM) but only reads `args`, and gets a copy of the fd table (no CLONE_FILES).
     let pid = unsafe {
         libc::clone(
             teardown,
             stack.as_mut_ptr().add(STACK) as *mut libc::c_void,
             libc::CLONE_VM,
-            vm_fd as usize as *mut libc::c_void,
+            args as *mut Args as *mut libc::c_void,
         )
     };
     if pid < 0 {
