@@ -139,6 +139,22 @@ impl Report {
     }
 }
 
+/// Reaps every child left (a VMM may leave a short-lived child that finishes the kernel's VM
+/// teardown after the VMM itself exited; as a subreaper we inherit it). Waiting for them
+/// between runs keeps one run's teardown from slowing the next one's measurement.
+fn settle() {
+    loop {
+        let mut status = 0;
+        // SAFETY: plain waitpid on any child.
+        let r = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if r <= 0 {
+            break;
+        }
+    }
+    // Let the kernel finish deferred work of the last teardown (RCU callbacks, workqueues).
+    std::thread::sleep(Duration::from_millis(50));
+}
+
 fn tmpdir(tag: &str) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
     let p = std::env::temp_dir().join(format!(
@@ -430,7 +446,7 @@ fn memory(vmm: &Vmm, report: &mut Report, mem: usize, vcpus: u8) {
     // Wait until the guest runs its payload (first tick), then measure.
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let running = lines.any(|l| l.map(|l| l.contains("tick")).unwrap_or(false));
-    std::thread::sleep(Duration::from_millis(20));
+    std::thread::sleep(Duration::from_millis(50));
     let rss = rss_outside_guest_kib(child.id(), mem);
     kill(&mut child);
     let _ = std::fs::remove_dir_all(&dir);
@@ -480,7 +496,7 @@ fn launch_rate(vmm: &Vmm, report: &mut Report, n: usize) {
             .arg(&cfg)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::inherit())
             .process_group(0)
             .spawn()
             .expect("spawn");
@@ -488,27 +504,42 @@ fn launch_rate(vmm: &Vmm, report: &mut Report, n: usize) {
         children.push(c);
     }
     let mut booted = 0;
+    let mut failure = None;
     for mut c in children {
         let mut out = String::new();
         let _ = c.stdout.take().unwrap().read_to_string(&mut out);
-        let ok = c.wait().map(|s| s.success()).unwrap_or(false);
+        let status = c.wait();
+        let ok = status.as_ref().map(|s| s.success()).unwrap_or(false);
         if ok && out.contains(BOOT_MARK) {
             booted += 1;
+        } else if failure.is_none() {
+            let tail: Vec<&str> = out.lines().rev().take(3).collect();
+            failure = Some(format!("{status:?}: {}", tail.join(" | ")));
         }
     }
     let secs = start.elapsed().as_secs_f64();
+    settle();
+    let secs_all = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::SeqCst);
     let _ = sampler.join();
     let _ = std::fs::remove_dir_all(&dir);
     if booted != n {
         report.notes.push(format!(
-            "{}: launch of {n}: only {booted} guests confirmed booted",
-            vmm.name
+            "{}: launch of {n}: only {booted} guests confirmed booted; first failure: {}",
+            vmm.name,
+            failure.unwrap_or_default()
         ));
     }
     let sc = "5. launch rate (N at once, hello guest)";
     let rate = n as f64 / secs;
     report.add(sc, &format!("N = {n}: VMs/s"), "VMs/s", &vmm.name, rate);
+    report.add(
+        sc,
+        &format!("N = {n}: VMs/s, counting until every helper process is gone"),
+        "VMs/s",
+        &vmm.name,
+        n as f64 / secs_all,
+    );
     report.add(
         sc,
         &format!("N = {n}: peak total RSS"),
@@ -783,6 +814,10 @@ fn svg(report: &Report) -> String {
 
 fn main() {
     let o = parse_opts();
+    // Orphans of the VMMs we start (teardown helpers) become our children, so we can wait for
+    // them and count them.
+    // SAFETY: prctl on our own process.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
     let want = |s: &str| o.only.as_ref().is_none_or(|l| l.iter().any(|x| x == s));
     let mut vmms = vec![Vmm {
         name: "ember".into(),
@@ -803,22 +838,27 @@ fn main() {
     // Interleave: each run does every VMM once.
     for _ in 0..o.runs {
         for v in &vmms {
+            settle();
             if want("whole") {
                 whole_process(v, &mut report);
             }
             if want("socket") {
+                settle();
                 exec_to_socket(v, &mut report);
             }
             if want("api") {
+                settle();
                 api_boot(v, &mut report);
             }
             if want("memory") {
                 for (mem, vcpus) in [(128, 1), (128, 2), (1024, 1), (1024, 2)] {
+                    settle();
                     memory(v, &mut report, mem, vcpus);
                 }
             }
             if want("jailer") {
                 if let Some(j) = &o.jailer {
+                    settle();
                     jailer_to_socket(v, j, &mut report);
                 }
             }
@@ -827,6 +867,7 @@ fn main() {
     if want("launch") {
         for &n in &o.launch {
             for v in &vmms {
+                settle();
                 launch_rate(v, &mut report, n);
             }
         }

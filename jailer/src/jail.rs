@@ -108,7 +108,6 @@ fn copy_exec(
         .map_err(err)?;
     created.files.push(target.to_path_buf());
     io::copy(&mut src, &mut dst).map_err(err)?;
-    dst.sync_all().map_err(err)?;
     drop(dst);
     own(target, uid, gid)?;
     fs::set_permissions(target, Permissions::from_mode(0o755))
