@@ -26,6 +26,9 @@ const BOOT_MARK: &str = "ember-guest: done";
 
 struct Opts {
     peer: Option<PathBuf>,
+    /// Extra arguments for every peer invocation (e.g. `--no-seccomp` to compare ember
+    /// against itself without filters).
+    peer_args: Vec<String>,
     jailer: Option<PathBuf>,
     runs: usize,
     only: Option<Vec<String>>,
@@ -36,6 +39,7 @@ struct Opts {
 fn parse_opts() -> Opts {
     let mut o = Opts {
         peer: None,
+        peer_args: Vec::new(),
         jailer: None,
         runs: 20,
         only: None,
@@ -47,6 +51,7 @@ fn parse_opts() -> Opts {
         let mut val = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
         match a.as_str() {
             "--peer" => o.peer = Some(PathBuf::from(val())),
+            "--peer-args" => o.peer_args = val().split_whitespace().map(String::from).collect(),
             "--jailer" => o.jailer = Some(PathBuf::from(val())),
             "--runs" => o.runs = val().parse().expect("--runs N"),
             "--only" => o.only = Some(val().split(',').map(String::from).collect()),
@@ -68,6 +73,15 @@ fn parse_opts() -> Opts {
 struct Vmm {
     name: String,
     bin: PathBuf,
+    args: Vec<String>,
+}
+
+impl Vmm {
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(&self.args);
+        c
+    }
 }
 
 /// Samples of one metric for one VMM.
@@ -143,6 +157,18 @@ impl Report {
 /// teardown after the VMM itself exited; as a subreaper we inherit it). Waiting for them
 /// between runs keeps one run's teardown from slowing the next one's measurement.
 fn settle() {
+    reap_all();
+    // Let the kernel finish deferred work of the last teardown (RCU callbacks, workqueues).
+    // Spin rather than sleep: on a VM host an idle vCPU is descheduled, and waking it adds
+    // milliseconds to whatever starts next.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(50) {
+        std::hint::spin_loop();
+    }
+}
+
+/// Waits for every child (and orphan we inherited) to exit.
+fn reap_all() {
     loop {
         let mut status = 0;
         // SAFETY: plain waitpid on any child.
@@ -151,8 +177,6 @@ fn settle() {
             break;
         }
     }
-    // Let the kernel finish deferred work of the last teardown (RCU callbacks, workqueues).
-    std::thread::sleep(Duration::from_millis(50));
 }
 
 fn tmpdir(tag: &str) -> PathBuf {
@@ -206,7 +230,8 @@ fn whole_process(vmm: &Vmm, report: &mut Report) {
     let dir = tmpdir("whole");
     let cfg = guest_config(&dir, "hello", 1, 128);
     let start = Instant::now();
-    let mut child = Command::new(&vmm.bin)
+    let mut child = vmm
+        .command()
         .args(["--no-api", "--boot-timer", "--config-file"])
         .arg(&cfg)
         .stdin(Stdio::null())
@@ -259,7 +284,8 @@ fn exec_to_socket(vmm: &Vmm, report: &mut Report) {
     let dir = tmpdir("sock");
     let sock = dir.join("api.sock");
     let start = Instant::now();
-    let mut child = Command::new(&vmm.bin)
+    let mut child = vmm
+        .command()
         .arg("--api-sock")
         .arg(&sock)
         .stdin(Stdio::null())
@@ -296,37 +322,41 @@ fn http(stream: &mut UnixStream, method: &str, path: &str, body: Option<&str>) -
         None => format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n"),
     };
     stream.write_all(req.as_bytes()).expect("write request");
-    // Read the status line and headers, then the body by Content-Length.
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        if stream.read(&mut byte).unwrap_or(0) == 0 {
-            break;
+    // One request in flight at a time, so everything read belongs to this response.
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0);
+            }
         }
-        buf.push(byte[0]);
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return 0,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
     }
-    let head = String::from_utf8_lossy(&buf).to_string();
-    let len = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse::<usize>().ok())?
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    let _ = stream.read_exact(&mut body);
-    head.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Scenario 3: configure through the API, InstanceStart, to the boot-timer marker and exit.
 fn api_boot(vmm: &Vmm, report: &mut Report) {
     let dir = tmpdir("api");
     let sock = dir.join("api.sock");
-    let mut child = Command::new(&vmm.bin)
+    let mut child = vmm
+        .command()
         .arg("--api-sock")
         .arg(&sock)
         .arg("--boot-timer")
@@ -342,6 +372,24 @@ fn api_boot(vmm: &Vmm, report: &mut Report) {
             .push(format!("{}: API socket never accepted", vmm.name));
         return;
     };
+    // The API's round trip, on a keep-alive connection, before the boot.
+    let mut rtts = Vec::with_capacity(200);
+    for _ in 0..200 {
+        let t = Instant::now();
+        if http(&mut s, "GET", "/", None) != 200 {
+            break;
+        }
+        rtts.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    if rtts.len() == 200 {
+        report.add(
+            "3. API: configure + InstanceStart",
+            "GET / round trip (median of 200)",
+            "us",
+            &vmm.name,
+            Samples(rtts).median(),
+        );
+    }
     let marker = Arc::new(AtomicU64::new(0));
     let exited_ok = Arc::new(AtomicBool::new(false));
     let t0 = Instant::now();
@@ -435,7 +483,8 @@ fn rss_outside_guest_kib(pid: u32, mem_mib: usize) -> Option<u64> {
 fn memory(vmm: &Vmm, report: &mut Report, mem: usize, vcpus: u8) {
     let dir = tmpdir("mem");
     let cfg = guest_config(&dir, "ticks", vcpus, mem);
-    let mut child = Command::new(&vmm.bin)
+    let mut child = vmm
+        .command()
         .args(["--no-api", "--config-file"])
         .arg(&cfg)
         .stdin(Stdio::null())
@@ -491,7 +540,8 @@ fn launch_rate(vmm: &Vmm, report: &mut Report, n: usize) {
     let start = Instant::now();
     let mut children = Vec::with_capacity(n);
     for _ in 0..n {
-        let c = Command::new(&vmm.bin)
+        let c = vmm
+            .command()
             .args(["--no-api", "--config-file"])
             .arg(&cfg)
             .stdin(Stdio::null())
@@ -518,7 +568,7 @@ fn launch_rate(vmm: &Vmm, report: &mut Report, n: usize) {
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    settle();
+    reap_all();
     let secs_all = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::SeqCst);
     let _ = sampler.join();
@@ -822,11 +872,13 @@ fn main() {
     let mut vmms = vec![Vmm {
         name: "ember".into(),
         bin: PathBuf::from(EMBER),
+        args: Vec::new(),
     }];
     if let Some(p) = &o.peer {
         vmms.push(Vmm {
             name: "peer".into(),
             bin: p.clone(),
+            args: o.peer_args.clone(),
         });
     }
     let mut report = Report {
@@ -835,32 +887,37 @@ fn main() {
         launch: Vec::new(),
         notes: Vec::new(),
     };
-    // Interleave: each run does every VMM once.
-    for _ in 0..o.runs {
-        for v in &vmms {
-            settle();
-            if want("whole") {
-                whole_process(v, &mut report);
-            }
-            if want("socket") {
-                settle();
-                exec_to_socket(v, &mut report);
-            }
-            if want("api") {
-                settle();
-                api_boot(v, &mut report);
-            }
-            if want("memory") {
+    // Scenario by scenario; within one, runs alternate between the VMMs (A, B, A, B, ...).
+    let scenarios: Vec<(&str, Box<dyn Fn(&Vmm, &mut Report)>)> = vec![
+        ("whole", Box::new(whole_process)),
+        ("socket", Box::new(exec_to_socket)),
+        ("api", Box::new(api_boot)),
+        (
+            "memory",
+            Box::new(|v: &Vmm, r: &mut Report| {
                 for (mem, vcpus) in [(128, 1), (128, 2), (1024, 1), (1024, 2)] {
                     settle();
-                    memory(v, &mut report, mem, vcpus);
+                    memory(v, r, mem, vcpus);
                 }
-            }
-            if want("jailer") {
+            }),
+        ),
+        (
+            "jailer",
+            Box::new(|v: &Vmm, r: &mut Report| {
                 if let Some(j) = &o.jailer {
-                    settle();
-                    jailer_to_socket(v, j, &mut report);
+                    jailer_to_socket(v, j, r);
                 }
+            }),
+        ),
+    ];
+    for (name, run) in &scenarios {
+        if !want(name) {
+            continue;
+        }
+        for _ in 0..o.runs {
+            for v in &vmms {
+                settle();
+                run(v, &mut report);
             }
         }
     }

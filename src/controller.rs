@@ -52,7 +52,11 @@ pub struct Controller {
     seccomp: Filters,
     /// Drains coalesced console writes of a guest that stopped exiting.
     drain_timer: Option<TimerFd>,
+    /// Flushes the metrics every minute.
+    metrics_timer: Option<TimerFd>,
 }
+
+const METRICS_PERIOD: Duration = Duration::from_secs(60);
 
 /// How long console output of a busy guest may sit in the coalesced ring.
 const DRAIN_PERIOD: Duration = Duration::from_millis(10);
@@ -75,6 +79,10 @@ impl Controller {
             serial_input: None,
             seccomp,
             drain_timer: None,
+            metrics_timer: TimerFd::new()
+                .and_then(|mut t| t.reset(METRICS_PERIOD, Some(METRICS_PERIOD)).map(|_| t))
+                .map_err(|e| log::warn!("no periodic metrics flush: {e}"))
+                .ok(),
         }
     }
 
@@ -327,6 +335,14 @@ impl MutEventSubscriber for Controller {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         METRICS.vmm.device_events.inc();
         let api_fd = self.api.as_ref().map(|a| a.evt.as_raw_fd());
+        let metrics_fd = self.metrics_timer.as_ref().map(|t| t.as_raw_fd());
+        if Some(events.fd()) == metrics_fd {
+            if let Some(t) = self.metrics_timer.as_mut() {
+                let _ = t.wait();
+            }
+            crate::metrics::flush();
+            return;
+        }
         let timer_fd = self.drain_timer.as_ref().map(|t| t.as_raw_fd());
         if Some(events.fd()) == timer_fd {
             if let Some(t) = self.drain_timer.as_mut() {
@@ -352,6 +368,11 @@ impl MutEventSubscriber for Controller {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
+        if let Some(t) = &self.metrics_timer {
+            if let Err(e) = ops.add(Events::new(t, EventSet::IN)) {
+                log::error!("cannot watch the metrics timer: {e:?}");
+            }
+        }
         if let Some(api) = &self.api {
             if let Err(e) = ops.add(Events::new(&api.evt, EventSet::IN)) {
                 log::error!("cannot watch the API event: {e:?}");
