@@ -862,6 +862,9 @@ fn svg(report: &Report) -> String {
     s
 }
 
+/// One benchmark scenario, run once for one VMM.
+type Scenario<'a> = Box<dyn Fn(&Vmm, &mut Report) + 'a>;
+
 fn main() {
     let o = parse_opts();
     // Orphans of the VMMs we start (teardown helpers) become our children, so we can wait for
@@ -888,7 +891,7 @@ fn main() {
         notes: Vec::new(),
     };
     // Scenario by scenario; within one, runs alternate between the VMMs (A, B, A, B, ...).
-    let scenarios: Vec<(&str, Box<dyn Fn(&Vmm, &mut Report)>)> = vec![
+    let scenarios: Vec<(&str, Scenario)> = vec![
         ("whole", Box::new(whole_process)),
         ("socket", Box::new(exec_to_socket)),
         ("api", Box::new(api_boot)),
