@@ -382,6 +382,12 @@ fn main() {
     );
     metrics::flush();
 
+    // From here the VMM thread serves clients and the guest's console. Installing the filter
+    // before a config-file boot also keeps its cost (the kernel compiles it, with TLB
+    // shootdowns) off the CPU the new guest runs on.
+    if let Err(e) = filters.apply(ThreadKind::Vmm) {
+        fail(exit_code::GENERIC_ERROR, e);
+    }
     if let Some(kernel) = kernel {
         if let Err(e) = controller.start(kernel, start) {
             fail(start_error_code(&e), e);
@@ -400,10 +406,6 @@ fn main() {
         Err(e) => fail(exit_code::GENERIC_ERROR, e),
     }
     let controller = Arc::new(Mutex::new(controller));
-    // From here the VMM thread serves clients and the guest's console.
-    if let Err(e) = filters.apply(ThreadKind::Vmm) {
-        fail(exit_code::GENERIC_ERROR, e);
-    }
     em.add_subscriber(controller.clone() as vmm::Subscriber);
 
     let code = vmm::run_until_stopped(&mut em, &exit);

@@ -220,11 +220,17 @@ impl Vcpu {
 
     fn run(mut self, ctx: &VcpuContext) {
         // Before the first KVM_RUN: from here on the guest drives this thread.
+        let t = crate::time::monotonic_us();
         if let Err(e) = ctx.seccomp.apply(crate::seccomp::ThreadKind::Vcpu) {
             log::error!("vCPU {}: {e}", self.index);
             ctx.exit.stop(exit_code::GENERIC_ERROR);
             return;
         }
+        log::debug!(
+            "vCPU {} filtered in {} us",
+            self.index,
+            crate::time::monotonic_us() - t
+        );
         loop {
             let result = self.fd.run();
             // Queued writes happened before this exit: the device sees them first.
