@@ -283,32 +283,31 @@ fn kill(child: &mut Child) {
 fn exec_to_socket(vmm: &Vmm, report: &mut Report) {
     let dir = tmpdir("sock");
     let sock = dir.join("api.sock");
+    let mut cmd = vmm.command();
+    cmd.arg("--api-sock").arg(&sock);
+    time_to_socket(cmd, &sock, "2. exec to API socket accepting", vmm, report);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts `cmd` and times it until `sock` accepts a connection; then kills it.
+fn time_to_socket(mut cmd: Command, sock: &Path, scenario: &str, vmm: &Vmm, report: &mut Report) {
     let start = Instant::now();
-    let mut child = vmm
-        .command()
-        .arg("--api-sock")
-        .arg(&sock)
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");
-    let ok = wait_for_socket(&sock, Duration::from_secs(5)).is_some();
+    let ok = wait_for_socket(sock, Duration::from_secs(5)).is_some();
     let t = start.elapsed().as_secs_f64() * 1e3;
     kill(&mut child);
-    let _ = std::fs::remove_dir_all(&dir);
     if ok {
-        report.add(
-            "2. exec to API socket accepting",
-            "wall",
-            "ms",
-            &vmm.name,
-            t,
-        );
+        report.add(scenario, "wall", "ms", &vmm.name, t);
     } else {
-        report
-            .notes
-            .push(format!("{}: API socket never accepted", vmm.name));
+        report.notes.push(format!(
+            "{}: {scenario}: the socket never accepted",
+            vmm.name
+        ));
     }
 }
 
@@ -614,42 +613,27 @@ fn jailer_to_socket(vmm: &Vmm, jailer: &Path, report: &mut Report) {
         .join(&exec_name)
         .join(&id)
         .join("root/run/firecracker.socket");
-    let start = Instant::now();
-    let mut child = Command::new(jailer)
-        .args([
-            "--id",
-            &id,
-            "--uid",
-            "10000",
-            "--gid",
-            "10000",
-            "--exec-file",
-        ])
-        .arg(&vmm.bin)
-        .arg("--chroot-base-dir")
-        .arg(&base)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn jailer");
-    let ok = wait_for_socket(&sock, Duration::from_secs(5)).is_some();
-    let t = start.elapsed().as_secs_f64() * 1e3;
-    kill(&mut child);
+    let mut cmd = Command::new(jailer);
+    cmd.args([
+        "--id",
+        &id,
+        "--uid",
+        "10000",
+        "--gid",
+        "10000",
+        "--exec-file",
+    ])
+    .arg(&vmm.bin)
+    .arg("--chroot-base-dir")
+    .arg(&base);
+    time_to_socket(
+        cmd,
+        &sock,
+        "6. jailer exec to API socket accepting",
+        vmm,
+        report,
+    );
     let _ = std::fs::remove_dir_all(&base);
-    if ok {
-        report.add(
-            "6. jailer exec to API socket accepting",
-            "wall",
-            "ms",
-            &vmm.name,
-            t,
-        );
-    } else {
-        report
-            .notes
-            .push(format!("{}: jailed API socket never accepted", vmm.name));
-    }
 }
 
 fn fmt(v: f64) -> String {

@@ -13,6 +13,8 @@
 //! Everything but the input-validation tests needs root; without it they fail unless
 //! `EMBER_SKIP_ROOT_TESTS=1`.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::io::{Read, Write};
@@ -23,6 +25,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use common::Outcome;
 
 const EMBER: &str = env!("CARGO_BIN_EXE_ember");
 const GUEST: &str = concat!(env!("OUT_DIR"), "/ember-guest");
@@ -325,52 +329,9 @@ fn ns_inode(pid: &str, ns: &str) -> u64 {
         .ino()
 }
 
-struct Outcome {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Outcome {
-    fn all(&self) -> String {
-        format!(
-            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-            self.status, self.stdout, self.stderr
-        )
-    }
-}
-
 /// Waits for `child` (with a hang guard), collecting its output.
-fn wait(mut child: Child) -> Outcome {
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        s
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > GUARD {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("ember-jailer hung for more than {GUARD:?}; killed");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    Outcome {
-        status,
-        stdout: String::from_utf8_lossy(&t_out.join().unwrap()).into_owned(),
-        stderr: String::from_utf8_lossy(&t_err.join().unwrap()).into_owned(),
-    }
+fn wait(child: Child) -> Outcome {
+    common::wait_with_guard(child, GUARD)
 }
 
 /// What `dir` holds, recursively, as relative paths.
