@@ -14,6 +14,10 @@ use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_SIZE};
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_SIZE};
 use crate::devices::legacy::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_GSI, COM1_SIZE};
 use crate::devices::legacy::EventFdTrigger;
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::{QueueHandler, QueueNotifier, VirtioDevice};
 use crate::devices::{Bus, BusDevice};
 use crate::seccomp::Filters;
 use crate::time::Timestamp;
@@ -22,6 +26,7 @@ use crate::vstate::vcpu::{ExitSignal, ResetLine, Vcpu, VcpuContext, VcpuControl,
 use crate::vstate::vm::{Vm, VmError};
 
 const I8042_GSI: u32 = 1;
+const MMIO_WINDOW: u64 = arch::layout::VIRTIO_MMIO_WINDOW_SIZE;
 
 /// The kernel to boot: a file, or the guest built into the ember binary.
 pub enum KernelImage {
@@ -117,6 +122,86 @@ pub struct Microvm {
     /// Signalled when the guest drained the serial input FIFO.
     pub serial_buffer_ready: EventFd,
     pub i8042: Arc<Mutex<I8042Device>>,
+    /// The VMM thread's subscribers for the virtio queues' ioeventfds.
+    pub queue_notifiers: Vec<QueueNotifier>,
+}
+
+/// Where a virtio device goes: its window and GSI, fixed by attach order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioSlot {
+    pub addr: u64,
+    pub gsi: u32,
+}
+
+/// The virtio slots for `count` devices in attach order, or an error when the GSIs run out.
+pub fn virtio_slots(count: usize) -> Result<Vec<VirtioSlot>, StartError> {
+    use arch::layout::{
+        GSI_VIRTIO_FIRST, GSI_VIRTIO_LAST, VIRTIO_MMIO_START, VIRTIO_MMIO_WINDOW_SIZE,
+    };
+    let max = (GSI_VIRTIO_LAST - GSI_VIRTIO_FIRST + 1) as usize;
+    if count > max {
+        return Err(StartError::Device(format!(
+            "{count} virtio devices configured; at most {max} fit"
+        )));
+    }
+    Ok((0..count)
+        .map(|i| VirtioSlot {
+            addr: VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_WINDOW_SIZE,
+            gsi: GSI_VIRTIO_FIRST + i as u32,
+        })
+        .collect())
+}
+
+/// The kernel command line: the user's (or the default), then one `virtio_mmio.device=` per
+/// virtio device in attach order, then the root device if a drive is one.
+pub fn full_cmdline(cfg: &VmConfig, slots: &[VirtioSlot]) -> Result<String, StartError> {
+    use std::fmt::Write;
+    let mut cmdline = cfg
+        .boot_source
+        .as_ref()
+        .map(|b| b.cmdline())
+        .unwrap_or(crate::config::DEFAULT_KERNEL_CMDLINE)
+        .to_string();
+    for s in slots {
+        let _ = write!(cmdline, " virtio_mmio.device=4K@0x{:x}:{}", s.addr, s.gsi);
+    }
+    let drives = crate::config::drive::attach_order(&cfg.drives);
+    if let Some(root) = drives.first().filter(|d| d.is_root_device) {
+        match &root.partuuid {
+            Some(p) => {
+                let _ = write!(cmdline, " root=PARTUUID={p}");
+            }
+            None => cmdline.push_str(" root=/dev/vda"),
+        }
+        cmdline.push_str(if root.read_only() { " ro" } else { " rw" });
+    }
+    if cmdline.len() + 1 > CMDLINE_MAX_SIZE {
+        return Err(StartError::Config(ConfigError::CmdlineTooLong(
+            cmdline.len() + 1,
+        )));
+    }
+    Ok(cmdline)
+}
+
+/// The device models to attach, in attach order: drives (root first), then entropy.
+fn virtio_devices(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, StartError> {
+    let mut devs: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for d in crate::config::drive::attach_order(&cfg.drives) {
+        d.validate().map_err(StartError::Config)?;
+        let file = d.open().map_err(StartError::Config)?;
+        let blk = Block::new(
+            file,
+            d.read_only(),
+            d.cache_type == crate::config::CacheType::Writeback,
+        )
+        .map_err(|e| StartError::Device(format!("drive {}: {e}", d.drive_id)))?;
+        devs.push(Box::new(blk));
+    }
+    if let Some(e) = &cfg.entropy {
+        e.validate().map_err(StartError::Config)?;
+        devs.push(Box::new(Rng::new()));
+    }
+    Ok(devs)
 }
 
 fn device_err(e: impl fmt::Display) -> StartError {
@@ -138,17 +223,9 @@ pub fn build_microvm(
         Some(c) => c.to_modifiers().map_err(StartError::Config)?,
         None => Default::default(),
     };
-    let cmdline = cfg
-        .boot_source
-        .as_ref()
-        .map(|b| b.cmdline())
-        .unwrap_or(crate::config::DEFAULT_KERNEL_CMDLINE)
-        .to_string();
-    if cmdline.len() + 1 > CMDLINE_MAX_SIZE {
-        return Err(StartError::Config(ConfigError::CmdlineTooLong(
-            cmdline.len() + 1,
-        )));
-    }
+    let virtio = virtio_devices(cfg)?;
+    let slots = virtio_slots(virtio.len())?;
+    let cmdline = full_cmdline(cfg, &slots)?;
 
     phase("build start", &start);
     let kvm = Kvm::new().map_err(StartError::KvmOpen)?;
@@ -204,6 +281,37 @@ pub fn build_microvm(
             .map_err(device_err)?;
     }
 
+    let mut mmio_info = Vec::with_capacity(virtio.len());
+    let mut queue_notifiers = Vec::with_capacity(virtio.len());
+    for (dev, slot) in virtio.into_iter().zip(&slots) {
+        let irq = EventFdTrigger::new().map_err(device_err)?;
+        vm.register_irqfd(&irq, slot.gsi)?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(dev, mem.clone(), irq)));
+        mmio.insert(transport.clone(), slot.addr, MMIO_WINDOW)
+            .map_err(device_err)?;
+        // Queue 0's notifications skip the vCPU exit; without ioeventfd the bus write does it.
+        let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err)?;
+        match vm.fd().register_ioevent(
+            &notify,
+            &IoEventAddress::Mmio(slot.addr + REG_QUEUE_NOTIFY),
+            0u32,
+        ) {
+            Ok(()) => {
+                let handler: Arc<Mutex<dyn QueueHandler>> = transport;
+                queue_notifiers.push(QueueNotifier::new(notify, 0, handler));
+            }
+            Err(e) => log::warn!(
+                "no ioeventfd for the virtio device at {:#x}: {e}; notifications exit",
+                slot.addr
+            ),
+        }
+        mmio_info.push(arch::MmioDeviceInfo {
+            addr: slot.addr,
+            len: MMIO_WINDOW,
+            irq: slot.gsi,
+        });
+    }
+
     arch::configure_system(
         mem,
         &BootConfig {
@@ -211,7 +319,7 @@ pub fn build_microvm(
             cmdline: &cmdline,
             initrd,
             vcpu_count: mc.vcpu_count,
-            mmio_devices: &[],
+            mmio_devices: &mmio_info,
         },
     )
     .map_err(|e| StartError::Boot(e.to_string()))?;
@@ -267,5 +375,62 @@ pub fn build_microvm(
         serial,
         serial_buffer_ready,
         i8042,
+        queue_notifiers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BootSourceConfig, DriveConfig};
+
+    fn drive(id: &str, root: bool, ro: bool, partuuid: Option<&str>) -> DriveConfig {
+        serde_json::from_value(serde_json::json!({
+            "drive_id": id, "is_root_device": root, "path_on_host": "/x",
+            "is_read_only": ro, "partuuid": partuuid,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn cmdline_lists_virtio_devices_and_root() {
+        let mut cfg = VmConfig {
+            boot_source: Some(BootSourceConfig {
+                kernel_image_path: "/k".into(),
+                boot_args: Some("console=ttyS0".into()),
+                initrd_path: None,
+            }),
+            ..Default::default()
+        };
+        cfg.drives = vec![
+            drive("data", false, false, None),
+            drive("root", true, true, None),
+        ];
+        let slots = virtio_slots(3).unwrap();
+        assert_eq!(
+            slots[2],
+            VirtioSlot {
+                addr: 0xc000_3000,
+                gsi: 7
+            }
+        );
+        assert_eq!(
+            full_cmdline(&cfg, &slots).unwrap(),
+            "console=ttyS0 virtio_mmio.device=4K@0xc0001000:5 \
+             virtio_mmio.device=4K@0xc0002000:6 virtio_mmio.device=4K@0xc0003000:7 \
+             root=/dev/vda ro"
+        );
+        cfg.drives = vec![drive("root", true, false, Some("abcd-01"))];
+        let c = full_cmdline(&cfg, &slots[..1]).unwrap();
+        assert!(c.ends_with(" root=PARTUUID=abcd-01 rw"), "{c}");
+        cfg.drives.clear();
+        assert_eq!(full_cmdline(&cfg, &[]).unwrap(), "console=ttyS0");
+        assert!(virtio_slots(20).is_err());
+        // The limit applies to the final line.
+        cfg.boot_source.as_mut().unwrap().boot_args = Some("a".repeat(2000));
+        assert!(matches!(
+            full_cmdline(&cfg, &slots),
+            Err(StartError::Config(ConfigError::CmdlineTooLong(_)))
+        ));
+    }
 }

@@ -255,6 +255,17 @@ impl Controller {
                 self.serial_config = s;
                 ApiResponse::NoContent
             }
+            PutDrive(d) => {
+                self.before_start()?;
+                self.config.add_drive(d).map_err(|e| bad(&e))?;
+                ApiResponse::NoContent
+            }
+            PutEntropy(e) => {
+                self.before_start()?;
+                e.validate().map_err(|e| bad(&e))?;
+                self.config.entropy = Some(e);
+                ApiResponse::NoContent
+            }
             InstanceStart => {
                 self.before_start()?;
                 let start = Timestamp::now();
@@ -362,6 +373,16 @@ impl MutEventSubscriber for Controller {
             }
             return;
         }
+        if let Some(vm) = self.vm.as_mut() {
+            if let Some(n) = vm
+                .queue_notifiers
+                .iter_mut()
+                .find(|n| n.fd() == events.fd())
+            {
+                n.process(events, ops);
+                return;
+            }
+        }
         if let Some(input) = self.serial_input.as_mut() {
             input.process(events, ops);
         }
@@ -390,6 +411,11 @@ impl Controller {
         if let Some(t) = &self.drain_timer {
             if let Err(e) = ops.add(Events::new(t, EventSet::IN)) {
                 log::error!("cannot watch the console drain timer: {e:?}");
+            }
+        }
+        if let Some(vm) = self.vm.as_mut() {
+            for n in vm.queue_notifiers.iter_mut() {
+                n.init(ops);
             }
         }
     }

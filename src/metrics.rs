@@ -134,6 +134,29 @@ metrics_group!(SignalMetrics {
     sigill: IncMetric,
 });
 
+metrics_group!(BlockMetrics {
+    read_count: IncMetric,
+    write_count: IncMetric,
+    read_bytes: IncMetric,
+    write_bytes: IncMetric,
+    flush_count: IncMetric,
+    invalid_reqs_count: IncMetric,
+    io_errors: IncMetric,
+});
+
+metrics_group!(EntropyMetrics {
+    entropy_bytes: IncMetric,
+    invalid_reqs: IncMetric,
+});
+
+// Transport-level trouble common to every virtio device.
+metrics_group!(VirtioMetrics {
+    malformed_chains: IncMetric,
+    invalid_notifications: IncMetric,
+    invalid_register_writes: IncMetric,
+    needs_reset: IncMetric,
+});
+
 metrics_group!(LatencyMetrics {
     vmm_start_us: StoreMetric,
     pause_vm: StoreMetric,
@@ -142,6 +165,8 @@ metrics_group!(LatencyMetrics {
 
 pub struct Metrics {
     pub api_server: ApiServerMetrics,
+    pub block: BlockMetrics,
+    pub entropy: EntropyMetrics,
     pub i8042: I8042Metrics,
     pub latencies_us: LatencyMetrics,
     pub seccomp: SeccompMetrics,
@@ -149,10 +174,13 @@ pub struct Metrics {
     pub uart: UartMetrics,
     pub vcpu: VcpuMetrics,
     pub vmm: VmmMetrics,
+    pub virtio: VirtioMetrics,
 }
 
 pub static METRICS: Metrics = Metrics {
     api_server: ApiServerMetrics::new(),
+    block: BlockMetrics::new(),
+    entropy: EntropyMetrics::new(),
     i8042: I8042Metrics::new(),
     latencies_us: LatencyMetrics::new(),
     seccomp: SeccompMetrics::new(),
@@ -160,23 +188,27 @@ pub static METRICS: Metrics = Metrics {
     uart: UartMetrics::new(),
     vcpu: VcpuMetrics::new(),
     vmm: VmmMetrics::new(),
+    virtio: VirtioMetrics::new(),
 };
 
 impl Serialize for Metrics {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let api = &crate::api::metrics::API_METRICS;
-        let mut st = s.serialize_struct("Metrics", 12)?;
+        let mut st = s.serialize_struct("Metrics", 15)?;
         st.serialize_field("utc_timestamp_ms", &crate::time::utc_ms())?;
         st.serialize_field("api_server", &self.api_server)?;
         st.serialize_field("get_api_requests", &api.get_api_requests)?;
         st.serialize_field("put_api_requests", &api.put_api_requests)?;
         st.serialize_field("patch_api_requests", &api.patch_api_requests)?;
+        st.serialize_field("block", &self.block)?;
+        st.serialize_field("entropy", &self.entropy)?;
         st.serialize_field("i8042", &self.i8042)?;
         st.serialize_field("latencies_us", &self.latencies_us)?;
         st.serialize_field("seccomp", &self.seccomp)?;
         st.serialize_field("signals", &self.signals)?;
         st.serialize_field("uart", &self.uart)?;
         st.serialize_field("vcpu", &self.vcpu)?;
+        st.serialize_field("virtio", &self.virtio)?;
         st.serialize_field("vmm", &self.vmm)?;
         st.end()
     }

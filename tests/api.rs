@@ -191,15 +191,21 @@ fn endpoints_before_start() {
         "{logged}"
     );
 
-    // Features ember lacks answer 400 and say so.
+    // A drive whose file is missing is refused, naming the path.
     let r = c.put(
         "/drives/rootfs",
-        r#"{"drive_id":"rootfs","is_root_device":true,"path_on_host":"/tmp/x"}"#,
+        r#"{"drive_id":"rootfs","is_root_device":true,"path_on_host":"/nonexistent/ember-rootfs"}"#,
     );
     assert_eq!(r.status, 400);
-    assert!(r.fault().contains("not supported"), "{}", r.body);
+    assert!(
+        r.fault().contains("/nonexistent/ember-rootfs"),
+        "{}",
+        r.body
+    );
+    // Features ember lacks answer 400 and say so.
     let r = c.put("/vsock", r#"{"guest_cid":3,"uds_path":"/tmp/v.sock"}"#);
     assert_eq!(r.status, 400);
+    assert!(r.fault().contains("not supported"), "{}", r.body);
 
     // /vm/config shows what was configured.
     let cfg = c.get("/vm/config").json();

@@ -16,7 +16,8 @@ pub mod parse;
 pub mod server;
 
 use crate::config::{
-    BootSourceConfig, CpuConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
+    BootSourceConfig, CpuConfig, DriveConfig, EntropyConfig, LoggerConfig, MachineConfig,
+    MachineConfigUpdate, MetricsConfig,
 };
 pub use models::SerialConfig;
 pub use server::ApiServer;
@@ -44,6 +45,9 @@ pub enum VmmAction {
     PutLogger(LoggerConfig),
     PutMetrics(MetricsConfig),
     PutSerial(SerialConfig),
+    /// Only parsed: the VMM still has to validate it (the file, the root device).
+    PutDrive(DriveConfig),
+    PutEntropy(EntropyConfig),
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,

@@ -63,41 +63,6 @@ pub struct ActionBody {
 
 // The shapes below are only validated; their features answer "not supported" for now.
 
-#[derive(Deserialize)]
-enum CacheType {
-    Unsafe,
-    Writeback,
-}
-
-#[derive(Deserialize)]
-enum IoEngine {
-    Sync,
-    Async,
-}
-
-/// The body of `PUT /drives/{id}`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)] // Fields exist so serde checks their types.
-pub struct DriveBody {
-    pub drive_id: String,
-    is_root_device: bool,
-    #[serde(default)]
-    partuuid: Option<String>,
-    #[serde(default)]
-    cache_type: Option<CacheType>,
-    #[serde(default)]
-    is_read_only: Option<bool>,
-    #[serde(default)]
-    path_on_host: Option<String>,
-    #[serde(default)]
-    rate_limiter: Option<RateLimiter>,
-    #[serde(default)]
-    io_engine: Option<IoEngine>,
-    #[serde(default)]
-    socket: Option<String>,
-}
-
 /// The body of `PATCH /drives/{id}`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -148,15 +113,6 @@ pub struct VsockBody {
     uds_path: String,
     #[serde(default)]
     vsock_id: Option<String>,
-}
-
-/// The body of `PUT /entropy`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-pub struct EntropyBody {
-    #[serde(default)]
-    rate_limiter: Option<RateLimiter>,
 }
 
 /// The body of `PUT /balloon`.

@@ -8,13 +8,14 @@ use serde::de::DeserializeOwned;
 
 use super::metrics::{Endpoint, RequestCounters};
 use super::models::{
-    ActionBody, ActionType, BalloonBody, BalloonStatsUpdateBody, BalloonUpdateBody, DriveBody,
-    DriveUpdateBody, EntropyBody, MmdsConfigBody, NetworkInterfaceBody, NetworkInterfaceUpdateBody,
+    ActionBody, ActionType, BalloonBody, BalloonStatsUpdateBody, BalloonUpdateBody,
+    DriveUpdateBody, MmdsConfigBody, NetworkInterfaceBody, NetworkInterfaceUpdateBody,
     SerialConfig, SnapshotCreateBody, SnapshotLoadBody, VmState, VmStateConfig, VsockBody,
 };
 use super::{ApiResponse, VmmAction};
 use crate::config::{
-    BootSourceConfig, CpuConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
+    BootSourceConfig, CpuConfig, DriveConfig, EntropyConfig, LoggerConfig, MachineConfig,
+    MachineConfigUpdate, MetricsConfig,
 };
 
 /// The outcome of routing one request.
@@ -174,8 +175,9 @@ fn route_put(path: &str, first: &str, rest: &[&str], body: &[u8]) -> Outcome {
             Ok(VmmAction::PutSerial(de::<SerialConfig>(body)?))
         }),
         "drives" => with_id(m, path, rest, |id| {
-            id_matches(id, &de::<DriveBody>(body)?.drive_id)?;
-            Ok(VmmAction::NotSupported("drives"))
+            let d = de::<DriveConfig>(body)?;
+            id_matches(id, &d.drive_id)?;
+            Ok(VmmAction::PutDrive(d))
         }),
         "network-interfaces" => with_id(m, path, rest, |id| {
             id_matches(id, &de::<NetworkInterfaceBody>(body)?.iface_id)?;
@@ -186,8 +188,7 @@ fn route_put(path: &str, first: &str, rest: &[&str], body: &[u8]) -> Outcome {
             Ok(VmmAction::NotSupported("vsock"))
         }),
         "entropy" => exact(m, path, rest, || {
-            de::<EntropyBody>(body)?;
-            Ok(VmmAction::NotSupported("entropy"))
+            Ok(VmmAction::PutEntropy(de::<EntropyConfig>(body)?))
         }),
         "balloon" => exact(m, path, rest, || {
             de::<BalloonBody>(body)?;
@@ -576,9 +577,18 @@ mod tests {
         let drive = r#"{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true,
                         "is_read_only": false, "cache_type": "Writeback", "io_engine": "Sync"}"#;
         assert_eq!(
-            ok("PUT", "/drives/rootfs", Some(drive)),
-            VmmAction::NotSupported("drives")
+            ok("PUT", "/entropy", Some("{}")),
+            VmmAction::PutEntropy(EntropyConfig::default())
         );
+        match ok("PUT", "/drives/rootfs", Some(drive)) {
+            VmmAction::PutDrive(d) => {
+                assert_eq!(d.drive_id, "rootfs");
+                assert!(d.is_root_device);
+                assert_eq!(d.cache_type, crate::config::CacheType::Writeback);
+                assert_eq!(d.path_on_host.as_deref(), Some("/r"));
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             err("PUT", "/drives/other", Some(drive)),
             "The id from the path does not match the id from the body!"
@@ -669,7 +679,6 @@ mod tests {
                 r#"{"guest_cid": 3, "uds_path": "/v"}"#,
                 "vsock",
             ),
-            ("PUT", "/entropy", r#"{}"#, "entropy"),
             (
                 "PUT",
                 "/balloon",

@@ -1,12 +1,14 @@
 //! What a user asks for: the bodies the REST API and the `--config-file` accept, with their
 //! validation. Runtime state lives elsewhere (`vstate`, `devices`); nothing here touches KVM.
 
+pub mod drive;
 pub mod machine;
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use drive::{CacheType, DriveConfig, EntropyConfig, IoEngine};
 pub use machine::{CpuConfig, MachineConfig, MachineConfigUpdate};
 
 /// The longest kernel command line, including its terminating NUL.
@@ -195,6 +197,8 @@ pub struct MetricsConfig {
 pub struct VmConfig {
     #[serde(rename = "boot-source", skip_serializing_if = "Option::is_none")]
     pub boot_source: Option<BootSourceConfig>,
+    #[serde(rename = "drives")]
+    pub drives: Vec<DriveConfig>,
     #[serde(rename = "machine-config")]
     pub machine_config: MachineConfig,
     #[serde(rename = "cpu-config", skip_serializing_if = "Option::is_none")]
@@ -203,19 +207,15 @@ pub struct VmConfig {
     pub logger: Option<LoggerConfig>,
     #[serde(rename = "metrics", skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
+    #[serde(rename = "entropy", skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<EntropyConfig>,
     /// Add the boot-timer device (`--boot-timer`).
     #[serde(skip)]
     pub boot_timer: bool,
 }
 
 /// Top-level keys of a config file that ember knows but does not implement yet.
-const NOT_YET: &[&str] = &[
-    "network-interfaces",
-    "vsock",
-    "balloon",
-    "entropy",
-    "mmds-config",
-];
+const NOT_YET: &[&str] = &["network-interfaces", "vsock", "balloon", "mmds-config"];
 
 const KNOWN: &[&str] = &[
     "boot-source",
@@ -333,8 +333,15 @@ impl VmConfig {
                     reason: "missing; it is required (it may be [])".into(),
                 })
             }
-            Some(serde_json::Value::Array(a)) if a.is_empty() => {}
-            Some(serde_json::Value::Array(_)) => return Err(ConfigError::Unsupported("drives")),
+            Some(serde_json::Value::Array(a)) => {
+                for v in a {
+                    let d: DriveConfig = section("drives", v)?;
+                    cfg.add_drive(d).map_err(|e| ConfigError::Section {
+                        section: "drives".into(),
+                        reason: e.to_string(),
+                    })?;
+                }
+            }
             Some(_) => {
                 return Err(ConfigError::Section {
                     section: "drives".into(),
@@ -342,7 +349,23 @@ impl VmConfig {
                 })
             }
         }
+        match map.remove("entropy") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(v) => {
+                let e: EntropyConfig = section("entropy", v)?;
+                e.validate().map_err(|e| ConfigError::Section {
+                    section: "entropy".into(),
+                    reason: e.to_string(),
+                })?;
+                cfg.entropy = Some(e);
+            }
+        }
         Ok(cfg)
+    }
+
+    /// Adds or replaces a drive (same id); refuses a second root device.
+    pub fn add_drive(&mut self, d: DriveConfig) -> Result<(), ConfigError> {
+        drive::insert_drive(&mut self.drives, d)
     }
 }
 
@@ -415,6 +438,44 @@ mod tests {
         );
         let e = VmConfig::from_json(&long).unwrap_err().to_string();
         assert!(e.contains("2049"), "{e}");
+    }
+
+    #[test]
+    fn config_file_drives_and_entropy() {
+        let p = std::env::temp_dir().join(format!("ember-cfg-disk-{}", std::process::id()));
+        std::fs::write(&p, [0u8; 4096]).unwrap();
+        let text = format!(
+            r#"{{"boot-source":{{"kernel_image_path":"{}"}},
+               "drives":[{{"drive_id":"data","path_on_host":"{p}","is_root_device":false}},
+                         {{"drive_id":"root","path_on_host":"{p}","is_root_device":true,
+                           "is_read_only":true,"cache_type":"Writeback"}}],
+               "entropy":{{}}}}"#,
+            kernel_path(),
+            p = p.display()
+        );
+        let cfg = VmConfig::from_json(&text).unwrap();
+        assert_eq!(cfg.drives.len(), 2);
+        assert_eq!(cfg.entropy, Some(EntropyConfig::default()));
+        let v = serde_json::to_value(&cfg).unwrap();
+        assert_eq!(v["drives"][1]["cache_type"], "Writeback");
+        assert!(v["entropy"].is_object());
+
+        let missing = format!(
+            r#"{{"boot-source":{{"kernel_image_path":"{}"}},
+               "drives":[{{"drive_id":"d","path_on_host":"/nonexistent/disk.img","is_root_device":true}}]}}"#,
+            kernel_path()
+        );
+        let e = VmConfig::from_json(&missing).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/disk.img"), "{e}");
+
+        let limited = format!(
+            r#"{{"boot-source":{{"kernel_image_path":"{}"}},"drives":[],
+               "entropy":{{"rate_limiter":{{"bandwidth":{{"size":1,"refill_time":1}}}}}}}}"#,
+            kernel_path()
+        );
+        let e = VmConfig::from_json(&limited).unwrap_err().to_string();
+        assert!(e.contains("not supported"), "{e}");
+        std::fs::remove_file(p).unwrap();
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod bootparams;
 mod hw;
 mod rt;
 mod scenarios;
+mod virtio;
 
 use bootparams::BootParams;
 

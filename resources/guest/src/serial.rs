@@ -161,3 +161,13 @@ macro_rules! fail {
         $crate::hw::triple_fault()
     }};
 }
+
+/// Writes one line of any length (`Line` cuts at 255 bytes): the parts, then "\n".
+pub fn say_long(parts: &[&[u8]]) {
+    lock();
+    for p in parts {
+        write_raw(p);
+    }
+    write_raw(b"\n");
+    unlock();
+}

@@ -7,10 +7,14 @@
 
 use crate::Ctx;
 
+pub mod blk;
+pub mod cmdline;
+pub mod evil;
 pub mod hello;
 pub mod initrd;
 pub mod mem;
 pub mod panic;
+pub mod rng;
 pub mod smp;
 pub mod ticks;
 pub mod wild;
@@ -48,6 +52,22 @@ pub const ALL: &[Scenario] = &[
     Scenario {
         name: "ticks",
         run: ticks::run,
+    },
+    Scenario {
+        name: "cmdline",
+        run: cmdline::run,
+    },
+    Scenario {
+        name: "blk",
+        run: blk::run,
+    },
+    Scenario {
+        name: "rng",
+        run: rng::run,
+    },
+    Scenario {
+        name: "evil",
+        run: evil::run,
     },
 ];
 

@@ -1,0 +1,496 @@
+//! virtio-blk backed by a host file, with plain positional reads and writes (io_engine Sync).
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::Queue;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::{
+    for_each_chain, ChainError, DeviceError, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+};
+use crate::metrics::METRICS;
+
+pub const SECTOR_SIZE: u64 = 512;
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+pub const ID_BYTES: usize = 20;
+const HEADER_LEN: u32 = 16;
+/// Data moves through a bounce buffer of at most this size.
+const CHUNK: usize = 64 * 1024;
+
+/// A request the device answers with a status byte.
+#[derive(Debug)]
+enum RequestError {
+    /// Answered VIRTIO_BLK_S_IOERR.
+    Io(String),
+    /// Answered VIRTIO_BLK_S_UNSUPP.
+    Unsupported(u32),
+}
+
+pub struct Block {
+    file: File,
+    capacity: u64,
+    read_only: bool,
+    writeback: bool,
+    id: [u8; ID_BYTES],
+    buf: Vec<u8>,
+}
+
+impl Block {
+    /// `file` is opened read-only for a read-only drive. `writeback` offers FLUSH and makes
+    /// it an fsync.
+    pub fn new(file: File, read_only: bool, writeback: bool) -> std::io::Result<Block> {
+        let meta = file.metadata()?;
+        let mut id = [0u8; ID_BYTES];
+        let s = format!("{}{}", meta.dev(), meta.ino());
+        let n = s.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&s.as_bytes()[..n]);
+        Ok(Block {
+            file,
+            capacity: meta.len() / SECTOR_SIZE,
+            read_only,
+            writeback,
+            id,
+            buf: Vec::new(),
+        })
+    }
+
+    /// In 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    pub fn id(&self) -> &[u8; ID_BYTES] {
+        &self.id
+    }
+
+    /// Runs one request; returns the bytes written to device-writable buffers.
+    fn handle(&mut self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Result<u32, ChainError> {
+        if descs.len() < 2 {
+            return Err(ChainError::TooFewDescriptors(descs.len()));
+        }
+        let header = descs[0];
+        let status = descs[descs.len() - 1];
+        let data = &descs[1..descs.len() - 1];
+        if header.is_write_only() {
+            return Err(ChainError::WrongDirection { index: 0 });
+        }
+        if header.len() < HEADER_LEN {
+            return Err(ChainError::TooShort {
+                index: 0,
+                len: header.len(),
+            });
+        }
+        if !status.is_write_only() {
+            return Err(ChainError::WrongDirection {
+                index: descs.len() - 1,
+            });
+        }
+        if status.len() < 1 {
+            return Err(ChainError::TooShort {
+                index: descs.len() - 1,
+                len: 0,
+            });
+        }
+        let read_u32 = |off: u64| -> Result<u32, ChainError> {
+            mem.read_obj::<u32>(header.addr().unchecked_add(off))
+                .map(u32::from_le)
+                .map_err(|_| ChainError::OutsideMemory {
+                    addr: header.addr().0,
+                    len: header.len(),
+                })
+        };
+        let req_type = read_u32(0)?;
+        let sector = u64::from(read_u32(8)?) | (u64::from(read_u32(12)?) << 32);
+
+        let (res, written) = self.execute(mem, req_type, sector, data);
+        let code = match &res {
+            Ok(()) => VIRTIO_BLK_S_OK,
+            Err(RequestError::Io(e)) => {
+                log::debug!("virtio-blk: I/O error: {e}");
+                METRICS.block.io_errors.inc();
+                VIRTIO_BLK_S_IOERR
+            }
+            Err(RequestError::Unsupported(t)) => {
+                log::debug!("virtio-blk: unsupported request type {t}");
+                METRICS.block.invalid_reqs_count.inc();
+                VIRTIO_BLK_S_UNSUPP
+            }
+        };
+        mem.write_obj(code, status.addr())
+            .map_err(|_| ChainError::OutsideMemory {
+                addr: status.addr().0,
+                len: status.len(),
+            })?;
+        Ok(written.saturating_add(1))
+    }
+
+    /// Returns the outcome and the data bytes written to the guest.
+    fn execute(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        req_type: u32,
+        sector: u64,
+        data: &[Descriptor],
+    ) -> (Result<(), RequestError>, u32) {
+        let io = |e: String| RequestError::Io(e);
+        match req_type {
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+                let write = req_type == VIRTIO_BLK_T_OUT;
+                if write && self.read_only {
+                    return (Err(io("write to a read-only drive".into())), 0);
+                }
+                // Data buffers: device-writable for IN, readable for OUT.
+                if data.iter().any(|d| d.is_write_only() == write) {
+                    METRICS.virtio.malformed_chains.inc();
+                    return (Err(io("data buffer with the wrong direction".into())), 0);
+                }
+                let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
+                let start = sector.checked_mul(SECTOR_SIZE);
+                let end = start.and_then(|s| s.checked_add(total));
+                let (Some(start), Some(end)) = (start, end) else {
+                    return (Err(io("sector out of range".into())), 0);
+                };
+                if end > self.capacity * SECTOR_SIZE {
+                    return (
+                        Err(io(format!(
+                            "request {start:#x}..{end:#x} beyond the capacity of {} sectors",
+                            self.capacity
+                        ))),
+                        0,
+                    );
+                }
+                let mut pos = start;
+                let mut written = 0u32;
+                for d in data {
+                    let r = if write {
+                        self.write_from_guest(mem, d.addr(), d.len(), pos)
+                    } else {
+                        self.read_to_guest(mem, d.addr(), d.len(), pos)
+                    };
+                    if let Err(e) = r {
+                        return (Err(io(e)), written);
+                    }
+                    pos += u64::from(d.len());
+                    if !write {
+                        written = written.saturating_add(d.len());
+                    }
+                }
+                if write {
+                    METRICS.block.write_count.inc();
+                    METRICS.block.write_bytes.add(total);
+                } else {
+                    METRICS.block.read_count.inc();
+                    METRICS.block.read_bytes.add(total);
+                }
+                (Ok(()), written)
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                METRICS.block.flush_count.inc();
+                if self.writeback {
+                    if let Err(e) = self.file.sync_all() {
+                        return (Err(io(format!("fsync: {e}"))), 0);
+                    }
+                }
+                (Ok(()), 0)
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                let mut left = ID_BYTES;
+                let mut written = 0u32;
+                for d in data {
+                    if !d.is_write_only() {
+                        METRICS.virtio.malformed_chains.inc();
+                        return (Err(io("GET_ID buffer is read-only".into())), written);
+                    }
+                    let n = (d.len() as usize).min(left);
+                    let from = ID_BYTES - left;
+                    if let Err(e) = mem.write_slice(&self.id[from..from + n], d.addr()) {
+                        return (Err(io(e.to_string())), written);
+                    }
+                    left -= n;
+                    written += n as u32;
+                }
+                (Ok(()), written)
+            }
+            t => (Err(RequestError::Unsupported(t)), 0),
+        }
+    }
+
+    fn read_to_guest(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        addr: GuestAddress,
+        len: u32,
+        pos: u64,
+    ) -> Result<(), String> {
+        let mut done = 0usize;
+        let len = len as usize;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            self.buf.resize(n, 0);
+            self.file
+                .read_exact_at(&mut self.buf[..n], pos + done as u64)
+                .map_err(|e| format!("read at {:#x}: {e}", pos + done as u64))?;
+            mem.write_slice(&self.buf[..n], addr.unchecked_add(done as u64))
+                .map_err(|e| e.to_string())?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_from_guest(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        addr: GuestAddress,
+        len: u32,
+        pos: u64,
+    ) -> Result<(), String> {
+        let mut done = 0usize;
+        let len = len as usize;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            self.buf.resize(n, 0);
+            mem.read_slice(&mut self.buf[..n], addr.unchecked_add(done as u64))
+                .map_err(|e| e.to_string())?;
+            self.file
+                .write_all_at(&self.buf[..n], pos + done as u64)
+                .map_err(|e| format!("write at {:#x}: {e}", pos + done as u64))?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn avail_features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1;
+        if self.read_only {
+            f |= VIRTIO_BLK_F_RO;
+        }
+        if self.writeback {
+            f |= VIRTIO_BLK_F_FLUSH;
+        }
+        f
+    }
+
+    fn config_space(&self) -> Vec<u8> {
+        self.capacity.to_le_bytes().to_vec()
+    }
+
+    fn process_queue(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+    ) -> Result<bool, DeviceError> {
+        for_each_chain(mem, queue, |mem, descs| {
+            match descs.and_then(|d| self.handle(mem, &d)) {
+                Ok(n) => n,
+                Err(e) => {
+                    log::debug!("virtio-blk: malformed request: {e}");
+                    METRICS.block.invalid_reqs_count.inc();
+                    0
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::*;
+    use super::*;
+    use std::io::Write;
+
+    const HDR: u64 = 0x8000;
+    const DATA: u64 = 0x9000;
+    const STATUS: u64 = 0xa000;
+
+    fn disk(sectors: usize, read_only: bool, writeback: bool) -> (Block, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!(
+            "ember-blk-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        let mut f = File::create(&path).unwrap();
+        let bytes: Vec<u8> = (0..sectors * 512).map(|i| (i / 512) as u8).collect();
+        f.write_all(&bytes).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(&path)
+            .unwrap();
+        (Block::new(f, read_only, writeback).unwrap(), path)
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        N.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn header(mem: &GuestMemoryMmap, t: u32, sector: u64) {
+        mem.write_obj(t, GuestAddress(HDR)).unwrap();
+        mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+        mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    }
+
+    fn request(mem: &GuestMemoryMmap, slot: u16, data_len: u32, data_flags: u16) {
+        write_desc(mem, 0, HDR, 16, NEXT, 1);
+        write_desc(mem, 1, DATA, data_len, data_flags | NEXT, 2);
+        write_desc(mem, 2, STATUS, 1, WRITE, 0);
+        make_avail(mem, slot, 0);
+    }
+
+    fn status(mem: &GuestMemoryMmap) -> u8 {
+        mem.read_obj(GuestAddress(STATUS)).unwrap()
+    }
+
+    #[test]
+    fn read_write_flush_get_id_round_trip() {
+        let mem = memory();
+        let mut q = queue(&mem, 16);
+        let (mut blk, path) = disk(8, false, true);
+        assert_eq!(blk.capacity(), 8);
+        assert_eq!(blk.config_space(), 8u64.to_le_bytes().to_vec());
+        assert_eq!(
+            blk.avail_features(),
+            VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH
+        );
+
+        // Read sectors 2 and 3.
+        header(&mem, VIRTIO_BLK_T_IN, 2);
+        request(&mem, 0, 1024, WRITE);
+        assert!(blk.process_queue(&mem, &mut q).unwrap());
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+        assert_eq!(used_elem(&mem, 0), (0, 1025));
+        let mut got = [0u8; 1024];
+        mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert!(got[..512].iter().all(|&b| b == 2) && got[512..].iter().all(|&b| b == 3));
+
+        // Write sector 5, read it back.
+        mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+        header(&mem, VIRTIO_BLK_T_OUT, 5);
+        request(&mem, 1, 512, 0);
+        blk.process_queue(&mem, &mut q).unwrap();
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+        assert_eq!(used_elem(&mem, 1), (0, 1));
+        let on_disk = std::fs::read(&path).unwrap();
+        assert!(on_disk[5 * 512..6 * 512].iter().all(|&b| b == 0xab));
+
+        // Flush: header and status only.
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        write_desc(&mem, 0, HDR, 16, NEXT, 2);
+        make_avail(&mem, 2, 0);
+        blk.process_queue(&mem, &mut q).unwrap();
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+
+        // GET_ID.
+        header(&mem, VIRTIO_BLK_T_GET_ID, 0);
+        request(&mem, 3, 20, WRITE);
+        blk.process_queue(&mem, &mut q).unwrap();
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+        assert_eq!(used_elem(&mem, 3), (0, 21));
+        let mut id = [0u8; 20];
+        mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id, blk.id());
+        assert_ne!(id[0], 0);
+
+        // Unknown type.
+        header(&mem, 42, 0);
+        request(&mem, 4, 512, WRITE);
+        blk.process_queue(&mem, &mut q).unwrap();
+        assert_eq!(status(&mem), VIRTIO_BLK_S_UNSUPP);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn errors_and_malicious_requests() {
+        let mem = memory();
+        let mut q = queue(&mem, 16);
+        let (mut blk, path) = disk(4, true, false);
+        assert_eq!(blk.avail_features(), VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_RO);
+        let mut slot = 0;
+        macro_rules! run {
+            ($blk:expr) => {{
+                $blk.process_queue(&mem, &mut q).unwrap();
+                slot += 1;
+                used_elem(&mem, slot - 1)
+            }};
+        }
+
+        // Write to a read-only drive.
+        header(&mem, VIRTIO_BLK_T_OUT, 0);
+        request(&mem, slot, 512, 0);
+        assert_eq!(run!(blk), (0, 1));
+        assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR);
+
+        // Beyond capacity, and a sector that overflows.
+        for sector in [3, u64::MAX / 2] {
+            header(&mem, VIRTIO_BLK_T_IN, sector);
+            request(&mem, slot, 1024, WRITE);
+            assert_eq!(run!(blk), (0, 1));
+            assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR);
+        }
+
+        // Data buffer with the wrong direction for a read.
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        request(&mem, slot, 512, 0);
+        assert_eq!(run!(blk), (0, 1));
+        assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR);
+
+        // Zero-length data: fine, nothing moves.
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        request(&mem, slot, 0, WRITE);
+        assert_eq!(run!(blk), (0, 1));
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+
+        // Status descriptor read-only: no status can be given, used length 0.
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        request(&mem, slot, 512, WRITE);
+        write_desc(&mem, 2, STATUS, 1, 0, 0);
+        assert_eq!(run!(blk), (0, 0));
+        assert_eq!(status(&mem), 0xff);
+
+        // Zero-length header.
+        write_desc(&mem, 0, HDR, 0, NEXT, 2);
+        write_desc(&mem, 2, STATUS, 1, WRITE, 0);
+        make_avail(&mem, slot, 0);
+        assert_eq!(run!(blk), (0, 0));
+
+        // Data outside guest memory.
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        request(&mem, slot, 512, WRITE);
+        write_desc(&mem, 1, 0xfff00, 512, WRITE | NEXT, 2);
+        let before = METRICS.virtio.malformed_chains.count();
+        assert_eq!(run!(blk), (0, 0));
+        assert!(METRICS.virtio.malformed_chains.count() > before);
+
+        // A chain that loops on itself.
+        write_desc(&mem, 0, HDR, 16, NEXT, 0);
+        make_avail(&mem, slot, 0);
+        assert_eq!(run!(blk), (0, 0));
+
+        // A single descriptor.
+        write_desc(&mem, 0, HDR, 16, 0, 0);
+        make_avail(&mem, slot, 0);
+        assert_eq!(run!(blk), (0, 0));
+        std::fs::remove_file(path).unwrap();
+    }
+}

@@ -1,0 +1,512 @@
+//! The virtio-mmio transport, version 2 registers, one 4 KiB window per device.
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{QueueHandler, VirtioDevice, QUEUE_MAX_SIZE, VIRTIO_F_VERSION_1};
+use crate::devices::bus::BusDevice;
+use crate::devices::legacy::EventFdTrigger;
+use crate::metrics::METRICS;
+
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+pub const MAGIC_VALUE: u32 = 0x7472_6976;
+
+pub const REG_MAGIC: u64 = 0x00;
+pub const REG_VERSION: u64 = 0x04;
+pub const REG_DEVICE_ID: u64 = 0x08;
+pub const REG_VENDOR_ID: u64 = 0x0c;
+pub const REG_DEVICE_FEATURES: u64 = 0x10;
+pub const REG_DEVICE_FEATURES_SEL: u64 = 0x14;
+pub const REG_DRIVER_FEATURES: u64 = 0x20;
+pub const REG_DRIVER_FEATURES_SEL: u64 = 0x24;
+pub const REG_QUEUE_SEL: u64 = 0x30;
+pub const REG_QUEUE_NUM_MAX: u64 = 0x34;
+pub const REG_QUEUE_NUM: u64 = 0x38;
+pub const REG_QUEUE_READY: u64 = 0x44;
+pub const REG_QUEUE_NOTIFY: u64 = 0x50;
+pub const REG_INTERRUPT_STATUS: u64 = 0x60;
+pub const REG_INTERRUPT_ACK: u64 = 0x64;
+pub const REG_STATUS: u64 = 0x70;
+pub const REG_QUEUE_DESC_LOW: u64 = 0x80;
+pub const REG_QUEUE_DESC_HIGH: u64 = 0x84;
+pub const REG_QUEUE_AVAIL_LOW: u64 = 0x90;
+pub const REG_QUEUE_AVAIL_HIGH: u64 = 0x94;
+pub const REG_QUEUE_USED_LOW: u64 = 0xa0;
+pub const REG_QUEUE_USED_HIGH: u64 = 0xa4;
+pub const REG_CONFIG_GENERATION: u64 = 0xfc;
+pub const CONFIG_SPACE: u64 = 0x100;
+
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_NEEDS_RESET: u32 = 64;
+pub const STATUS_FAILED: u32 = 128;
+
+pub const INT_USED_RING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+/// One device behind its virtio-mmio window.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    irq: EventFdTrigger,
+    queue: Queue,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+}
+
+impl MmioTransport {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: EventFdTrigger) -> Self {
+        MmioTransport {
+            device,
+            mem,
+            irq,
+            // QUEUE_MAX_SIZE is a power of two: this cannot fail.
+            queue: Queue::new(QUEUE_MAX_SIZE).unwrap_or_else(|_| unreachable!()),
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            interrupt_status: 0,
+            config_generation: 0,
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    pub fn interrupt_status(&self) -> u32 {
+        self.interrupt_status
+    }
+
+    fn reset(&mut self) {
+        self.queue.reset();
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.interrupt_status = 0;
+    }
+
+    fn raise(&mut self, bit: u32) {
+        self.interrupt_status |= bit;
+        if let Err(e) = self.irq.0.write(1) {
+            log::warn!("virtio: cannot raise an interrupt: {e}");
+        }
+    }
+
+    /// The device cannot go on until the driver resets it.
+    fn needs_reset(&mut self, why: &str) {
+        log::warn!(
+            "virtio device {}: {why}; it needs a reset",
+            self.device.device_type()
+        );
+        METRICS.virtio.needs_reset.inc();
+        if self.status & STATUS_NEEDS_RESET == 0 {
+            self.status |= STATUS_NEEDS_RESET;
+            if self.status & STATUS_DRIVER_OK != 0 {
+                self.raise(INT_CONFIG);
+            }
+        }
+    }
+
+    /// Queue registers may change only between FEATURES_OK and DRIVER_OK.
+    fn queue_setup_allowed(&self) -> bool {
+        self.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED | STATUS_NEEDS_RESET)
+            == STATUS_FEATURES_OK
+            && self.queue_sel == 0
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.status;
+        // Bits are only ever added; clearing one other than by a reset is a driver bug.
+        if v & old != old {
+            METRICS.virtio.invalid_register_writes.inc();
+            return;
+        }
+        let new = v & !old;
+        if new & STATUS_FAILED != 0 {
+            self.status |= STATUS_FAILED;
+            return;
+        }
+        let ok = match new & !STATUS_NEEDS_RESET {
+            STATUS_ACKNOWLEDGE => old == 0,
+            STATUS_DRIVER => old == STATUS_ACKNOWLEDGE,
+            STATUS_FEATURES_OK => {
+                old == STATUS_ACKNOWLEDGE | STATUS_DRIVER && self.features_acceptable()
+            }
+            STATUS_DRIVER_OK => old & STATUS_FEATURES_OK != 0 && old & STATUS_DRIVER_OK == 0,
+            0 => true,
+            _ => false,
+        };
+        if !ok {
+            // A refused FEATURES_OK simply stays clear, as the spec wants; anything else out
+            // of order is counted.
+            if new != STATUS_FEATURES_OK {
+                METRICS.virtio.invalid_register_writes.inc();
+            }
+            return;
+        }
+        self.status |= new & !STATUS_NEEDS_RESET;
+        if new & STATUS_DRIVER_OK != 0 {
+            self.activate();
+        }
+    }
+
+    fn features_acceptable(&self) -> bool {
+        let offered = self.device.avail_features();
+        self.driver_features & !offered == 0 && self.driver_features & VIRTIO_F_VERSION_1 != 0
+    }
+
+    fn activate(&mut self) {
+        if !self.queue.ready() {
+            self.needs_reset("DRIVER_OK without a ready queue");
+        } else if !self.queue.is_valid(&self.mem) {
+            self.needs_reset("its queue lies outside guest memory");
+        }
+    }
+
+    /// Processes queue `index` if the device is live.
+    pub fn process(&mut self, index: u32) {
+        if index != 0 {
+            METRICS.virtio.invalid_notifications.inc();
+            return;
+        }
+        let live = self.status & (STATUS_DRIVER_OK | STATUS_NEEDS_RESET | STATUS_FAILED)
+            == STATUS_DRIVER_OK
+            && self.queue.ready();
+        if !live {
+            METRICS.virtio.invalid_notifications.inc();
+            return;
+        }
+        match self.device.process_queue(&self.mem, &mut self.queue) {
+            Ok(false) => {}
+            Ok(true) => match self.queue.needs_notification(&self.mem) {
+                Ok(false) => {}
+                _ => self.raise(INT_USED_RING),
+            },
+            Err(e) => self.needs_reset(&e.to_string()),
+        }
+    }
+
+    fn read_reg(&self, offset: u64) -> u32 {
+        match offset {
+            REG_MAGIC => MAGIC_VALUE,
+            REG_VERSION => 2,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => 0,
+            REG_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.avail_features() as u32,
+                1 => (self.device.avail_features() >> 32) as u32,
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX if self.queue_sel == 0 => u32::from(QUEUE_MAX_SIZE),
+            REG_QUEUE_NUM if self.queue_sel == 0 => u32::from(self.queue.size()),
+            REG_QUEUE_READY if self.queue_sel == 0 => u32::from(self.queue.ready()),
+            REG_INTERRUPT_STATUS => self.interrupt_status,
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, v: u32) {
+        let q = self.queue_setup_allowed();
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            REG_DRIVER_FEATURES
+                if self.status & !STATUS_NEEDS_RESET == STATUS_ACKNOWLEDGE | STATUS_DRIVER =>
+            {
+                match self.driver_features_sel {
+                    0 => {
+                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                    }
+                    _ => METRICS.virtio.invalid_register_writes.inc(),
+                }
+            }
+            REG_QUEUE_SEL => self.queue_sel = v,
+            REG_QUEUE_NUM if q => {
+                let ok = v > 0
+                    && v <= u32::from(QUEUE_MAX_SIZE)
+                    && v.is_power_of_two()
+                    && self.queue.try_set_size(v as u16).is_ok();
+                if !ok {
+                    self.needs_reset(&format!("bad queue size {v}"));
+                }
+            }
+            REG_QUEUE_READY if q => match v {
+                0 => self.queue.set_ready(false),
+                1 => self.queue.set_ready(true),
+                _ => METRICS.virtio.invalid_register_writes.inc(),
+            },
+            REG_QUEUE_DESC_LOW if q => self.queue.set_desc_table_address(Some(v), None),
+            REG_QUEUE_DESC_HIGH if q => self.queue.set_desc_table_address(None, Some(v)),
+            REG_QUEUE_AVAIL_LOW if q => self.queue.set_avail_ring_address(Some(v), None),
+            REG_QUEUE_AVAIL_HIGH if q => self.queue.set_avail_ring_address(None, Some(v)),
+            REG_QUEUE_USED_LOW if q => self.queue.set_used_ring_address(Some(v), None),
+            REG_QUEUE_USED_HIGH if q => self.queue.set_used_ring_address(None, Some(v)),
+            REG_QUEUE_NOTIFY => self.process(v),
+            REG_INTERRUPT_ACK => self.interrupt_status &= !v,
+            REG_STATUS => self.set_status(v),
+            _ => METRICS.virtio.invalid_register_writes.inc(),
+        }
+    }
+}
+
+impl QueueHandler for MmioTransport {
+    fn notified(&mut self, queue_index: u32) {
+        self.process(queue_index);
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if offset >= CONFIG_SPACE {
+            let config = self.device.config_space();
+            let start = (offset - CONFIG_SPACE) as usize;
+            for (i, b) in data.iter_mut().enumerate() {
+                if let Some(v) = start.checked_add(i).and_then(|j| config.get(j)) {
+                    *b = *v;
+                }
+            }
+            return;
+        }
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            METRICS.virtio.invalid_register_writes.inc();
+            return;
+        }
+        data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            // Neither block nor rng has a writable configuration field ember offers.
+            METRICS.virtio.invalid_register_writes.inc();
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            METRICS.virtio.invalid_register_writes.inc();
+            return;
+        };
+        if !offset.is_multiple_of(4) {
+            METRICS.virtio.invalid_register_writes.inc();
+            return;
+        }
+        self.write_reg(offset, u32::from_le_bytes(bytes));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::rng::Rng;
+    use super::super::test_util::*;
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn rd(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+    fn wr(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn transport(mem: &GuestMemoryMmap) -> MmioTransport {
+        MmioTransport::new(
+            Box::new(Rng::new()),
+            mem.clone(),
+            EventFdTrigger::new().unwrap(),
+        )
+    }
+
+    fn setup(t: &mut MmioTransport, size: u32) {
+        wr(t, REG_STATUS, STATUS_ACKNOWLEDGE);
+        wr(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        wr(t, REG_DRIVER_FEATURES_SEL, 1);
+        wr(t, REG_DRIVER_FEATURES, 1);
+        wr(
+            t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(rd(t, REG_STATUS) & STATUS_FEATURES_OK, STATUS_FEATURES_OK);
+        wr(t, REG_QUEUE_SEL, 0);
+        wr(t, REG_QUEUE_NUM, size);
+        wr(t, REG_QUEUE_DESC_LOW, DESC as u32);
+        wr(t, REG_QUEUE_DESC_HIGH, 0);
+        wr(t, REG_QUEUE_AVAIL_LOW, AVAIL as u32);
+        wr(t, REG_QUEUE_USED_LOW, USED as u32);
+        wr(t, REG_QUEUE_READY, 1);
+    }
+
+    #[test]
+    fn identity_registers() {
+        let mem = memory();
+        let mut t = transport(&mem);
+        assert_eq!(rd(&mut t, REG_MAGIC), MAGIC_VALUE);
+        assert_eq!(rd(&mut t, REG_VERSION), 2);
+        assert_eq!(rd(&mut t, REG_DEVICE_ID), 4);
+        assert_eq!(rd(&mut t, REG_VENDOR_ID), 0);
+        assert_eq!(rd(&mut t, REG_QUEUE_NUM_MAX), 256);
+        wr(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(rd(&mut t, REG_DEVICE_FEATURES), 1);
+        wr(&mut t, REG_QUEUE_SEL, 1);
+        assert_eq!(rd(&mut t, REG_QUEUE_NUM_MAX), 0);
+        // Unaligned or narrow register access reads 0.
+        let mut b = [0xffu8; 2];
+        t.read(REG_MAGIC, &mut b);
+        assert_eq!(b, [0, 0]);
+    }
+
+    #[test]
+    fn status_state_machine() {
+        let mem = memory();
+        let mut t = transport(&mem);
+        // Out of order: DRIVER before ACKNOWLEDGE.
+        wr(&mut t, REG_STATUS, STATUS_DRIVER);
+        assert_eq!(t.status(), 0);
+        wr(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE);
+        wr(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        // Features without VERSION_1: FEATURES_OK stays clear.
+        wr(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(t.status() & STATUS_FEATURES_OK, 0);
+        // A feature not offered: refused too.
+        wr(&mut t, REG_DRIVER_FEATURES_SEL, 0);
+        wr(&mut t, REG_DRIVER_FEATURES, 1 << 5);
+        wr(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, REG_DRIVER_FEATURES, 1);
+        wr(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(t.status() & STATUS_FEATURES_OK, 0);
+        wr(&mut t, REG_DRIVER_FEATURES_SEL, 0);
+        wr(&mut t, REG_DRIVER_FEATURES, 0);
+        wr(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_ne!(t.status() & STATUS_FEATURES_OK, 0);
+        // Features are frozen after FEATURES_OK.
+        wr(&mut t, REG_DRIVER_FEATURES, 1 << 5);
+        assert_eq!(t.driver_features, VIRTIO_F_VERSION_1);
+        // DRIVER_OK without a ready queue: needs reset.
+        wr(&mut t, REG_STATUS, 0xf);
+        assert_ne!(t.status() & STATUS_NEEDS_RESET, 0);
+        assert_ne!(t.interrupt_status() & INT_CONFIG, 0);
+        // Writing 0 resets everything.
+        wr(&mut t, REG_STATUS, 0);
+        assert_eq!(t.status(), 0);
+        assert_eq!(t.interrupt_status(), 0);
+        assert_eq!(t.driver_features, 0);
+    }
+
+    #[test]
+    fn queue_setup_checks() {
+        let mem = memory();
+        let mut t = transport(&mem);
+        // Queue registers before FEATURES_OK are ignored.
+        wr(&mut t, REG_QUEUE_NUM, 16);
+        assert_eq!(rd(&mut t, REG_QUEUE_NUM), 256);
+        setup(&mut t, 16);
+        assert_eq!(rd(&mut t, REG_QUEUE_NUM), 16);
+        assert_eq!(rd(&mut t, REG_QUEUE_READY), 1);
+        wr(&mut t, REG_STATUS, 0xf);
+        assert_eq!(t.status(), 0xf);
+        // After DRIVER_OK the queue cannot move.
+        wr(&mut t, REG_QUEUE_DESC_LOW, 0x8000);
+        assert_eq!(t.queue.desc_table(), DESC);
+
+        // A bad size: needs reset.
+        let mut t = transport(&mem);
+        setup(&mut t, 3);
+        assert_ne!(t.status() & STATUS_NEEDS_RESET, 0);
+        let mut t = transport(&mem);
+        setup(&mut t, 512);
+        assert_ne!(t.status() & STATUS_NEEDS_RESET, 0);
+
+        // Rings outside guest memory: DRIVER_OK gives NEEDS_RESET.
+        let mut t = transport(&mem);
+        setup(&mut t, 16);
+        wr(&mut t, REG_QUEUE_USED_HIGH, 1);
+        wr(&mut t, REG_STATUS, 0xf);
+        assert_ne!(t.status() & STATUS_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn notify_before_driver_ok_is_ignored_and_after_works() {
+        let mem = memory();
+        let mut t = transport(&mem);
+        setup(&mut t, 16);
+        write_desc(&mem, 0, 0x8000, 64, WRITE, 0);
+        make_avail(&mem, 0, 0);
+        let before = METRICS.virtio.invalid_notifications.count();
+        wr(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert!(METRICS.virtio.invalid_notifications.count() > before);
+        assert_eq!(used_idx(&mem), 0);
+        wr(&mut t, REG_STATUS, 0xf);
+        wr(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(used_idx(&mem), 1);
+        assert_eq!(used_elem(&mem, 0), (0, 64));
+        assert_eq!(rd(&mut t, REG_INTERRUPT_STATUS), INT_USED_RING);
+        assert_eq!(t.irq.0.read().unwrap(), 1);
+        wr(&mut t, REG_INTERRUPT_ACK, INT_USED_RING);
+        assert_eq!(rd(&mut t, REG_INTERRUPT_STATUS), 0);
+        // Through the notifier path too.
+        make_avail(&mem, 1, 0);
+        t.notified(0);
+        assert_eq!(used_idx(&mem), 2);
+    }
+
+    #[test]
+    fn bogus_avail_index_needs_reset() {
+        let mem = memory();
+        let mut t = transport(&mem);
+        setup(&mut t, 16);
+        wr(&mut t, REG_STATUS, 0xf);
+        mem.write_obj(1000u16, GuestAddress(AVAIL + 2)).unwrap();
+        wr(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_ne!(t.status() & STATUS_NEEDS_RESET, 0);
+        // Further notifications are ignored until a reset.
+        wr(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(used_idx(&mem), 0);
+    }
+
+    #[test]
+    fn config_space_reads_and_refuses_writes() {
+        let mem = memory();
+        let mut t = transport(&mem);
+        let mut b = [0xffu8; 8];
+        t.read(CONFIG_SPACE + 0xe00, &mut b);
+        assert_eq!(b, [0; 8]);
+        let before = METRICS.virtio.invalid_register_writes.count();
+        t.write(CONFIG_SPACE + 0x10, &[1, 2, 3]);
+        assert!(METRICS.virtio.invalid_register_writes.count() > before);
+    }
+}

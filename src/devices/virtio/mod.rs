@@ -1,0 +1,272 @@
+//! virtio devices over the virtio-mmio transport (version 2 registers).
+//!
+//! A device model ([`VirtioDevice`]) is a plain state machine: it sees guest memory (through
+//! `vm_memory`) and its queues, never KVM or a thread. The transport ([`mmio::MmioTransport`])
+//! is a `BusDevice` on the MMIO bus; its interrupt is an `EventFdTrigger` (a KVM irqfd) and its
+//! queue notifications arrive on an `EventFd` (a KVM ioeventfd on QueueNotify), handled on the
+//! VMM thread by a [`QueueNotifier`] subscriber. A QueueNotify write that reaches the bus (no
+//! ioeventfd) processes the queue right away.
+
+pub mod block;
+pub mod mmio;
+pub mod rng;
+
+use std::fmt;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::bus::lock;
+use crate::metrics::METRICS;
+
+/// `VIRTIO_F_VERSION_1`: every device offers it.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Every queue holds up to this many descriptors.
+pub const QUEUE_MAX_SIZE: u16 = 256;
+
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
+
+/// Why a device cannot go on: the transport then sets DEVICE_NEEDS_RESET.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DeviceError {
+    /// The available ring index moved by more than the queue size.
+    AvailRing(String),
+    /// The used ring cannot be written.
+    UsedRing(String),
+}
+
+impl fmt::Display for DeviceError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            DeviceError::AvailRing(e) => write!(f, "bad available ring: {e}"),
+            DeviceError::UsedRing(e) => write!(f, "cannot write the used ring: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DeviceError {}
+
+/// A malformed descriptor chain, as the device sees it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChainError {
+    /// The chain ended on a descriptor that still says NEXT: it loops, is longer than the
+    /// queue, names a descriptor outside the table, or exceeds 4 GiB.
+    Truncated,
+    /// A descriptor's buffer is not inside guest memory.
+    OutsideMemory { addr: u64, len: u32 },
+    /// A descriptor the device must write is read-only, or the other way round.
+    WrongDirection { index: usize },
+    /// A descriptor is too short for what it must hold.
+    TooShort { index: usize, len: u32 },
+    /// A chain without the descriptors the request needs.
+    TooFewDescriptors(usize),
+}
+
+impl fmt::Display for ChainError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            ChainError::Truncated => write!(
+                f,
+                "descriptor chain loops, is too long or points outside the table"
+            ),
+            ChainError::OutsideMemory { addr, len } => {
+                write!(f, "buffer {addr:#x}+{len:#x} is outside guest memory")
+            }
+            ChainError::WrongDirection { index } => {
+                write!(f, "descriptor {index} has the wrong direction")
+            }
+            ChainError::TooShort { index, len } => {
+                write!(f, "descriptor {index} is too short ({len} bytes)")
+            }
+            ChainError::TooFewDescriptors(n) => write!(f, "chain of only {n} descriptors"),
+        }
+    }
+}
+
+impl std::error::Error for ChainError {}
+
+/// The descriptors of one chain, checked: no loop, no truncation, every buffer inside guest
+/// memory. Counts a malformed chain in the `virtio` metrics.
+pub fn collect_chain<I: Iterator<Item = Descriptor>>(
+    mem: &GuestMemoryMmap,
+    chain: I,
+) -> Result<Vec<Descriptor>, ChainError> {
+    let res = (|| {
+        let descs: Vec<Descriptor> = chain.take(usize::from(QUEUE_MAX_SIZE) + 1).collect();
+        match descs.last() {
+            None => return Err(ChainError::TooFewDescriptors(0)),
+            Some(d) if d.has_next() => return Err(ChainError::Truncated),
+            Some(_) => {}
+        }
+        for d in &descs {
+            let access = if d.is_write_only() {
+                Permissions::Write
+            } else {
+                Permissions::Read
+            };
+            if d.len() > 0 && !mem.check_range(d.addr(), d.len() as usize, access) {
+                return Err(ChainError::OutsideMemory {
+                    addr: d.addr().0,
+                    len: d.len(),
+                });
+            }
+        }
+        Ok(descs)
+    })();
+    if res.is_err() {
+        METRICS.virtio.malformed_chains.inc();
+    }
+    res
+}
+
+/// What a device model implements; the transport does the rest.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// The features offered, VIRTIO_F_VERSION_1 included.
+    fn avail_features(&self) -> u64;
+    /// The device's configuration space; bytes past its end read as 0.
+    fn config_space(&self) -> Vec<u8>;
+    /// Handles the chains the driver made available on `queue`; returns whether any was used
+    /// (the driver may need an interrupt).
+    fn process_queue(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+    ) -> Result<bool, DeviceError>;
+}
+
+/// Pops every available chain of `queue` and hands it to `handle`, which returns the used
+/// length. Shared by the devices.
+pub fn for_each_chain<F>(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    mut handle: F,
+) -> Result<bool, DeviceError>
+where
+    F: FnMut(&GuestMemoryMmap, Result<Vec<Descriptor>, ChainError>) -> u32,
+{
+    let mut used_any = false;
+    loop {
+        let chain = {
+            let mut iter = queue
+                .iter(mem)
+                .map_err(|e| DeviceError::AvailRing(e.to_string()))?;
+            match iter.next() {
+                Some(c) => c,
+                None => break,
+            }
+        };
+        let head = chain.head_index();
+        let descs = collect_chain(mem, chain);
+        let len = handle(mem, descs);
+        queue
+            .add_used(mem, head, len)
+            .map_err(|e| DeviceError::UsedRing(e.to_string()))?;
+        used_any = true;
+    }
+    Ok(used_any)
+}
+
+/// Something that can process a queue on notification: the transport.
+pub trait QueueHandler: Send {
+    fn notified(&mut self, queue_index: u32);
+}
+
+/// The VMM thread's end of one queue's ioeventfd: an event-loop subscriber owned by the
+/// device, that processes the queue when the guest notifies it.
+pub struct QueueNotifier {
+    evt: EventFd,
+    queue_index: u32,
+    handler: Arc<Mutex<dyn QueueHandler>>,
+}
+
+impl QueueNotifier {
+    pub fn new(evt: EventFd, queue_index: u32, handler: Arc<Mutex<dyn QueueHandler>>) -> Self {
+        QueueNotifier {
+            evt,
+            queue_index,
+            handler,
+        }
+    }
+
+    pub fn fd(&self) -> i32 {
+        self.evt.as_raw_fd()
+    }
+}
+
+impl MutEventSubscriber for QueueNotifier {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+        lock(&self.handler).notified(self.queue_index);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
+            log::error!("cannot watch a virtio queue notification: {e:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    //! Builds split virtqueues in a test's guest memory.
+    use super::*;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    pub const DESC: u64 = 0x1000;
+    pub const AVAIL: u64 = 0x3000;
+    pub const USED: u64 = 0x4000;
+    pub const NEXT: u16 = 1;
+    pub const WRITE: u16 = 2;
+
+    pub fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    pub fn queue(mem: &GuestMemoryMmap, size: u16) -> Queue {
+        let mut q = Queue::new(QUEUE_MAX_SIZE).unwrap();
+        q.set_size(size);
+        q.set_desc_table_address(Some(DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_ready(true);
+        assert!(q.is_valid(mem));
+        q
+    }
+
+    pub fn write_desc(mem: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = GuestAddress(DESC + u64::from(i) * 16);
+        mem.write_obj(addr.to_le(), at).unwrap();
+        mem.write_obj(len.to_le(), at.unchecked_add(8)).unwrap();
+        mem.write_obj(flags.to_le(), at.unchecked_add(12)).unwrap();
+        mem.write_obj(next.to_le(), at.unchecked_add(14)).unwrap();
+    }
+
+    /// Makes chain `head` available at ring slot `slot` and publishes avail idx `slot + 1`.
+    pub fn make_avail(mem: &GuestMemoryMmap, slot: u16, head: u16) {
+        mem.write_obj(head.to_le(), GuestAddress(AVAIL + 4 + 2 * u64::from(slot)))
+            .unwrap();
+        mem.write_obj((slot + 1).to_le(), GuestAddress(AVAIL + 2))
+            .unwrap();
+    }
+
+    pub fn used_idx(mem: &GuestMemoryMmap) -> u16 {
+        mem.read_obj(GuestAddress(USED + 2)).unwrap()
+    }
+
+    /// (id, len) of used ring entry `slot`.
+    pub fn used_elem(mem: &GuestMemoryMmap, slot: u16) -> (u32, u32) {
+        let at = USED + 4 + 8 * u64::from(slot);
+        (
+            mem.read_obj(GuestAddress(at)).unwrap(),
+            mem.read_obj(GuestAddress(at + 4)).unwrap(),
+        )
+    }
+}

@@ -1,0 +1,357 @@
+//! virtio-mmio block and entropy devices, driven by the test guest's own drivers
+//! (`resources/guest/src/virtio/`): reads, writes, flush, GET_ID, read-only drives,
+//! out-of-range requests, a malicious driver, the command line the VMM builds.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::path::Path;
+
+const MIB: usize = 1 << 20;
+const SECTOR: usize = 512;
+
+/// Deterministic "random" bytes (xorshift64*), so failures are reproducible.
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        v.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// What the guest's `blk` scenario writes at sector 8: byte i is (i*7+3) & 0xff.
+fn pattern() -> Vec<u8> {
+    (0..8 * SECTOR)
+        .map(|i| ((i * 7 + 3) & 0xff) as u8)
+        .collect()
+}
+
+fn drive(id: &str, path: &Path, root: bool, ro: bool) -> Value {
+    json!({
+        "drive_id": id,
+        "path_on_host": path.to_str().unwrap(),
+        "is_root_device": root,
+        "is_read_only": ro,
+    })
+}
+
+fn config(boot_args: &str, drives: Vec<Value>, entropy: bool) -> Value {
+    let mut cfg = guest_config(boot_args, 1, 128);
+    cfg["drives"] = Value::Array(drives);
+    if entropy {
+        cfg["entropy"] = json!({});
+    }
+    cfg
+}
+
+/// Like `common::boot`, with extra ember arguments.
+fn boot_with(cfg: &Value, extra: &[&str]) -> Outcome {
+    let dir = TempDir::new("virtio-cfg");
+    let path = dir.write("vm.json", serde_json::to_vec(cfg).unwrap());
+    let mut args = vec![
+        "--no-api",
+        "--boot-timer",
+        "--config-file",
+        path.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// The rest of the first stdout line starting with `prefix`; panics with the output if none.
+fn line_after(out: &Outcome, prefix: &str) -> String {
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .map(|s| s.trim_end_matches('\r').to_string())
+        .unwrap_or_else(|| {
+            panic!(
+                "no line starting with {prefix:?} (exit {:?}):\n--- stdout\n{}\n--- stderr\n{}",
+                out.status, out.stdout, out.stderr
+            )
+        })
+}
+
+fn fnv_of_first_sectors(data: &[u8]) -> (usize, u64) {
+    let n = (data.len() / SECTOR).min(128);
+    (n, fnv1a64(&data[..n * SECTOR]))
+}
+
+#[test]
+fn blk_reads_writes_flushes_and_reports_its_id() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("blk");
+    let data = random_bytes(MIB, 0x0b1c_0001);
+    let img = dir.write("rootfs.img", &data);
+    let out = boot(&config(
+        "blk",
+        vec![drive("rootfs", &img, true, false)],
+        false,
+    ));
+    let (n, h) = fnv_of_first_sectors(&data);
+    out.expect_code(0)
+        .expect(&format!("blk: capacity {} sectors, ro=0", MIB / SECTOR))
+        .expect(&format!("blk: read {n} sectors fnv1a64={h:016x}"))
+        .expect("blk: wrote 8 sectors at 8, flush status 0")
+        .expect("blk: out of range status 1")
+        .expect("ember-guest: done");
+    let id = line_after(&out, "blk: id ");
+    assert!(!id.trim().is_empty(), "empty drive id:\n{}", out.stdout);
+
+    let after = std::fs::read(&img).unwrap();
+    assert_eq!(after.len(), data.len(), "the image changed size");
+    assert!(
+        after[8 * SECTOR..16 * SECTOR] == pattern()[..],
+        "sectors 8..16 do not hold the guest's pattern"
+    );
+    assert!(
+        after[..8 * SECTOR] == data[..8 * SECTOR] && after[16 * SECTOR..] == data[16 * SECTOR..],
+        "the guest's write touched bytes outside sectors 8..16"
+    );
+}
+
+#[test]
+fn blk_read_only_drive_refuses_writes() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("blk-ro");
+    let data = random_bytes(MIB, 0x0b1c_0002);
+    let img = dir.write("rootfs.img", &data);
+    let out = boot(&config(
+        "blk",
+        vec![drive("rootfs", &img, true, true)],
+        false,
+    ));
+    let (n, h) = fnv_of_first_sectors(&data);
+    out.expect_code(0)
+        .expect(&format!("blk: capacity {} sectors, ro=1", MIB / SECTOR))
+        .expect(&format!("blk: read {n} sectors fnv1a64={h:016x}"))
+        .expect("blk: write refused status 1")
+        .expect("blk: out of range status 1")
+        .expect("ember-guest: done");
+    assert!(
+        !line_after(&out, "blk: id ").trim().is_empty(),
+        "empty drive id"
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == data,
+        "a read-only drive's file changed"
+    );
+}
+
+#[test]
+fn root_drive_is_attached_first_whatever_its_place_in_the_list() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("blk-order");
+    let other = random_bytes(MIB / 2, 0x0b1c_0003);
+    let root = random_bytes(MIB, 0x0b1c_0004);
+    let other_img = dir.write("data.img", &other);
+    let root_img = dir.write("rootfs.img", &root);
+    let cfg = config(
+        "cmdline blk rng",
+        vec![
+            drive("data", &other_img, false, true),
+            drive("rootfs", &root_img, true, false),
+        ],
+        true,
+    );
+    let out = boot(&cfg);
+    let (n, h) = fnv_of_first_sectors(&root);
+    out.expect_code(0)
+        .expect(&format!("blk: capacity {} sectors, ro=0", MIB / SECTOR))
+        .expect(&format!("blk: read {n} sectors fnv1a64={h:016x}"))
+        .expect("rng: 32 and 32 bytes, differ=1")
+        .expect("ember-guest: done");
+    let cmdline = line_after(&out, "cmdline: ");
+    let devices: Vec<&str> = cmdline
+        .split_whitespace()
+        .filter(|t| t.starts_with("virtio_mmio.device="))
+        .collect();
+    assert_eq!(
+        devices.len(),
+        3,
+        "two drives and an entropy device expected: {cmdline}"
+    );
+    assert!(
+        devices[0].starts_with("virtio_mmio.device=4K@0xc0001000:"),
+        "the first device is not at 0xc0001000: {cmdline}"
+    );
+    assert!(
+        std::fs::read(&other_img).unwrap() == other,
+        "the non-root drive was written"
+    );
+}
+
+#[test]
+fn rng_two_requests_differ() {
+    if !require_kvm() {
+        return;
+    }
+    boot(&config("rng", vec![], true))
+        .expect_code(0)
+        .expect("rng: 32 and 32 bytes, differ=1")
+        .expect("ember-guest: done");
+}
+
+const EVIL_CASES: &[&str] = &[
+    "bad address",
+    "looping chain",
+    "overlong chain",
+    "zero-length data",
+    "read-only status",
+    "avail index jump",
+    "notify before DRIVER_OK",
+    "queue size 3",
+    "config out of range",
+];
+
+/// Sum of the numeric counters whose names say "invalid", "fail", "malformed" or "err", in
+/// every metrics group named `block*` or `virtio*`, over every metrics line.
+fn malformed_count(metrics: &str) -> u64 {
+    let mut sum = 0;
+    for line in metrics.lines() {
+        let Ok(Value::Object(groups)) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        for (group, v) in groups {
+            if !(group.starts_with("block") || group.starts_with("virtio")) {
+                continue;
+            }
+            let Value::Object(fields) = v else { continue };
+            for (name, v) in fields {
+                let n = name.to_ascii_lowercase();
+                if ["invalid", "fail", "malformed", "err", "needs_reset"]
+                    .iter()
+                    .any(|k| n.contains(k))
+                {
+                    sum += v.as_u64().unwrap_or(0);
+                }
+            }
+        }
+    }
+    sum
+}
+
+#[test]
+fn evil_guest_is_survived_and_counted() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("evil");
+    let data = random_bytes(MIB, 0x0b1c_0005);
+    let img = dir.write("rootfs.img", &data);
+    let metrics = dir.path("metrics.json");
+    let out = boot_with(
+        &config("evil", vec![drive("rootfs", &img, true, false)], false),
+        &["--metrics-path", metrics.to_str().unwrap()],
+    );
+    out.expect_code(0);
+    for case in EVIL_CASES {
+        out.expect(&format!("evil: {case} survived"));
+    }
+    out.expect(&format!(
+        "evil: well-behaved read ok fnv1a64={:016x}",
+        fnv1a64(&data[..SECTOR])
+    ))
+    .expect("ember-guest: done");
+    // The guest prints what the device did before each "survived" line; a malformed chain must
+    // never complete with status 0 (OK). (255 means the device did not write the status byte.)
+    for case in [
+        "bad address",
+        "looping chain",
+        "overlong chain",
+        "read-only status",
+    ] {
+        let what = line_after(&out, &format!("evil: {case}: "));
+        assert!(
+            !what.starts_with("completed, status 0,"),
+            "a malformed request ({case}) succeeded: {what}\n{}",
+            out.stdout
+        );
+    }
+    assert!(
+        std::fs::read(&img).unwrap() == data,
+        "the evil guest's requests changed the file"
+    );
+    let m = std::fs::read_to_string(&metrics).unwrap_or_default();
+    assert!(
+        malformed_count(&m) > 0,
+        "no block/virtio error counter counted the malformed requests; metrics:\n{m}\n--- stdout\n{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn missing_drive_file_exits_152_naming_the_path() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("blk-missing");
+    let img = dir.path("no-such-rootfs.img");
+    boot(&config(
+        "blk",
+        vec![drive("rootfs", &img, true, false)],
+        false,
+    ))
+    .expect_code(152)
+    .expect(img.to_str().unwrap());
+}
+
+#[test]
+fn root_drive_grows_the_command_line() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("blk-cmdline");
+    let img = dir.write("rootfs.img", random_bytes(MIB, 0x0b1c_0006));
+
+    let plain = boot(&config("cmdline", vec![], false));
+    plain.expect_code(0);
+    let with = boot(&config(
+        "cmdline",
+        vec![drive("rootfs", &img, true, false)],
+        false,
+    ));
+    with.expect_code(0);
+
+    let len = |o: &Outcome| -> usize {
+        line_after(o, "ember-guest: cmdline ")
+            .trim_end_matches(" bytes")
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        len(&with) > len(&plain),
+        "the command line did not grow:\n{}\n{}",
+        plain.stdout,
+        with.stdout
+    );
+    let line = line_after(&with, "cmdline: ");
+    let tokens: Vec<&str> = line.split_whitespace().collect();
+    assert!(
+        tokens.contains(&"root=/dev/vda"),
+        "no root=/dev/vda: {line}"
+    );
+    assert!(tokens.contains(&"rw"), "no rw for a writable root: {line}");
+    assert!(
+        tokens
+            .iter()
+            .any(|t| t.starts_with("virtio_mmio.device=4K@0xc0001000:")),
+        "no virtio_mmio.device entry: {line}"
+    );
+    assert!(
+        !line_after(&plain, "cmdline: ").contains("root="),
+        "root= without a root drive"
+    );
+}
