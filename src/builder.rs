@@ -208,7 +208,36 @@ fn device_err(e: impl fmt::Display) -> StartError {
     StartError::Device(e.to_string())
 }
 
-/// Builds the VM described by `cfg` and starts its vCPUs.
+/// What KVM gives before the configuration is known: made ahead of `InstanceStart` while the
+/// API waits, so that a start through the API does not pay for it.
+pub struct KvmPrep {
+    kvm: Kvm,
+    vm_fd: kvm_ioctls::VmFd,
+    supported_cpuid: kvm_bindings::CpuId,
+}
+
+impl KvmPrep {
+    pub fn new() -> Result<KvmPrep, StartError> {
+        let kvm = Kvm::new().map_err(StartError::KvmOpen)?;
+        let vm_fd = crate::vstate::vm::create_vm_fd(&kvm)?;
+        let supported_cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| StartError::Vcpu(0, format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
+        Ok(KvmPrep {
+            kvm,
+            vm_fd,
+            supported_cpuid,
+        })
+    }
+
+    /// The VM fd, for the teardown at exit of a VM that never started.
+    pub fn vm_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.vm_fd.as_raw_fd()
+    }
+}
+
+/// Builds the VM described by `cfg` and starts its vCPUs; `prep` is made here when not given.
 pub fn build_microvm(
     cfg: &VmConfig,
     kernel: KernelImage,
@@ -216,6 +245,7 @@ pub fn build_microvm(
     serial_out: SerialOut,
     exit: Arc<ExitSignal>,
     seccomp: &Filters,
+    prep: Option<KvmPrep>,
 ) -> Result<Microvm, StartError> {
     let mc = &cfg.machine_config;
     mc.validate().map_err(StartError::Config)?;
@@ -228,8 +258,15 @@ pub fn build_microvm(
     let cmdline = full_cmdline(cfg, &slots)?;
 
     phase("build start", &start);
-    let kvm = Kvm::new().map_err(StartError::KvmOpen)?;
-    let vm = Vm::new(&kvm, (mc.mem_size_mib as u64) << 20)?;
+    let KvmPrep {
+        kvm,
+        vm_fd,
+        supported_cpuid: supported,
+    } = match prep {
+        Some(p) => p,
+        None => KvmPrep::new()?,
+    };
+    let vm = Vm::with_memory(vm_fd, (mc.mem_size_mib as u64) << 20)?;
     phase("VM created", &start);
     let mem = vm.memory();
 
@@ -326,9 +363,6 @@ pub fn build_microvm(
 
     phase("boot structures written", &start);
     // vCPUs: all are created and configured before any runs.
-    let supported = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| StartError::Vcpu(0, format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
     let mut vcpus = Vec::with_capacity(mc.vcpu_count as usize);
     for index in 0..mc.vcpu_count {
         let fd = vm

@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::{ApiResponse, SerialConfig, VmmAction};
-use crate::builder::{build_microvm, KernelImage, Microvm, StartError};
+use crate::builder::{build_microvm, KernelImage, KvmPrep, Microvm, StartError};
 use crate::config::VmConfig;
 use crate::devices::bus::lock;
 use crate::devices::legacy::serial::SerialOut;
@@ -54,6 +54,8 @@ pub struct Controller {
     drain_timer: Option<TimerFd>,
     /// Flushes the metrics every minute.
     metrics_timer: Option<TimerFd>,
+    /// KVM state made ahead of an API start.
+    prep: Option<KvmPrep>,
 }
 
 const METRICS_PERIOD: Duration = Duration::from_secs(60);
@@ -83,6 +85,7 @@ impl Controller {
                 .and_then(|mut t| t.reset(METRICS_PERIOD, Some(METRICS_PERIOD)).map(|_| t))
                 .map_err(|e| log::warn!("no periodic metrics flush: {e}"))
                 .ok(),
+            prep: None,
         }
     }
 
@@ -93,6 +96,24 @@ impl Controller {
 
     pub fn microvm(&self) -> Option<&Microvm> {
         self.vm.as_ref()
+    }
+
+    /// Makes the configuration-independent KVM state now, while waiting for the API; a
+    /// failure is left for `InstanceStart` to report.
+    pub fn prepare_kvm(&mut self) {
+        match KvmPrep::new() {
+            Ok(p) => self.prep = Some(p),
+            Err(e) => log::debug!("no KVM state made ahead of the start: {e}"),
+        }
+    }
+
+    /// The fd of the KVM VM this process holds, started or not.
+    pub fn kvm_vm_fd(&self) -> Option<std::os::fd::RawFd> {
+        match (&self.vm, &self.prep) {
+            (Some(vm), _) => Some(vm.vm.fd().as_raw_fd()),
+            (None, Some(p)) => Some(p.vm_fd()),
+            _ => None,
+        }
     }
 
     /// Builds and starts the microVM from the current configuration. `start` is the moment
@@ -106,6 +127,7 @@ impl Controller {
             out,
             self.exit.clone(),
             &self.seccomp,
+            self.prep.take(),
         )?;
         let ready = vm
             .serial_buffer_ready

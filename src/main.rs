@@ -392,6 +392,10 @@ fn main() {
         if let Err(e) = controller.start(kernel, start) {
             fail(start_error_code(&e), e);
         }
+    } else if api_sock.is_some() {
+        // The socket already accepts; use the wait for the client to make what InstanceStart
+        // would otherwise make on its critical path.
+        controller.prepare_kvm();
     }
 
     let mut em = match vmm::Manager::new() {
@@ -416,8 +420,8 @@ fn main() {
         let _ = std::fs::remove_file(path);
     }
     let ctl = controller.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(vm) = ctl.microvm() {
-        ember::vstate::vm::detach_teardown(vm.vm.fd().as_raw_fd());
+    if let Some(fd) = ctl.kvm_vm_fd() {
+        ember::vstate::vm::detach_teardown(fd);
     }
     std::process::exit(code);
 }

@@ -28,6 +28,25 @@ impl fmt::Display for VmError {
 
 impl std::error::Error for VmError {}
 
+/// The part of a VM that does not depend on its configuration: the VM itself, its TSS, the
+/// in-kernel irqchip and PIT.
+pub fn create_vm_fd(kvm: &Kvm) -> Result<VmFd, VmError> {
+    let fd = kvm
+        .create_vm()
+        .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+    fd.set_tss_address(arch::layout::KVM_TSS_ADDR as usize)
+        .map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+    fd.create_irq_chip()
+        .map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    fd.create_pit2(pit)
+        .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
+    Ok(fd)
+}
+
 pub struct Vm {
     fd: VmFd,
     memory: GuestMemoryMmap,
@@ -36,9 +55,12 @@ pub struct Vm {
 impl Vm {
     /// Creates the VM with `mem_size` bytes of RAM laid out as the platform spec says.
     pub fn new(kvm: &Kvm, mem_size: u64) -> Result<Vm, VmError> {
-        let fd = kvm
-            .create_vm()
-            .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+        Vm::with_memory(create_vm_fd(kvm)?, mem_size)
+    }
+
+    /// Gives a VM made by [`create_vm_fd`] its RAM. KVM accepts memory slots at any time
+    /// before the vCPUs run, so this may come after the irqchip.
+    pub fn with_memory(fd: VmFd, mem_size: u64) -> Result<Vm, VmError> {
         // Anonymous, private, MAP_NORESERVE: untouched guest pages cost the host nothing.
         let memory = GuestMemoryMmap::from_ranges(&arch::arch_memory_regions(mem_size))
             .map_err(|e| VmError::Memory(e.to_string()))?;
@@ -55,16 +77,6 @@ impl Vm {
             unsafe { fd.set_user_memory_region(mr) }
                 .map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
         }
-        fd.set_tss_address(arch::layout::KVM_TSS_ADDR as usize)
-            .map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
-        fd.create_irq_chip()
-            .map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit)
-            .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
         Ok(Vm { fd, memory })
     }
 
