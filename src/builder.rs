@@ -15,7 +15,8 @@ use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_SIZE};
 use crate::devices::legacy::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_GSI, COM1_SIZE};
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::block::Block;
-use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::mmio::{MmioTransport, BACKEND_EVENT, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::net::{Net, TapWatcher};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{QueueHandler, QueueNotifier, VirtioDevice};
 use crate::devices::{Bus, BusDevice};
@@ -124,6 +125,10 @@ pub struct Microvm {
     pub i8042: Arc<Mutex<I8042Device>>,
     /// The VMM thread's subscribers for the virtio queues' ioeventfds.
     pub queue_notifiers: Vec<QueueNotifier>,
+    /// The VMM thread's subscribers for the net devices' TAPs.
+    pub tap_watchers: Vec<TapWatcher>,
+    /// Each drive's transport, by drive id (`PATCH /drives` reaches the device through it).
+    pub block_devices: Vec<(String, Arc<Mutex<MmioTransport>>)>,
 }
 
 /// Where a virtio device goes: its window and GSI, fixed by attach order.
@@ -183,19 +188,34 @@ pub fn full_cmdline(cfg: &VmConfig, slots: &[VirtioSlot]) -> Result<String, Star
     Ok(cmdline)
 }
 
-/// The device models to attach, in attach order: drives (root first), then entropy.
-fn virtio_devices(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, StartError> {
+/// The device models to attach, in attach order: drives (root first), network interfaces,
+/// then entropy. `taps` gets (device index, TAP fd to watch) for each net device.
+fn virtio_devices(
+    cfg: &VmConfig,
+    taps: &mut Vec<(usize, File)>,
+) -> Result<Vec<Box<dyn VirtioDevice>>, StartError> {
     let mut devs: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for d in crate::config::drive::attach_order(&cfg.drives) {
         d.validate().map_err(StartError::Config)?;
         let file = d.open().map_err(StartError::Config)?;
-        let blk = Block::new(
-            file,
-            d.read_only(),
-            d.cache_type == crate::config::CacheType::Writeback,
-        )
+        let writeback = d.cache_type == crate::config::CacheType::Writeback;
+        let blk = match d.io_engine {
+            crate::config::drive::IoEngine::Sync => Block::new(file, d.read_only(), writeback),
+            crate::config::drive::IoEngine::Async => {
+                Block::new_async(file, d.read_only(), writeback)
+            }
+        }
         .map_err(|e| StartError::Device(format!("drive {}: {e}", d.drive_id)))?;
         devs.push(Box::new(blk));
+    }
+    for n in &cfg.network_interfaces {
+        let tap = n.open().map_err(StartError::Config)?;
+        let watch = tap
+            .try_clone_file()
+            .map_err(|e| StartError::Device(format!("network interface {}: {e}", n.iface_id)))?;
+        taps.push((devs.len(), watch));
+        let mac = n.mac().map_err(StartError::Config)?;
+        devs.push(Box::new(Net::new(tap, mac, n.mtu)));
     }
     if let Some(e) = &cfg.entropy {
         e.validate().map_err(StartError::Config)?;
@@ -253,7 +273,8 @@ pub fn build_microvm(
         Some(c) => c.to_modifiers().map_err(StartError::Config)?,
         None => Default::default(),
     };
-    let virtio = virtio_devices(cfg)?;
+    let mut taps = Vec::new();
+    let virtio = virtio_devices(cfg, &mut taps)?;
     let slots = virtio_slots(virtio.len())?;
     let cmdline = full_cmdline(cfg, &slots)?;
 
@@ -320,27 +341,50 @@ pub fn build_microvm(
 
     let mut mmio_info = Vec::with_capacity(virtio.len());
     let mut queue_notifiers = Vec::with_capacity(virtio.len());
-    for (dev, slot) in virtio.into_iter().zip(&slots) {
+    let mut tap_watchers = Vec::with_capacity(taps.len());
+    // Drives are attached first: the first transports are theirs.
+    let drive_ids: Vec<String> = crate::config::drive::attach_order(&cfg.drives)
+        .iter()
+        .map(|d| d.drive_id.clone())
+        .collect();
+    let mut block_devices = Vec::with_capacity(drive_ids.len());
+    for (i, (dev, slot)) in virtio.into_iter().zip(&slots).enumerate() {
+        let queue_count = dev.queue_count();
         let irq = EventFdTrigger::new().map_err(device_err)?;
         vm.register_irqfd(&irq, slot.gsi)?;
+        let backend_evt = dev.completion_event();
         let transport = Arc::new(Mutex::new(MmioTransport::new(dev, mem.clone(), irq)));
+        if let Some(evt) = backend_evt {
+            let handler: Arc<Mutex<dyn QueueHandler>> = transport.clone();
+            queue_notifiers.push(QueueNotifier::new(evt, BACKEND_EVENT, handler));
+        }
         mmio.insert(transport.clone(), slot.addr, MMIO_WINDOW)
             .map_err(device_err)?;
-        // Queue 0's notifications skip the vCPU exit; without ioeventfd the bus write does it.
-        let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err)?;
-        match vm.fd().register_ioevent(
-            &notify,
-            &IoEventAddress::Mmio(slot.addr + REG_QUEUE_NOTIFY),
-            0u32,
-        ) {
-            Ok(()) => {
-                let handler: Arc<Mutex<dyn QueueHandler>> = transport;
-                queue_notifiers.push(QueueNotifier::new(notify, 0, handler));
+        if let Some(id) = drive_ids.get(i) {
+            block_devices.push((id.clone(), transport.clone()));
+        }
+        if let Some(pos) = taps.iter().position(|(d, _)| *d == i) {
+            let (_, fd) = taps.swap_remove(pos);
+            tap_watchers.push(TapWatcher::new(fd, transport.clone()));
+        }
+        // Queue notifications skip the vCPU exit (one ioeventfd per queue, matching its
+        // index); without ioeventfd the bus write does it.
+        for q in 0..queue_count as u32 {
+            let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err)?;
+            match vm.fd().register_ioevent(
+                &notify,
+                &IoEventAddress::Mmio(slot.addr + REG_QUEUE_NOTIFY),
+                q,
+            ) {
+                Ok(()) => {
+                    let handler: Arc<Mutex<dyn QueueHandler>> = transport.clone();
+                    queue_notifiers.push(QueueNotifier::new(notify, q, handler));
+                }
+                Err(e) => log::warn!(
+                    "no ioeventfd for the virtio device at {:#x}: {e}; notifications exit",
+                    slot.addr
+                ),
             }
-            Err(e) => log::warn!(
-                "no ioeventfd for the virtio device at {:#x}: {e}; notifications exit",
-                slot.addr
-            ),
         }
         mmio_info.push(arch::MmioDeviceInfo {
             addr: slot.addr,
@@ -410,6 +454,8 @@ pub fn build_microvm(
         serial_buffer_ready,
         i8042,
         queue_notifiers,
+        tap_watchers,
+        block_devices,
     })
 }
 

@@ -282,6 +282,54 @@ impl Controller {
                 self.config.add_drive(d).map_err(|e| bad(&e))?;
                 ApiResponse::NoContent
             }
+            PatchDrive(u) => {
+                let vm = self.after_start()?;
+                if u.rate_limiter.is_some() {
+                    return Err(ApiResponse::not_supported("Rate limiting of drives"));
+                }
+                let Some(cfg) = self.config.drives.iter().find(|d| d.drive_id == u.drive_id) else {
+                    return Err(ApiResponse::bad_request(format!(
+                        "Invalid block device ID: {}",
+                        u.drive_id
+                    )));
+                };
+                if let Some(path) = &u.path_on_host {
+                    let mut new = cfg.clone();
+                    new.path_on_host = Some(path.clone());
+                    // Opened as the drive's mode wants: read-only for a read-only drive.
+                    let file = new.open().map_err(|e| bad(&e))?;
+                    if file.metadata().map(|m| m.is_dir()).unwrap_or(true) {
+                        return Err(ApiResponse::bad_request(format!(
+                            "Unable to patch the block device: {path:?} is not a file"
+                        )));
+                    }
+                    let Some((_, transport)) =
+                        vm.block_devices.iter().find(|(id, _)| *id == u.drive_id)
+                    else {
+                        return Err(ApiResponse::bad_request(format!(
+                            "Invalid block device ID: {}",
+                            u.drive_id
+                        )));
+                    };
+                    lock(transport).swap_backing_file(file).map_err(|e| {
+                        ApiResponse::bad_request(format!("Unable to patch the block device: {e}"))
+                    })?;
+                    if let Some(d) = self
+                        .config
+                        .drives
+                        .iter_mut()
+                        .find(|d| d.drive_id == u.drive_id)
+                    {
+                        d.path_on_host = Some(path.clone());
+                    }
+                }
+                ApiResponse::NoContent
+            }
+            PutNetworkInterface(n) => {
+                self.before_start()?;
+                self.config.add_network_interface(n).map_err(|e| bad(&e))?;
+                ApiResponse::NoContent
+            }
             PutEntropy(e) => {
                 self.before_start()?;
                 e.validate().map_err(|e| bad(&e))?;
@@ -354,7 +402,9 @@ impl Controller {
             log::debug!("API request: {action:?}");
             let response = self.handle(action);
             if let Some(api) = &self.api {
+                crate::api::server::response_sent();
                 if api.responses.send(response).is_err() {
+                    crate::api::server::response_not_sent();
                     log::warn!("The API thread is gone; serving no more requests.");
                     self.api = None;
                     return;
@@ -404,6 +454,10 @@ impl MutEventSubscriber for Controller {
                 n.process(events, ops);
                 return;
             }
+            if let Some(w) = vm.tap_watchers.iter_mut().find(|w| w.fd() == events.fd()) {
+                w.process(events, ops);
+                return;
+            }
         }
         if let Some(input) = self.serial_input.as_mut() {
             input.process(events, ops);
@@ -438,6 +492,9 @@ impl Controller {
         if let Some(vm) = self.vm.as_mut() {
             for n in vm.queue_notifiers.iter_mut() {
                 n.init(ops);
+            }
+            for w in vm.tap_watchers.iter_mut() {
+                w.init(ops);
             }
         }
     }

@@ -417,6 +417,7 @@ fn main() {
     log::info!("Stopping the microVM with exit code {code}");
     metrics::flush();
     if let Some(path) = &api_sock {
+        ember::api::server::wait_for_responses(std::time::Duration::from_millis(100));
         let _ = std::fs::remove_file(path);
     }
     let ctl = controller.lock().unwrap_or_else(|e| e.into_inner());

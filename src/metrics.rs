@@ -149,6 +149,17 @@ metrics_group!(EntropyMetrics {
     invalid_reqs: IncMetric,
 });
 
+metrics_group!(NetMetrics {
+    rx_bytes_count: IncMetric,
+    rx_packets_count: IncMetric,
+    tx_bytes_count: IncMetric,
+    tx_packets_count: IncMetric,
+    tx_spoofed_mac_count: IncMetric,
+    rx_dropped: IncMetric,
+    tx_malformed: IncMetric,
+    tx_fails: IncMetric,
+});
+
 // Transport-level trouble common to every virtio device.
 metrics_group!(VirtioMetrics {
     malformed_chains: IncMetric,
@@ -169,6 +180,7 @@ pub struct Metrics {
     pub entropy: EntropyMetrics,
     pub i8042: I8042Metrics,
     pub latencies_us: LatencyMetrics,
+    pub net: NetMetrics,
     pub seccomp: SeccompMetrics,
     pub signals: SignalMetrics,
     pub uart: UartMetrics,
@@ -183,6 +195,7 @@ pub static METRICS: Metrics = Metrics {
     entropy: EntropyMetrics::new(),
     i8042: I8042Metrics::new(),
     latencies_us: LatencyMetrics::new(),
+    net: NetMetrics::new(),
     seccomp: SeccompMetrics::new(),
     signals: SignalMetrics::new(),
     uart: UartMetrics::new(),
@@ -194,7 +207,7 @@ pub static METRICS: Metrics = Metrics {
 impl Serialize for Metrics {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let api = &crate::api::metrics::API_METRICS;
-        let mut st = s.serialize_struct("Metrics", 15)?;
+        let mut st = s.serialize_struct("Metrics", 16)?;
         st.serialize_field("utc_timestamp_ms", &crate::time::utc_ms())?;
         st.serialize_field("api_server", &self.api_server)?;
         st.serialize_field("get_api_requests", &api.get_api_requests)?;
@@ -204,6 +217,7 @@ impl Serialize for Metrics {
         st.serialize_field("entropy", &self.entropy)?;
         st.serialize_field("i8042", &self.i8042)?;
         st.serialize_field("latencies_us", &self.latencies_us)?;
+        st.serialize_field("net", &self.net)?;
         st.serialize_field("seccomp", &self.seccomp)?;
         st.serialize_field("signals", &self.signals)?;
         st.serialize_field("uart", &self.uart)?;

@@ -280,6 +280,13 @@ fn evil_guest_is_survived_and_counted() {
             out.stdout
         );
     }
+    // A sound chain whose data buffer lies outside guest memory is answered IOERR.
+    let what = line_after(&out, "evil: bad address: ");
+    assert!(
+        what.starts_with("completed, status 1,"),
+        "a data buffer outside guest memory was not answered IOERR: {what}\n{}",
+        out.stdout
+    );
     assert!(
         std::fs::read(&img).unwrap() == data,
         "the evil guest's requests changed the file"
@@ -353,5 +360,119 @@ fn root_drive_grows_the_command_line() {
     assert!(
         !line_after(&plain, "cmdline: ").contains("root="),
         "root= without a root drive"
+    );
+}
+
+#[test]
+fn patch_drive_swaps_the_file_and_signals_the_guest() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("blk-patch");
+    let first = dir.write("first.img", random_bytes(MIB, 0x0b1c_0007));
+    let second = dir.write("second.img", random_bytes(2 * MIB, 0x0b1c_0008));
+    let vm = ApiVm::start(&[]);
+    let mut c = vm.client();
+    // Before the start: Firecracker's phase rule.
+    let r = c.put(
+        "/drives/rootfs",
+        &drive("rootfs", &first, true, false).to_string(),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let patch = json!({"drive_id": "rootfs", "path_on_host": second.to_str().unwrap()});
+    let r = c.patch("/drives/rootfs", &patch.to_string());
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.fault().contains("before starting"), "{}", r.body);
+
+    api_boot(&mut c, "blkwait", 1);
+    vm.wait_for(&format!("blkwait: capacity {} sectors", MIB / SECTOR));
+
+    // Rate limits cannot be patched; an unknown drive is refused.
+    let r = c.patch(
+        "/drives/rootfs",
+        r#"{"drive_id": "rootfs", "rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#,
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.fault().contains("not supported"), "{}", r.body);
+    let r = c.patch(
+        "/drives/other",
+        &json!({"drive_id": "other", "path_on_host": second.to_str().unwrap()}).to_string(),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+
+    let r = c.patch("/drives/rootfs", &patch.to_string());
+    assert_eq!(r.status, 204, "{}", r.body);
+    let cfg = c.get("/vm/config").json();
+    assert_eq!(
+        cfg["drives"][0]["path_on_host"].as_str(),
+        second.to_str(),
+        "{cfg}"
+    );
+    vm.wait_for(&format!(
+        "blk: capacity changed to {} sectors",
+        2 * MIB / SECTOR
+    ));
+}
+
+#[test]
+fn blk_async_engine_reads_writes_and_flushes() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("blk-async");
+    let data = random_bytes(MIB, 0x0b1c_0009);
+    let img = dir.write("rootfs.img", &data);
+    let mut d = drive("rootfs", &img, true, false);
+    d["io_engine"] = json!("Async");
+    d["cache_type"] = json!("Writeback");
+    let out = boot(&config("blk", vec![d], false));
+    let (n, h) = fnv_of_first_sectors(&data);
+    out.expect_code(0)
+        .expect(&format!("blk: capacity {} sectors, ro=0", MIB / SECTOR))
+        .expect(&format!("blk: read {n} sectors fnv1a64={h:016x}"))
+        .expect("blk: wrote 8 sectors at 8, flush status 0")
+        .expect("blk: out of range status 1")
+        .expect("ember-guest: done");
+    let after = std::fs::read(&img).unwrap();
+    assert_eq!(after.len(), data.len(), "the image changed size");
+    assert!(
+        after[8 * SECTOR..16 * SECTOR] == pattern()[..],
+        "sectors 8..16 do not hold the guest's pattern"
+    );
+    assert!(
+        after[..8 * SECTOR] == data[..8 * SECTOR] && after[16 * SECTOR..] == data[16 * SECTOR..],
+        "the guest's write touched bytes outside sectors 8..16"
+    );
+}
+
+#[test]
+fn blk_async_engine_survives_the_evil_guest() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("evil-async");
+    let data = random_bytes(MIB, 0x0b1c_000a);
+    let img = dir.write("rootfs.img", &data);
+    let mut d = drive("rootfs", &img, true, false);
+    d["io_engine"] = json!("Async");
+    let out = boot(&config("evil", vec![d], false));
+    out.expect_code(0);
+    for case in EVIL_CASES {
+        out.expect(&format!("evil: {case} survived"));
+    }
+    out.expect(&format!(
+        "evil: well-behaved read ok fnv1a64={:016x}",
+        fnv1a64(&data[..SECTOR])
+    ))
+    .expect("ember-guest: done");
+    let what = line_after(&out, "evil: bad address: ");
+    assert!(
+        what.starts_with("completed, status 1,"),
+        "a data buffer outside guest memory was not answered IOERR: {what}\n{}",
+        out.stdout
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == data,
+        "the evil guest's requests changed the file"
     );
 }

@@ -17,7 +17,7 @@ pub mod server;
 
 use crate::config::{
     BootSourceConfig, CpuConfig, DriveConfig, EntropyConfig, LoggerConfig, MachineConfig,
-    MachineConfigUpdate, MetricsConfig,
+    MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig,
 };
 pub use models::SerialConfig;
 pub use server::ApiServer;
@@ -48,6 +48,10 @@ pub enum VmmAction {
     /// Only parsed: the VMM still has to validate it (the file, the root device).
     PutDrive(DriveConfig),
     PutEntropy(EntropyConfig),
+    /// Only parsed: the VMM still has to validate it (the TAP, the MAC, rate limiters).
+    PutNetworkInterface(NetworkInterfaceConfig),
+    /// `PATCH /drives/{id}`: after start, swap the backing file (rate limits: not supported).
+    PatchDrive(models::DriveUpdateBody),
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,

@@ -64,32 +64,14 @@ pub struct ActionBody {
 // The shapes below are only validated; their features answer "not supported" for now.
 
 /// The body of `PATCH /drives/{id}`.
-#[derive(Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)]
 pub struct DriveUpdateBody {
     pub drive_id: String,
     #[serde(default)]
-    path_on_host: Option<String>,
+    pub path_on_host: Option<String>,
     #[serde(default)]
-    rate_limiter: Option<RateLimiter>,
-}
-
-/// The body of `PUT /network-interfaces/{id}`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-pub struct NetworkInterfaceBody {
-    pub iface_id: String,
-    host_dev_name: String,
-    #[serde(default)]
-    guest_mac: Option<String>,
-    #[serde(default)]
-    mtu: Option<u16>,
-    #[serde(default)]
-    rx_rate_limiter: Option<RateLimiter>,
-    #[serde(default)]
-    tx_rate_limiter: Option<RateLimiter>,
+    pub rate_limiter: Option<RateLimiter>,
 }
 
 /// The body of `PATCH /network-interfaces/{id}`.

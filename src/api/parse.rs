@@ -9,13 +9,13 @@ use serde::de::DeserializeOwned;
 use super::metrics::{Endpoint, RequestCounters};
 use super::models::{
     ActionBody, ActionType, BalloonBody, BalloonStatsUpdateBody, BalloonUpdateBody,
-    DriveUpdateBody, MmdsConfigBody, NetworkInterfaceBody, NetworkInterfaceUpdateBody,
-    SerialConfig, SnapshotCreateBody, SnapshotLoadBody, VmState, VmStateConfig, VsockBody,
+    DriveUpdateBody, MmdsConfigBody, NetworkInterfaceUpdateBody, SerialConfig, SnapshotCreateBody,
+    SnapshotLoadBody, VmState, VmStateConfig, VsockBody,
 };
 use super::{ApiResponse, VmmAction};
 use crate::config::{
     BootSourceConfig, CpuConfig, DriveConfig, EntropyConfig, LoggerConfig, MachineConfig,
-    MachineConfigUpdate, MetricsConfig,
+    MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig,
 };
 
 /// The outcome of routing one request.
@@ -180,8 +180,9 @@ fn route_put(path: &str, first: &str, rest: &[&str], body: &[u8]) -> Outcome {
             Ok(VmmAction::PutDrive(d))
         }),
         "network-interfaces" => with_id(m, path, rest, |id| {
-            id_matches(id, &de::<NetworkInterfaceBody>(body)?.iface_id)?;
-            Ok(VmmAction::NotSupported("network-interfaces"))
+            let n = de::<NetworkInterfaceConfig>(body)?;
+            id_matches(id, &n.iface_id)?;
+            Ok(VmmAction::PutNetworkInterface(n))
         }),
         "vsock" => exact(m, path, rest, || {
             de::<VsockBody>(body)?;
@@ -244,8 +245,9 @@ fn route_patch(path: &str, first: &str, rest: &[&str], body: &[u8]) -> Outcome {
             })
         }),
         "drives" => with_id(m, path, rest, |id| {
-            id_matches(id, &de::<DriveUpdateBody>(body)?.drive_id)?;
-            Ok(VmmAction::NotSupported("drives"))
+            let d = de::<DriveUpdateBody>(body)?;
+            id_matches(id, &d.drive_id)?;
+            Ok(VmmAction::PatchDrive(d))
         }),
         "network-interfaces" => with_id(m, path, rest, |id| {
             id_matches(id, &de::<NetworkInterfaceUpdateBody>(body)?.iface_id)?;
@@ -623,7 +625,11 @@ mod tests {
                 "/drives/d_1",
                 Some(r#"{"drive_id": "d_1", "path_on_host": "/new"}"#)
             ),
-            VmmAction::NotSupported("drives")
+            VmmAction::PatchDrive(DriveUpdateBody {
+                drive_id: "d_1".into(),
+                path_on_host: Some("/new".into()),
+                rate_limiter: None,
+            })
         );
         let e = err(
             "PATCH",
@@ -638,10 +644,14 @@ mod tests {
 
         let net = r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:00:00:00:01",
                       "rx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#;
-        assert_eq!(
-            ok("PUT", "/network-interfaces/eth0", Some(net)),
-            VmmAction::NotSupported("network-interfaces")
-        );
+        match ok("PUT", "/network-interfaces/eth0", Some(net)) {
+            VmmAction::PutNetworkInterface(n) => {
+                assert_eq!(n.host_dev_name, "tap0");
+                assert_eq!(n.guest_mac.as_deref(), Some("06:00:00:00:00:01"));
+                assert!(n.rx_rate_limiter.is_some());
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             err("PUT", "/network-interfaces/eth1", Some(net)),
             "The id from the path does not match the id from the body!"

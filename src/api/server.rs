@@ -165,6 +165,7 @@ impl ApiServer {
                 to_vmm,
                 vmm_evt,
                 from_vmm,
+                received: std::cell::Cell::new(0),
             },
         };
         std::thread::Builder::new()
@@ -185,6 +186,34 @@ struct VmmLink {
     to_vmm: Sender<VmmAction>,
     vmm_evt: EventFd,
     from_vmm: Receiver<ApiResponse>,
+    /// Answers received since the last flush of every connection.
+    received: std::cell::Cell<usize>,
+}
+
+/// Answers the VMM sent that the API thread has not yet handed to their sockets. The VMM
+/// thread waits for it to drop to zero before the process exits, so that e.g. the 204 of an
+/// `InstanceStart` whose guest resets at once still reaches the client.
+pub static RESPONSES_IN_FLIGHT: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// Called by the VMM thread before it sends an answer.
+pub fn response_sent() {
+    RESPONSES_IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Called by the VMM thread when an answer could not be sent after all.
+pub fn response_not_sent() {
+    RESPONSES_IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Waits (bounded) until the API thread has written every answer out.
+pub fn wait_for_responses(limit: std::time::Duration) {
+    let start = std::time::Instant::now();
+    while RESPONSES_IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) > 0
+        && start.elapsed() < limit
+    {
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
 }
 
 impl VmmLink {
@@ -193,7 +222,11 @@ impl VmmLink {
         if let Err(e) = self.vmm_evt.write(1) {
             log::error!("cannot wake the VMM thread: {e}");
         }
-        self.from_vmm.recv().map_err(|_| VmmGone)
+        let r = self.from_vmm.recv().map_err(|_| VmmGone);
+        if r.is_ok() {
+            self.received.set(self.received.get() + 1);
+        }
+        r
     }
 
     fn handle(&self, req: &http::Request) -> Result<ApiResponse, VmmGone> {
@@ -450,6 +483,10 @@ impl Server {
                 if conn.pending_out() > 0 && !conn.dead {
                     conn.flush();
                 }
+            }
+            let n = self.link.received.replace(0);
+            if n > 0 {
+                RESPONSES_IN_FLIGHT.fetch_sub(n, std::sync::atomic::Ordering::SeqCst);
             }
             self.reap_and_rearm();
         }

@@ -3,6 +3,7 @@
 
 pub mod drive;
 pub mod machine;
+pub mod net;
 
 use std::fmt;
 
@@ -10,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 pub use drive::{CacheType, DriveConfig, EntropyConfig, IoEngine};
 pub use machine::{CpuConfig, MachineConfig, MachineConfigUpdate};
+pub use net::NetworkInterfaceConfig;
 
 /// The longest kernel command line, including its terminating NUL.
 pub const CMDLINE_MAX_SIZE: usize = 2048;
@@ -207,6 +209,8 @@ pub struct VmConfig {
     pub logger: Option<LoggerConfig>,
     #[serde(rename = "metrics", skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
+    #[serde(rename = "network-interfaces")]
+    pub network_interfaces: Vec<NetworkInterfaceConfig>,
     #[serde(rename = "entropy", skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyConfig>,
     /// Add the boot-timer device (`--boot-timer`).
@@ -215,7 +219,7 @@ pub struct VmConfig {
 }
 
 /// Top-level keys of a config file that ember knows but does not implement yet.
-const NOT_YET: &[&str] = &["network-interfaces", "vsock", "balloon", "mmds-config"];
+const NOT_YET: &[&str] = &["vsock", "balloon", "mmds-config"];
 
 const KNOWN: &[&str] = &[
     "boot-source",
@@ -349,6 +353,25 @@ impl VmConfig {
                 })
             }
         }
+        match map.remove("network-interfaces") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::Array(a)) => {
+                for v in a {
+                    let n: NetworkInterfaceConfig = section("network-interfaces", v)?;
+                    cfg.add_network_interface(n)
+                        .map_err(|e| ConfigError::Section {
+                            section: "network-interfaces".into(),
+                            reason: e.to_string(),
+                        })?;
+                }
+            }
+            Some(_) => {
+                return Err(ConfigError::Section {
+                    section: "network-interfaces".into(),
+                    reason: "expected an array".into(),
+                })
+            }
+        }
         match map.remove("entropy") {
             None | Some(serde_json::Value::Null) => {}
             Some(v) => {
@@ -361,6 +384,12 @@ impl VmConfig {
             }
         }
         Ok(cfg)
+    }
+
+    /// Validates (the TAP opens) and adds or replaces an interface (same id).
+    pub fn add_network_interface(&mut self, n: NetworkInterfaceConfig) -> Result<(), ConfigError> {
+        n.validate()?;
+        net::insert_iface(&mut self.network_interfaces, n)
     }
 
     /// Adds or replaces a drive (same id); refuses a second root device.

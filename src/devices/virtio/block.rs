@@ -1,14 +1,19 @@
-//! virtio-blk backed by a host file, with plain positional reads and writes (io_engine Sync).
+//! virtio-blk backed by a host file, with plain positional reads and writes (io_engine Sync)
+//! or io_uring (io_engine Async, [`uring`]).
+
+mod uring;
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    for_each_chain, ChainError, DeviceError, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    check_buffer, collect_chain_structure, for_each_chain_with, ChainError, DeviceError,
+    VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 use crate::metrics::METRICS;
 
@@ -30,6 +35,15 @@ const HEADER_LEN: u32 = 16;
 /// Data moves through a bounce buffer of at most this size.
 const CHUNK: usize = 64 * 1024;
 
+/// A request whose descriptors were checked.
+struct Request {
+    req_type: u32,
+    sector: u64,
+    /// The descriptors between the header and the status byte.
+    data: Vec<Descriptor>,
+    status: GuestAddress,
+}
+
 /// A request the device answers with a status byte.
 #[derive(Debug)]
 enum RequestError {
@@ -46,6 +60,8 @@ pub struct Block {
     writeback: bool,
     id: [u8; ID_BYTES],
     buf: Vec<u8>,
+    /// The io_uring of an `Async` drive; None for `Sync`.
+    uring: Option<uring::Uring>,
 }
 
 impl Block {
@@ -64,7 +80,107 @@ impl Block {
             writeback,
             id,
             buf: Vec::new(),
+            uring: None,
         })
+    }
+
+    /// An `Async` drive: requests go through an io_uring whose completions are signalled on
+    /// [`VirtioDevice::completion_event`].
+    pub fn new_async(file: File, read_only: bool, writeback: bool) -> std::io::Result<Block> {
+        let mut b = Block::new(file, read_only, writeback)?;
+        b.uring = Some(uring::Uring::new(&b.file)?);
+        Ok(b)
+    }
+
+    /// Checks a read or write against the drive; returns its first byte in the file.
+    fn check_rw(&self, write: bool, sector: u64, data: &[Descriptor]) -> Result<u64, RequestError> {
+        let io = |e: String| RequestError::Io(e);
+        if write && self.read_only {
+            return Err(io("write to a read-only drive".into()));
+        }
+        // Data buffers: device-writable for IN, readable for OUT.
+        if data.iter().any(|d| d.is_write_only() == write) {
+            METRICS.virtio.malformed_chains.inc();
+            return Err(io("data buffer with the wrong direction".into()));
+        }
+        let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
+        let start = sector.checked_mul(SECTOR_SIZE);
+        let end = start.and_then(|s| s.checked_add(total));
+        let (Some(start), Some(end)) = (start, end) else {
+            return Err(io("sector out of range".into()));
+        };
+        if end > self.capacity * SECTOR_SIZE {
+            return Err(io(format!(
+                "request {start:#x}..{end:#x} beyond the capacity of {} sectors",
+                self.capacity
+            )));
+        }
+        Ok(start)
+    }
+
+    /// Starts a request on the io_uring; `Some` used length when it finished at once.
+    fn start_async(&mut self, mem: &GuestMemoryMmap, head: u16, req: Request) -> Option<u32> {
+        let op = match req.req_type {
+            VIRTIO_BLK_T_IN => uring::Op::Read,
+            VIRTIO_BLK_T_OUT => uring::Op::Write,
+            VIRTIO_BLK_T_FLUSH if self.writeback => uring::Op::Flush,
+            _ => {
+                let (res, written) = self.execute(mem, req.req_type, req.sector, &req.data);
+                return Some(Self::finish(mem, req.status, res, written));
+            }
+        };
+        let pos = match op {
+            uring::Op::Flush => 0,
+            _ => match self.check_rw(op == uring::Op::Write, req.sector, &req.data) {
+                Ok(p) => p,
+                Err(e) => return Some(Self::finish(mem, req.status, Err(e), 0)),
+            },
+        };
+        let ring = self.uring.as_mut()?;
+        match ring.submit(mem, head, req.status, op, pos, &req.data) {
+            Ok(()) => None,
+            Err(e) => Some(Self::finish(mem, req.status, Err(RequestError::Io(e)), 0)),
+        }
+    }
+
+    /// The `Async` queue processing: pops chains while the ring has room.
+    fn process_async(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+    ) -> Result<bool, DeviceError> {
+        let mut used_any = false;
+        while self.uring.as_ref().is_some_and(|u| u.has_room()) {
+            let chain = {
+                let mut iter = queue
+                    .iter(mem)
+                    .map_err(|e| DeviceError::AvailRing(e.to_string()))?;
+                match iter.next() {
+                    Some(c) => c,
+                    None => break,
+                }
+            };
+            let head = chain.head_index();
+            let len = match collect_chain_structure(chain).and_then(|d| Self::parse(mem, d)) {
+                Ok(Ok(req)) => self.start_async(mem, head, req),
+                Ok(Err(status)) => {
+                    let res = Err(RequestError::Io("malformed request".into()));
+                    Some(Self::finish(mem, status, res, 0))
+                }
+                Err(e) => {
+                    log::debug!("virtio-blk: malformed request: {e}");
+                    METRICS.block.invalid_reqs_count.inc();
+                    Some(0)
+                }
+            };
+            if let Some(len) = len {
+                queue
+                    .add_used(mem, head, len)
+                    .map_err(|e| DeviceError::UsedRing(e.to_string()))?;
+                used_any = true;
+            }
+        }
+        Ok(used_any)
     }
 
     /// In 512-byte sectors.
@@ -76,23 +192,17 @@ impl Block {
         &self.id
     }
 
-    /// Runs one request; returns the bytes written to device-writable buffers.
-    fn handle(&mut self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Result<u32, ChainError> {
+    /// Checks a chain's descriptors and reads its header. `Err`: no status byte can be
+    /// written (the chain is answered with used length 0). `Ok(Err(status))`: the request is
+    /// malformed but its status byte is usable: the device answers IOERR there.
+    fn parse(
+        mem: &GuestMemoryMmap,
+        descs: Vec<Descriptor>,
+    ) -> Result<Result<Request, GuestAddress>, ChainError> {
         if descs.len() < 2 {
             return Err(ChainError::TooFewDescriptors(descs.len()));
         }
-        let header = descs[0];
         let status = descs[descs.len() - 1];
-        let data = &descs[1..descs.len() - 1];
-        if header.is_write_only() {
-            return Err(ChainError::WrongDirection { index: 0 });
-        }
-        if header.len() < HEADER_LEN {
-            return Err(ChainError::TooShort {
-                index: 0,
-                len: header.len(),
-            });
-        }
         if !status.is_write_only() {
             return Err(ChainError::WrongDirection {
                 index: descs.len() - 1,
@@ -104,18 +214,57 @@ impl Block {
                 len: 0,
             });
         }
-        let read_u32 = |off: u64| -> Result<u32, ChainError> {
-            mem.read_obj::<u32>(header.addr().unchecked_add(off))
-                .map(u32::from_le)
-                .map_err(|_| ChainError::OutsideMemory {
-                    addr: header.addr().0,
+        check_buffer(mem, &status)?;
+        let header = descs[0];
+        let checked = (|| {
+            if header.is_write_only() {
+                return Err(ChainError::WrongDirection { index: 0 });
+            }
+            if header.len() < HEADER_LEN {
+                return Err(ChainError::TooShort {
+                    index: 0,
                     len: header.len(),
-                })
-        };
-        let req_type = read_u32(0)?;
-        let sector = u64::from(read_u32(8)?) | (u64::from(read_u32(12)?) << 32);
+                });
+            }
+            descs[..descs.len() - 1]
+                .iter()
+                .try_for_each(|d| check_buffer(mem, d))?;
+            let read_u32 = |off: u64| -> Result<u32, ChainError> {
+                mem.read_obj::<u32>(header.addr().unchecked_add(off))
+                    .map(u32::from_le)
+                    .map_err(|_| ChainError::OutsideMemory {
+                        addr: header.addr().0,
+                        len: header.len(),
+                    })
+            };
+            let req_type = read_u32(0)?;
+            let sector = u64::from(read_u32(8)?) | (u64::from(read_u32(12)?) << 32);
+            Ok((req_type, sector))
+        })();
+        match checked {
+            Ok((req_type, sector)) => Ok(Ok(Request {
+                req_type,
+                sector,
+                data: descs[1..descs.len() - 1].to_vec(),
+                status: status.addr(),
+            })),
+            Err(e) => {
+                log::debug!("virtio-blk: malformed request answered IOERR: {e}");
+                METRICS.virtio.malformed_chains.inc();
+                METRICS.block.invalid_reqs_count.inc();
+                Ok(Err(status.addr()))
+            }
+        }
+    }
 
-        let (res, written) = self.execute(mem, req_type, sector, data);
+    /// Writes the status byte of a finished request and counts its outcome; returns the used
+    /// length (`written` data bytes and the status byte).
+    fn finish(
+        mem: &GuestMemoryMmap,
+        status: GuestAddress,
+        res: Result<(), RequestError>,
+        written: u32,
+    ) -> u32 {
         let code = match &res {
             Ok(()) => VIRTIO_BLK_S_OK,
             Err(RequestError::Io(e)) => {
@@ -129,12 +278,25 @@ impl Block {
                 VIRTIO_BLK_S_UNSUPP
             }
         };
-        mem.write_obj(code, status.addr())
-            .map_err(|_| ChainError::OutsideMemory {
-                addr: status.addr().0,
-                len: status.len(),
-            })?;
-        Ok(written.saturating_add(1))
+        // The status byte was checked to be inside guest memory.
+        if let Err(e) = mem.write_obj(code, status) {
+            log::debug!("virtio-blk: cannot write the status: {e}");
+            return 0;
+        }
+        written.saturating_add(1)
+    }
+
+    /// Runs one request; returns the bytes written to device-writable buffers.
+    fn handle(&mut self, mem: &GuestMemoryMmap, descs: Vec<Descriptor>) -> Result<u32, ChainError> {
+        let req = match Self::parse(mem, descs)? {
+            Ok(r) => r,
+            Err(status) => {
+                let res = Err(RequestError::Io("malformed request".into()));
+                return Ok(Self::finish(mem, status, res, 0));
+            }
+        };
+        let (res, written) = self.execute(mem, req.req_type, req.sector, &req.data);
+        Ok(Self::finish(mem, req.status, res, written))
     }
 
     /// Returns the outcome and the data bytes written to the guest.
@@ -149,29 +311,11 @@ impl Block {
         match req_type {
             VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
                 let write = req_type == VIRTIO_BLK_T_OUT;
-                if write && self.read_only {
-                    return (Err(io("write to a read-only drive".into())), 0);
-                }
-                // Data buffers: device-writable for IN, readable for OUT.
-                if data.iter().any(|d| d.is_write_only() == write) {
-                    METRICS.virtio.malformed_chains.inc();
-                    return (Err(io("data buffer with the wrong direction".into())), 0);
-                }
-                let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
-                let start = sector.checked_mul(SECTOR_SIZE);
-                let end = start.and_then(|s| s.checked_add(total));
-                let (Some(start), Some(end)) = (start, end) else {
-                    return (Err(io("sector out of range".into())), 0);
+                let start = match self.check_rw(write, sector, data) {
+                    Ok(s) => s,
+                    Err(e) => return (Err(e), 0),
                 };
-                if end > self.capacity * SECTOR_SIZE {
-                    return (
-                        Err(io(format!(
-                            "request {start:#x}..{end:#x} beyond the capacity of {} sectors",
-                            self.capacity
-                        ))),
-                        0,
-                    );
-                }
+                let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
                 let mut pos = start;
                 let mut written = 0u32;
                 for d in data {
@@ -293,20 +437,93 @@ impl VirtioDevice for Block {
         self.capacity.to_le_bytes().to_vec()
     }
 
+    fn swap_backing_file(&mut self, file: File) -> Result<(), String> {
+        let new = Block::new(file, self.read_only, self.writeback).map_err(|e| e.to_string())?;
+        if let Some(u) = self.uring.as_mut() {
+            u.swap_file(&new.file)
+                .map_err(|e| format!("cannot register the new file with io_uring: {e}"))?;
+        }
+        self.file = new.file;
+        self.capacity = new.capacity;
+        self.id = new.id;
+        Ok(())
+    }
+
+    fn completion_event(&self) -> Option<EventFd> {
+        let u = self.uring.as_ref()?;
+        u.event()
+            .map_err(|e| log::error!("virtio-blk: cannot duplicate the io_uring eventfd: {e}"))
+            .ok()
+    }
+
+    /// io_uring completions: status bytes, used elements, then the chains that waited for
+    /// room in the ring.
+    fn process_backend(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+    ) -> Result<bool, DeviceError> {
+        let Some(u) = self.uring.as_mut() else {
+            return Ok(false);
+        };
+        let Some(queue) = queues.first_mut() else {
+            return Ok(false);
+        };
+        let mut used_any = false;
+        for (p, outcome) in u.completions() {
+            let (res, written) = match outcome {
+                Ok(n) => {
+                    match p.op {
+                        uring::Op::Read => {
+                            METRICS.block.read_count.inc();
+                            METRICS.block.read_bytes.add(n);
+                        }
+                        uring::Op::Write => {
+                            METRICS.block.write_count.inc();
+                            METRICS.block.write_bytes.add(n);
+                        }
+                        uring::Op::Flush => METRICS.block.flush_count.inc(),
+                    }
+                    let w = if p.op == uring::Op::Read { n as u32 } else { 0 };
+                    (Ok(()), w)
+                }
+                Err(e) => (Err(RequestError::Io(e)), 0),
+            };
+            let len = Self::finish(mem, p.status, res, written);
+            queue
+                .add_used(mem, p.head, len)
+                .map_err(|e| DeviceError::UsedRing(e.to_string()))?;
+            used_any = true;
+        }
+        if used_any {
+            used_any |= self.process_async(mem, queue)?;
+        }
+        Ok(used_any)
+    }
+
+    fn reset(&mut self) {
+        if let Some(u) = self.uring.as_mut() {
+            u.drain();
+        }
+    }
+
     fn process_queue(
         &mut self,
         mem: &GuestMemoryMmap,
         queue: &mut Queue,
     ) -> Result<bool, DeviceError> {
-        for_each_chain(mem, queue, |mem, descs| {
-            match descs.and_then(|d| self.handle(mem, &d)) {
+        if self.uring.is_some() {
+            return self.process_async(mem, queue);
+        }
+        for_each_chain_with(mem, queue, false, |mem, _head, descs| {
+            Some(match descs.and_then(|d| self.handle(mem, d)) {
                 Ok(n) => n,
                 Err(e) => {
                     log::debug!("virtio-blk: malformed request: {e}");
                     METRICS.block.invalid_reqs_count.inc();
                     0
                 }
-            }
+            })
         })
     }
 }
@@ -421,6 +638,62 @@ mod tests {
     }
 
     #[test]
+    fn async_engine_completes_through_the_eventfd_and_swaps_files() {
+        let mem = memory();
+        let mut qs = [queue(&mem, 16)];
+        let (sync, path) = disk(8, false, true);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        drop(sync);
+        let mut blk = Block::new_async(f, false, true).unwrap();
+        let evt = blk.completion_event().unwrap();
+
+        // Read sectors 2 and 3: nothing used until the completion is processed.
+        header(&mem, VIRTIO_BLK_T_IN, 2);
+        request(&mem, 0, 1024, WRITE);
+        assert!(!blk.process_queue(&mem, &mut qs[0]).unwrap());
+        assert_eq!(used_idx(&mem), 0);
+        let mut used = false;
+        for _ in 0..1000 {
+            if evt.read().is_ok() && blk.process_backend(&mem, &mut qs).unwrap() {
+                used = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(used, "no completion");
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+        assert_eq!(used_elem(&mem, 0), (0, 1025));
+        let mut got = [0u8; 1024];
+        mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert!(got[..512].iter().all(|&b| b == 2) && got[512..].iter().all(|&b| b == 3));
+
+        // Data outside guest memory: IOERR at once, nothing submitted.
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        request(&mem, 1, 512, WRITE);
+        write_desc(&mem, 1, 0xfff00, 512, WRITE | NEXT, 2);
+        assert!(blk.process_queue(&mem, &mut qs[0]).unwrap());
+        assert_eq!(used_elem(&mem, 1), (0, 1));
+        assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR);
+
+        // A bigger file: the capacity follows.
+        let (_, bigger) = disk(16, false, false);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&bigger)
+            .unwrap();
+        blk.swap_backing_file(f).unwrap();
+        assert_eq!(blk.capacity(), 16);
+        assert_eq!(blk.config_space(), 16u64.to_le_bytes().to_vec());
+        std::fs::remove_file(path).unwrap();
+        std::fs::remove_file(bigger).unwrap();
+    }
+
+    #[test]
     fn errors_and_malicious_requests() {
         let mem = memory();
         let mut q = queue(&mem, 16);
@@ -468,19 +741,36 @@ mod tests {
         assert_eq!(run!(blk), (0, 0));
         assert_eq!(status(&mem), 0xff);
 
-        // Zero-length header.
+        // Zero-length header: the status byte is fine, so IOERR.
+        header(&mem, VIRTIO_BLK_T_IN, 0);
         write_desc(&mem, 0, HDR, 0, NEXT, 2);
         write_desc(&mem, 2, STATUS, 1, WRITE, 0);
         make_avail(&mem, slot, 0);
-        assert_eq!(run!(blk), (0, 0));
+        assert_eq!(run!(blk), (0, 1));
+        assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR);
 
-        // Data outside guest memory.
+        // Data outside guest memory: IOERR in the status byte.
         header(&mem, VIRTIO_BLK_T_IN, 0);
         request(&mem, slot, 512, WRITE);
         write_desc(&mem, 1, 0xfff00, 512, WRITE | NEXT, 2);
         let before = METRICS.virtio.malformed_chains.count();
-        assert_eq!(run!(blk), (0, 0));
+        assert_eq!(run!(blk), (0, 1));
+        assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR);
         assert!(METRICS.virtio.malformed_chains.count() > before);
+
+        // A header outside guest memory: IOERR too.
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        request(&mem, slot, 512, WRITE);
+        write_desc(&mem, 0, 0x20_0000, 16, NEXT, 1);
+        assert_eq!(run!(blk), (0, 1));
+        assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR);
+
+        // A status byte outside guest memory: no status, used length 0.
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        request(&mem, slot, 512, WRITE);
+        write_desc(&mem, 2, 0x20_0000, 1, WRITE, 0);
+        assert_eq!(run!(blk), (0, 0));
+        assert_eq!(status(&mem), 0xff);
 
         // A chain that loops on itself.
         write_desc(&mem, 0, HDR, 16, NEXT, 0);

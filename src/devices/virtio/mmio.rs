@@ -3,7 +3,7 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{QueueHandler, VirtioDevice, QUEUE_MAX_SIZE, VIRTIO_F_VERSION_1};
+use super::{DeviceError, QueueHandler, VirtioDevice, QUEUE_MAX_SIZE, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
 use crate::devices::legacy::EventFdTrigger;
 use crate::metrics::METRICS;
@@ -51,7 +51,7 @@ pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
     irq: EventFdTrigger,
-    queue: Queue,
+    queues: Vec<Queue>,
     status: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -63,12 +63,15 @@ pub struct MmioTransport {
 
 impl MmioTransport {
     pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: EventFdTrigger) -> Self {
+        // QUEUE_MAX_SIZE is a power of two: this cannot fail.
+        let queues = (0..device.queue_count().max(1))
+            .map(|_| Queue::new(QUEUE_MAX_SIZE).unwrap_or_else(|_| unreachable!()))
+            .collect();
         MmioTransport {
             device,
             mem,
             irq,
-            // QUEUE_MAX_SIZE is a power of two: this cannot fail.
-            queue: Queue::new(QUEUE_MAX_SIZE).unwrap_or_else(|_| unreachable!()),
+            queues,
             status: 0,
             device_features_sel: 0,
             driver_features_sel: 0,
@@ -88,7 +91,10 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        self.queue.reset();
+        for q in self.queues.iter_mut() {
+            q.reset();
+        }
+        self.device.reset();
         self.status = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -102,6 +108,19 @@ impl MmioTransport {
         if let Err(e) = self.irq.0.write(1) {
             log::warn!("virtio: cannot raise an interrupt: {e}");
         }
+    }
+
+    /// Gives the device a new backing file, then tells the driver its configuration changed:
+    /// ConfigGeneration moves and the configuration-change interrupt is raised.
+    pub fn swap_backing_file(&mut self, file: std::fs::File) -> Result<(), String> {
+        self.device.swap_backing_file(file)?;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.raise(INT_CONFIG);
+        Ok(())
+    }
+
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation
     }
 
     /// The device cannot go on until the driver resets it.
@@ -123,7 +142,7 @@ impl MmioTransport {
     fn queue_setup_allowed(&self) -> bool {
         self.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED | STATUS_NEEDS_RESET)
             == STATUS_FEATURES_OK
-            && self.queue_sel == 0
+            && (self.queue_sel as usize) < self.queues.len()
     }
 
     fn set_status(&mut self, v: u32) {
@@ -172,34 +191,57 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        if !self.queue.ready() {
+        if !self.queues.iter().all(|q| q.ready()) {
             self.needs_reset("DRIVER_OK without a ready queue");
-        } else if !self.queue.is_valid(&self.mem) {
+        } else if !self.queues.iter().all(|q| q.is_valid(&self.mem)) {
             self.needs_reset("its queue lies outside guest memory");
         }
     }
 
     /// Processes queue `index` if the device is live.
     pub fn process(&mut self, index: u32) {
-        if index != 0 {
+        let i = index as usize;
+        if i >= self.queues.len() || !self.live() {
             METRICS.virtio.invalid_notifications.inc();
             return;
         }
-        let live = self.status & (STATUS_DRIVER_OK | STATUS_NEEDS_RESET | STATUS_FAILED)
-            == STATUS_DRIVER_OK
-            && self.queue.ready();
-        if !live {
-            METRICS.virtio.invalid_notifications.inc();
-            return;
-        }
-        match self.device.process_queue(&self.mem, &mut self.queue) {
+        let res = self.device.process_queues(i, &self.mem, &mut self.queues);
+        self.after_processing(res);
+    }
+
+    fn live(&self) -> bool {
+        self.status & (STATUS_DRIVER_OK | STATUS_NEEDS_RESET | STATUS_FAILED) == STATUS_DRIVER_OK
+            && self.queues.iter().all(|q| q.ready())
+    }
+
+    fn after_processing(&mut self, res: Result<bool, DeviceError>) {
+        match res {
             Ok(false) => {}
-            Ok(true) => match self.queue.needs_notification(&self.mem) {
-                Ok(false) => {}
-                _ => self.raise(INT_USED_RING),
-            },
+            Ok(true) => {
+                let mem = &self.mem;
+                let notify = self
+                    .queues
+                    .iter_mut()
+                    .any(|q| !matches!(q.needs_notification(mem), Ok(false)));
+                if notify {
+                    self.raise(INT_USED_RING);
+                }
+            }
             Err(e) => self.needs_reset(&e.to_string()),
         }
+    }
+
+    /// The device's backend has work (e.g. a TAP became readable): lets a live device use it.
+    pub fn process_backend(&mut self) {
+        if !self.live() {
+            return;
+        }
+        let res = self.device.process_backend(&self.mem, &mut self.queues);
+        self.after_processing(res);
+    }
+
+    fn sel(&self) -> Option<&Queue> {
+        self.queues.get(self.queue_sel as usize)
     }
 
     fn read_reg(&self, offset: u64) -> u32 {
@@ -213,9 +255,9 @@ impl MmioTransport {
                 1 => (self.device.avail_features() >> 32) as u32,
                 _ => 0,
             },
-            REG_QUEUE_NUM_MAX if self.queue_sel == 0 => u32::from(QUEUE_MAX_SIZE),
-            REG_QUEUE_NUM if self.queue_sel == 0 => u32::from(self.queue.size()),
-            REG_QUEUE_READY if self.queue_sel == 0 => u32::from(self.queue.ready()),
+            REG_QUEUE_NUM_MAX if self.sel().is_some() => u32::from(QUEUE_MAX_SIZE),
+            REG_QUEUE_NUM => self.sel().map_or(0, |q| u32::from(q.size())),
+            REG_QUEUE_READY => self.sel().map_or(0, |q| u32::from(q.ready())),
             REG_INTERRUPT_STATUS => self.interrupt_status,
             REG_STATUS => self.status,
             REG_CONFIG_GENERATION => self.config_generation,
@@ -225,6 +267,7 @@ impl MmioTransport {
 
     fn write_reg(&mut self, offset: u64, v: u32) {
         let q = self.queue_setup_allowed();
+        let sel = (self.queue_sel as usize).min(self.queues.len() - 1);
         match offset {
             REG_DEVICE_FEATURES_SEL => self.device_features_sel = v,
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
@@ -247,22 +290,22 @@ impl MmioTransport {
                 let ok = v > 0
                     && v <= u32::from(QUEUE_MAX_SIZE)
                     && v.is_power_of_two()
-                    && self.queue.try_set_size(v as u16).is_ok();
+                    && self.queues[sel].try_set_size(v as u16).is_ok();
                 if !ok {
                     self.needs_reset(&format!("bad queue size {v}"));
                 }
             }
             REG_QUEUE_READY if q => match v {
-                0 => self.queue.set_ready(false),
-                1 => self.queue.set_ready(true),
+                0 => self.queues[sel].set_ready(false),
+                1 => self.queues[sel].set_ready(true),
                 _ => METRICS.virtio.invalid_register_writes.inc(),
             },
-            REG_QUEUE_DESC_LOW if q => self.queue.set_desc_table_address(Some(v), None),
-            REG_QUEUE_DESC_HIGH if q => self.queue.set_desc_table_address(None, Some(v)),
-            REG_QUEUE_AVAIL_LOW if q => self.queue.set_avail_ring_address(Some(v), None),
-            REG_QUEUE_AVAIL_HIGH if q => self.queue.set_avail_ring_address(None, Some(v)),
-            REG_QUEUE_USED_LOW if q => self.queue.set_used_ring_address(Some(v), None),
-            REG_QUEUE_USED_HIGH if q => self.queue.set_used_ring_address(None, Some(v)),
+            REG_QUEUE_DESC_LOW if q => self.queues[sel].set_desc_table_address(Some(v), None),
+            REG_QUEUE_DESC_HIGH if q => self.queues[sel].set_desc_table_address(None, Some(v)),
+            REG_QUEUE_AVAIL_LOW if q => self.queues[sel].set_avail_ring_address(Some(v), None),
+            REG_QUEUE_AVAIL_HIGH if q => self.queues[sel].set_avail_ring_address(None, Some(v)),
+            REG_QUEUE_USED_LOW if q => self.queues[sel].set_used_ring_address(Some(v), None),
+            REG_QUEUE_USED_HIGH if q => self.queues[sel].set_used_ring_address(None, Some(v)),
             REG_QUEUE_NOTIFY => self.process(v),
             REG_INTERRUPT_ACK => self.interrupt_status &= !v,
             REG_STATUS => self.set_status(v),
@@ -271,9 +314,16 @@ impl MmioTransport {
     }
 }
 
+/// The "queue index" of a device's backend event (its `completion_event`).
+pub const BACKEND_EVENT: u32 = u32::MAX;
+
 impl QueueHandler for MmioTransport {
     fn notified(&mut self, queue_index: u32) {
-        self.process(queue_index);
+        if queue_index == BACKEND_EVENT {
+            self.process_backend();
+        } else {
+            self.process(queue_index);
+        }
     }
 }
 
@@ -441,7 +491,7 @@ mod tests {
         assert_eq!(t.status(), 0xf);
         // After DRIVER_OK the queue cannot move.
         wr(&mut t, REG_QUEUE_DESC_LOW, 0x8000);
-        assert_eq!(t.queue.desc_table(), DESC);
+        assert_eq!(t.queues[0].desc_table(), DESC);
 
         // A bad size: needs reset.
         let mut t = transport(&mem);

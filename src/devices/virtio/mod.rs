@@ -9,7 +9,9 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
+pub mod tap;
 
 use std::fmt;
 use std::os::fd::AsRawFd;
@@ -30,6 +32,7 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Every queue holds up to this many descriptors.
 pub const QUEUE_MAX_SIZE: u16 = 256;
 
+pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 
@@ -92,38 +95,52 @@ impl fmt::Display for ChainError {
 
 impl std::error::Error for ChainError {}
 
+/// The descriptors of one chain, checked for structure only: no loop, no truncation, not
+/// longer than a queue. Buffers are not checked against guest memory (see [`check_buffer`]).
+/// Counts a malformed chain in the `virtio` metrics.
+pub fn collect_chain_structure<I: Iterator<Item = Descriptor>>(
+    chain: I,
+) -> Result<Vec<Descriptor>, ChainError> {
+    let descs: Vec<Descriptor> = chain.take(usize::from(QUEUE_MAX_SIZE) + 1).collect();
+    let res = match descs.last() {
+        None => Err(ChainError::TooFewDescriptors(0)),
+        Some(d) if d.has_next() => Err(ChainError::Truncated),
+        Some(_) => Ok(descs),
+    };
+    if res.is_err() {
+        METRICS.virtio.malformed_chains.inc();
+    }
+    res
+}
+
+/// Whether `d`'s buffer lies inside guest memory with the access its direction needs.
+pub fn check_buffer(mem: &GuestMemoryMmap, d: &Descriptor) -> Result<(), ChainError> {
+    let access = if d.is_write_only() {
+        Permissions::Write
+    } else {
+        Permissions::Read
+    };
+    if d.len() > 0 && !mem.check_range(d.addr(), d.len() as usize, access) {
+        return Err(ChainError::OutsideMemory {
+            addr: d.addr().0,
+            len: d.len(),
+        });
+    }
+    Ok(())
+}
+
 /// The descriptors of one chain, checked: no loop, no truncation, every buffer inside guest
 /// memory. Counts a malformed chain in the `virtio` metrics.
 pub fn collect_chain<I: Iterator<Item = Descriptor>>(
     mem: &GuestMemoryMmap,
     chain: I,
 ) -> Result<Vec<Descriptor>, ChainError> {
-    let res = (|| {
-        let descs: Vec<Descriptor> = chain.take(usize::from(QUEUE_MAX_SIZE) + 1).collect();
-        match descs.last() {
-            None => return Err(ChainError::TooFewDescriptors(0)),
-            Some(d) if d.has_next() => return Err(ChainError::Truncated),
-            Some(_) => {}
-        }
-        for d in &descs {
-            let access = if d.is_write_only() {
-                Permissions::Write
-            } else {
-                Permissions::Read
-            };
-            if d.len() > 0 && !mem.check_range(d.addr(), d.len() as usize, access) {
-                return Err(ChainError::OutsideMemory {
-                    addr: d.addr().0,
-                    len: d.len(),
-                });
-            }
-        }
-        Ok(descs)
-    })();
-    if res.is_err() {
+    let descs = collect_chain_structure(chain)?;
+    if let Err(e) = descs.iter().try_for_each(|d| check_buffer(mem, d)) {
         METRICS.virtio.malformed_chains.inc();
+        return Err(e);
     }
-    res
+    Ok(descs)
 }
 
 /// What a device model implements; the transport does the rest.
@@ -140,6 +157,39 @@ pub trait VirtioDevice: Send {
         mem: &GuestMemoryMmap,
         queue: &mut Queue,
     ) -> Result<bool, DeviceError>;
+    /// How many queues the device has.
+    fn queue_count(&self) -> usize {
+        1
+    }
+    /// Handles a notification of queue `index` for a device with several queues.
+    fn process_queues(
+        &mut self,
+        index: usize,
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+    ) -> Result<bool, DeviceError> {
+        self.process_queue(mem, &mut queues[index])
+    }
+    /// The backend has work for the device (a readable TAP); returns whether a chain was used.
+    fn process_backend(
+        &mut self,
+        _mem: &GuestMemoryMmap,
+        _queues: &mut [Queue],
+    ) -> Result<bool, DeviceError> {
+        Ok(false)
+    }
+    /// The driver reset the device.
+    fn reset(&mut self) {}
+    /// An eventfd the VMM thread watches for the device's backend (io_uring completions);
+    /// when it fires the transport calls [`VirtioDevice::process_backend`].
+    fn completion_event(&self) -> Option<EventFd> {
+        None
+    }
+    /// Replaces the device's backing file (`PATCH /drives`); the transport then signals a
+    /// configuration change.
+    fn swap_backing_file(&mut self, _file: std::fs::File) -> Result<(), String> {
+        Err("this device has no backing file".into())
+    }
 }
 
 /// Pops every available chain of `queue` and hands it to `handle`, which returns the used
@@ -151,6 +201,23 @@ pub fn for_each_chain<F>(
 ) -> Result<bool, DeviceError>
 where
     F: FnMut(&GuestMemoryMmap, Result<Vec<Descriptor>, ChainError>) -> u32,
+{
+    for_each_chain_with(mem, queue, true, |mem, _head, descs| {
+        Some(handle(mem, descs))
+    })
+}
+
+/// Like [`for_each_chain`]; `check_memory` false leaves the buffers' memory check to
+/// `handle`, and `handle` may return None to complete the chain later itself (with
+/// `Queue::add_used`, given the head index it receives).
+pub fn for_each_chain_with<F>(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    check_memory: bool,
+    mut handle: F,
+) -> Result<bool, DeviceError>
+where
+    F: FnMut(&GuestMemoryMmap, u16, Result<Vec<Descriptor>, ChainError>) -> Option<u32>,
 {
     let mut used_any = false;
     loop {
@@ -164,12 +231,17 @@ where
             }
         };
         let head = chain.head_index();
-        let descs = collect_chain(mem, chain);
-        let len = handle(mem, descs);
-        queue
-            .add_used(mem, head, len)
-            .map_err(|e| DeviceError::UsedRing(e.to_string()))?;
-        used_any = true;
+        let descs = if check_memory {
+            collect_chain(mem, chain)
+        } else {
+            collect_chain_structure(chain)
+        };
+        if let Some(len) = handle(mem, head, descs) {
+            queue
+                .add_used(mem, head, len)
+                .map_err(|e| DeviceError::UsedRing(e.to_string()))?;
+            used_any = true;
+        }
     }
     Ok(used_any)
 }

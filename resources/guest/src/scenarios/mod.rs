@@ -13,6 +13,7 @@ pub mod evil;
 pub mod hello;
 pub mod initrd;
 pub mod mem;
+pub mod net;
 pub mod panic;
 pub mod rng;
 pub mod smp;
@@ -58,12 +59,20 @@ pub const ALL: &[Scenario] = &[
         run: cmdline::run,
     },
     Scenario {
+        name: "blkwait",
+        run: blk::wait_config,
+    },
+    Scenario {
         name: "blk",
         run: blk::run,
     },
     Scenario {
         name: "rng",
         run: rng::run,
+    },
+    Scenario {
+        name: "net",
+        run: net::run,
     },
     Scenario {
         name: "evil",

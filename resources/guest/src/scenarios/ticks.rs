@@ -7,7 +7,7 @@ use crate::{hw, Ctx};
 const TICK_US: u64 = 10_000;
 
 /// TSC cycles per microsecond, measured against the boot timer (or a 2 GHz guess without it).
-fn tsc_per_us() -> u64 {
+pub fn tsc_per_us() -> u64 {
     let us0 = hw::boot_time_us();
     if us0 == 0 {
         return 2000;

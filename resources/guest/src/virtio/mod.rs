@@ -12,6 +12,7 @@
 
 pub mod blk;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 pub mod rng;
 

@@ -1,0 +1,200 @@
+//! The `Async` io_engine: one io_uring per drive (128 entries), the backing file registered
+//! as fixed file 0, the ring restricted to READV, WRITEV and FSYNC on fixed files, its
+//! completions signalled on an eventfd that the VMM thread watches.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use io_uring::{opcode, register::Restriction, squeue, types, IoUring};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use virtio_queue::desc::split::Descriptor;
+
+pub const RING_ENTRIES: u32 = 128;
+/// `IORING_REGISTER_FILES_UPDATE`: a PATCH of the drive swaps fixed file 0.
+const REGISTER_FILES_UPDATE: u8 = 6;
+
+/// A request in flight.
+pub struct Pending {
+    /// The chain's head index, for the used ring.
+    pub head: u16,
+    pub status: GuestAddress,
+    /// The bytes the operation must move (0 for FSYNC).
+    pub expected: u64,
+    pub op: Op,
+    /// Kept alive until completion: the kernel reads it at submission, or later from io-wq.
+    _iovecs: Vec<libc::iovec>,
+}
+
+// SAFETY: the iovecs point into guest memory, which every thread of the VMM may access; they
+// are only handed to the kernel.
+unsafe impl Send for Pending {}
+
+pub struct Uring {
+    ring: IoUring,
+    evt: EventFd,
+    slots: Vec<Option<Pending>>,
+    free: Vec<u16>,
+    /// Keeps guest memory mapped while requests are in flight.
+    mem: Option<GuestMemoryMmap>,
+}
+
+impl Uring {
+    pub fn new(file: &File) -> io::Result<Uring> {
+        let ring = IoUring::builder().setup_r_disabled().build(RING_ENTRIES)?;
+        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+        let sub = ring.submitter();
+        sub.register_files(&[file.as_raw_fd()])?;
+        sub.register_eventfd(evt.as_raw_fd())?;
+        let mut res = [
+            Restriction::sqe_op(opcode::Readv::CODE),
+            Restriction::sqe_op(opcode::Writev::CODE),
+            Restriction::sqe_op(opcode::Fsync::CODE),
+            Restriction::sqe_flags_required(squeue::Flags::FIXED_FILE.bits()),
+            Restriction::register_op(REGISTER_FILES_UPDATE),
+        ];
+        sub.register_restrictions(&mut res)?;
+        sub.register_enable_rings()?;
+        Ok(Uring {
+            ring,
+            evt,
+            slots: (0..RING_ENTRIES).map(|_| None).collect(),
+            free: (0..RING_ENTRIES as u16).rev().collect(),
+            mem: None,
+        })
+    }
+
+    /// A duplicate of the completion eventfd, for the VMM thread's event loop.
+    pub fn event(&self) -> io::Result<EventFd> {
+        self.evt.try_clone()
+    }
+
+    /// Makes `file` the backing file of later requests.
+    pub fn swap_file(&mut self, file: &File) -> io::Result<()> {
+        self.ring
+            .submitter()
+            .register_files_update(0, &[file.as_raw_fd()])
+            .map(|_| ())
+    }
+
+    pub fn has_room(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    /// Submits a READV/WRITEV at byte `pos` over `data`, or an FSYNC when `data` is None.
+    /// Every buffer must have been checked to lie inside `mem`; an error means nothing was
+    /// submitted.
+    pub fn submit(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        status: GuestAddress,
+        op: Op,
+        pos: u64,
+        data: &[Descriptor],
+    ) -> Result<(), String> {
+        let mut iovecs = Vec::with_capacity(data.len());
+        let mut expected = 0u64;
+        for d in data.iter().filter(|d| d.len() > 0) {
+            // Range-checked by vm-memory: fails unless the whole buffer is inside one region.
+            let slice = mem
+                .get_slice(d.addr(), d.len() as usize)
+                .map_err(|e| format!("buffer {:#x}+{:#x}: {e}", d.addr().0, d.len()))?;
+            iovecs.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: d.len() as usize,
+            });
+            expected += u64::from(d.len());
+        }
+        let Some(slot) = self.free.pop() else {
+            return Err("the ring is full".into());
+        };
+        let fd = types::Fixed(0);
+        let entry = match op {
+            Op::Read => opcode::Readv::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
+                .offset(pos)
+                .build(),
+            Op::Write => opcode::Writev::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
+                .offset(pos)
+                .build(),
+            Op::Flush => opcode::Fsync::new(fd).build(),
+        }
+        .user_data(u64::from(slot));
+        // SAFETY: the iovecs are kept in `slots` until the request completes (and `Drop`
+        // waits for requests in flight); they point into guest memory, range-checked above,
+        // which stays mapped as long as `self.mem` (a clone of the VM's memory) lives, which
+        // is at least until every request has completed.
+        let pushed = unsafe { self.ring.submission().push(&entry) };
+        if pushed.is_err() {
+            self.free.push(slot);
+            return Err("the submission queue is full".into());
+        }
+        self.mem.get_or_insert_with(|| mem.clone());
+        self.slots[usize::from(slot)] = Some(Pending {
+            head,
+            status,
+            expected,
+            op,
+            _iovecs: iovecs,
+        });
+        if let Err(e) = self.ring.submit() {
+            log::warn!("virtio-blk: io_uring_enter: {e}");
+        }
+        Ok(())
+    }
+
+    /// The requests that completed: each with its outcome (the bytes moved, or an error).
+    pub fn completions(&mut self) -> Vec<(Pending, Result<u64, String>)> {
+        let _ = self.evt.read();
+        let mut done = Vec::new();
+        for cqe in self.ring.completion() {
+            let slot = cqe.user_data() as u16;
+            let Some(p) = self.slots.get_mut(usize::from(slot)).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(slot);
+            let res = cqe.result();
+            let outcome = if res < 0 {
+                Err(io::Error::from_raw_os_error(-res).to_string())
+            } else if res as u64 != p.expected {
+                Err(format!("short transfer: {res} of {} bytes", p.expected))
+            } else {
+                Ok(res as u64)
+            };
+            done.push((p, outcome));
+        }
+        done
+    }
+
+    fn in_flight(&self) -> usize {
+        RING_ENTRIES as usize - self.free.len()
+    }
+}
+
+impl Uring {
+    /// Waits for every request in flight and forgets them (a device reset, or the end).
+    pub fn drain(&mut self) {
+        while self.in_flight() > 0 {
+            if self.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            let _ = self.completions();
+        }
+    }
+}
+
+impl Drop for Uring {
+    fn drop(&mut self) {
+        // Guest buffers must not be unmapped under the kernel's feet.
+        self.drain();
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+    Flush,
+}

@@ -1,0 +1,470 @@
+//! virtio-net: an RX queue (0) and a TX queue (1) over a TAP backend. Every frame carries the
+//! 12-byte `virtio_net_hdr_v1`, passed between the guest and the TAP as it is (the device only
+//! sets `num_buffers` to 1 on RX). No offload is offered, nor MRG_RXBUF: each RX chain must hold
+//! a whole frame and its header.
+//!
+//! RX is driven by the TAP's readiness (edge-triggered, see [`TapWatcher`]) and by RX queue
+//! notifications: the device reads frames while it has RX chains for them, and keeps at most one
+//! frame pending when it has none; the next RX notification resumes it.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use super::mmio::MmioTransport;
+use super::tap::{NetBackend, VNET_HDR_LEN};
+use super::{collect_chain, for_each_chain, DeviceError, VirtioDevice, TYPE_NET};
+use super::{ChainError, VIRTIO_F_VERSION_1};
+use crate::devices::bus::lock;
+use crate::metrics::METRICS;
+
+pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+
+/// The largest frame with its header: 65550 bytes of Ethernet frame plus the header.
+pub const MAX_BUFFER: usize = 65562;
+const ETH_HLEN: usize = 14;
+
+pub struct Net<B: NetBackend> {
+    backend: B,
+    guest_mac: Option<[u8; 6]>,
+    mtu: Option<u16>,
+    /// The frame read from the backend and not yet delivered, and its length.
+    rx_pending: Option<usize>,
+    rx_buf: Vec<u8>,
+    tx_buf: Vec<u8>,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl<B: NetBackend> Net<B> {
+    pub fn new(backend: B, guest_mac: Option<[u8; 6]>, mtu: Option<u16>) -> Self {
+        Net {
+            backend,
+            guest_mac,
+            mtu,
+            rx_pending: None,
+            rx_buf: vec![0; MAX_BUFFER],
+            tx_buf: Vec::with_capacity(MAX_BUFFER),
+        }
+    }
+
+    /// Gathers one TX chain into `tx_buf`.
+    fn gather(&mut self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Result<(), String> {
+        self.tx_buf.clear();
+        for (i, d) in descs.iter().enumerate() {
+            if d.is_write_only() {
+                return Err(ChainError::WrongDirection { index: i }.to_string());
+            }
+            let len = d.len() as usize;
+            let at = self.tx_buf.len();
+            if at + len > MAX_BUFFER {
+                return Err(format!("frame longer than {MAX_BUFFER} bytes"));
+            }
+            self.tx_buf.resize(at + len, 0);
+            mem.read_slice(&mut self.tx_buf[at..], d.addr())
+                .map_err(|e| e.to_string())?;
+        }
+        if self.tx_buf.len() < VNET_HDR_LEN + ETH_HLEN {
+            return Err(format!("frame of only {} bytes", self.tx_buf.len()));
+        }
+        Ok(())
+    }
+
+    fn process_tx(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
+        for_each_chain(mem, q, |mem, descs| {
+            let res = descs
+                .map_err(|e| e.to_string())
+                .and_then(|d| self.gather(mem, &d));
+            if let Err(e) = res {
+                log::debug!("virtio-net: malformed TX chain: {e}");
+                METRICS.net.tx_malformed.inc();
+                return 0;
+            }
+            let frame = &self.tx_buf[VNET_HDR_LEN..];
+            if let Some(mac) = self.guest_mac {
+                if frame[6..12] != mac {
+                    METRICS.net.tx_spoofed_mac_count.inc();
+                }
+            }
+            let len = frame.len() as u64;
+            match self.backend.send(&self.tx_buf) {
+                Ok(()) => {
+                    METRICS.net.tx_bytes_count.add(len);
+                    METRICS.net.tx_packets_count.inc();
+                }
+                Err(e) => {
+                    log::debug!("virtio-net: TAP write failed: {e}");
+                    METRICS.net.tx_fails.inc();
+                }
+            }
+            0
+        })
+    }
+
+    /// Writes the pending frame into the chain's writable buffers; None when it does not fit.
+    fn deliver(&self, mem: &GuestMemoryMmap, descs: &[Descriptor], len: usize) -> Option<u32> {
+        let room: usize = descs
+            .iter()
+            .filter(|d| d.is_write_only())
+            .map(|d| d.len() as usize)
+            .sum();
+        if room < len {
+            return None;
+        }
+        let mut done = 0;
+        for d in descs {
+            let n = (d.len() as usize).min(len - done);
+            if n == 0 {
+                break;
+            }
+            mem.write_slice(&self.rx_buf[done..done + n], d.addr())
+                .ok()?;
+            done += n;
+        }
+        Some(len as u32)
+    }
+
+    /// Moves frames from the backend into RX chains until either runs out.
+    fn process_rx(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
+        let mut used_any = false;
+        loop {
+            let len = match self.rx_pending {
+                Some(n) => n,
+                None => match self.backend.recv(&mut self.rx_buf) {
+                    Ok(n) if n < VNET_HDR_LEN + ETH_HLEN => {
+                        METRICS.net.rx_dropped.inc();
+                        continue;
+                    }
+                    Ok(n) => {
+                        // No MRG_RXBUF: every frame is in one chain.
+                        self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+                        self.rx_pending = Some(n);
+                        n
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        log::warn!("virtio-net: TAP read failed: {e}");
+                        break;
+                    }
+                },
+            };
+            let chain = {
+                let mut iter = q
+                    .iter(mem)
+                    .map_err(|e| DeviceError::AvailRing(e.to_string()))?;
+                match iter.next() {
+                    Some(c) => c,
+                    // No buffer: keep the frame and stop reading until the next RX notify.
+                    None => break,
+                }
+            };
+            let head = chain.head_index();
+            let used = match collect_chain(mem, chain) {
+                Err(e) => {
+                    log::debug!("virtio-net: malformed RX chain: {e}");
+                    0
+                }
+                Ok(descs) if descs.iter().any(|d| !d.is_write_only()) => {
+                    log::debug!("virtio-net: RX chain with a read-only buffer");
+                    0
+                }
+                Ok(descs) => match self.deliver(mem, &descs, len) {
+                    Some(n) => {
+                        self.rx_pending = None;
+                        METRICS.net.rx_bytes_count.add((len - VNET_HDR_LEN) as u64);
+                        METRICS.net.rx_packets_count.inc();
+                        n
+                    }
+                    None => {
+                        // Too small (or read-only): the frame is dropped, the chain reused.
+                        log::debug!("virtio-net: RX chain too small for {len} bytes");
+                        METRICS.net.rx_dropped.inc();
+                        self.rx_pending = None;
+                        q.go_to_previous_position();
+                        continue;
+                    }
+                },
+            };
+            q.add_used(mem, head, used)
+                .map_err(|e| DeviceError::UsedRing(e.to_string()))?;
+            used_any = true;
+        }
+        Ok(used_any)
+    }
+}
+
+impl<B: NetBackend> VirtioDevice for Net<B> {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn avail_features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1;
+        if self.guest_mac.is_some() {
+            f |= VIRTIO_NET_F_MAC;
+        }
+        if self.mtu.is_some() {
+            f |= VIRTIO_NET_F_MTU;
+        }
+        f
+    }
+
+    /// mac[6], status u16, max_virtqueue_pairs u16, mtu u16.
+    fn config_space(&self) -> Vec<u8> {
+        let mut c = vec![0u8; 12];
+        c[..6].copy_from_slice(&self.guest_mac.unwrap_or_default());
+        c[6..8].copy_from_slice(&1u16.to_le_bytes());
+        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c[10..12].copy_from_slice(&self.mtu.unwrap_or(0).to_le_bytes());
+        c
+    }
+
+    fn queue_count(&self) -> usize {
+        2
+    }
+
+    fn process_queue(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+    ) -> Result<bool, DeviceError> {
+        // Only reached through process_queues' default, which this device overrides.
+        self.process_rx(mem, queue)
+    }
+
+    fn process_queues(
+        &mut self,
+        index: usize,
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+    ) -> Result<bool, DeviceError> {
+        match index {
+            RX_QUEUE => self.process_rx(mem, &mut queues[RX_QUEUE]),
+            _ => {
+                let tx = self.process_tx(mem, &mut queues[TX_QUEUE])?;
+                // The TAP may have become readable meanwhile; nothing else to do for TX.
+                Ok(tx)
+            }
+        }
+    }
+
+    fn process_backend(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+    ) -> Result<bool, DeviceError> {
+        self.process_rx(mem, &mut queues[RX_QUEUE])
+    }
+
+    fn reset(&mut self) {
+        self.rx_pending = None;
+    }
+}
+
+/// The VMM thread's watch on a TAP: when it becomes readable, the device reads frames into the
+/// RX queue. Edge-triggered: the device reads until the TAP is empty or RX chains run out, and
+/// a later RX notification resumes it, so an idle guest costs no wake-ups but one per frame.
+pub struct TapWatcher {
+    fd: File,
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+impl TapWatcher {
+    /// `fd` is a duplicate of the TAP's fd.
+    pub fn new(fd: File, transport: Arc<Mutex<MmioTransport>>) -> Self {
+        TapWatcher { fd, transport }
+    }
+
+    pub fn fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl MutEventSubscriber for TapWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        lock(&self.transport).process_backend();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let set = EventSet::IN | EventSet::EDGE_TRIGGERED;
+        if let Err(e) = ops.add(Events::new(&self.fd, set)) {
+            log::error!("cannot watch a TAP device: {e:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::*;
+    use super::*;
+    use std::collections::VecDeque;
+    use vm_memory::GuestAddress;
+
+    #[derive(Default, Clone)]
+    struct Fake {
+        sent: Arc<Mutex<Vec<Vec<u8>>>>,
+        inbox: Arc<Mutex<VecDeque<Vec<u8>>>>,
+    }
+
+    impl NetBackend for Fake {
+        fn send(&mut self, buf: &[u8]) -> io::Result<()> {
+            self.sent.lock().unwrap().push(buf.to_vec());
+            Ok(())
+        }
+        fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match self.inbox.lock().unwrap().pop_front() {
+                Some(f) => {
+                    buf[..f.len()].copy_from_slice(&f);
+                    Ok(f.len())
+                }
+                None => Err(io::ErrorKind::WouldBlock.into()),
+            }
+        }
+    }
+
+    const MAC: [u8; 6] = [6, 0, 0xac, 0x10, 0, 2];
+
+    fn frame(src: [u8; 6], payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend_from_slice(&[0xff; 6]);
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&[0x88, 0xb5]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn config_and_features() {
+        let n = Net::new(Fake::default(), Some(MAC), Some(1400));
+        assert_eq!(
+            n.avail_features(),
+            VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU
+        );
+        let c = n.config_space();
+        assert_eq!(&c[..6], &MAC);
+        assert_eq!(u16::from_le_bytes([c[10], c[11]]), 1400);
+        let n = Net::new(Fake::default(), None, None);
+        assert_eq!(n.avail_features(), VIRTIO_F_VERSION_1);
+        assert_eq!(n.queue_count(), 2);
+        assert_eq!(parse_mac("06:00:ac:10:00:02"), Some(MAC));
+        assert_eq!(parse_mac("06:00:ac:10:00"), None);
+        assert_eq!(parse_mac("06:00:ac:10:00:02:03"), None);
+        assert_eq!(parse_mac("g6:00:ac:10:00:02"), None);
+    }
+
+    #[test]
+    fn tx_sends_chains_and_counts_spoofed_macs() {
+        let mem = memory();
+        let fake = Fake::default();
+        let mut n = Net::new(fake.clone(), Some(MAC), None);
+        let mut qs = [queue(&mem, 16), queue(&mem, 16)];
+        // Header and frame in two descriptors.
+        let good = frame(MAC, b"hello");
+        mem.write_slice(&good[..VNET_HDR_LEN], GuestAddress(0x8000))
+            .unwrap();
+        mem.write_slice(&good[VNET_HDR_LEN..], GuestAddress(0x9000))
+            .unwrap();
+        write_desc(&mem, 0, 0x8000, VNET_HDR_LEN as u32, NEXT, 1);
+        write_desc(&mem, 1, 0x9000, (good.len() - VNET_HDR_LEN) as u32, 0, 0);
+        make_avail(&mem, 0, 0);
+        let spoofed = METRICS.net.tx_spoofed_mac_count.count();
+        let malformed = METRICS.net.tx_malformed.count();
+        assert!(n.process_queues(TX_QUEUE, &mem, &mut qs).unwrap());
+        assert_eq!(used_elem(&mem, 0), (0, 0));
+        assert_eq!(fake.sent.lock().unwrap().as_slice(), &[good]);
+        assert_eq!(METRICS.net.tx_spoofed_mac_count.count(), spoofed);
+
+        let bad = frame([2, 0, 0, 0, 0, 1], b"x");
+        mem.write_slice(&bad, GuestAddress(0xa000)).unwrap();
+        write_desc(&mem, 2, 0xa000, bad.len() as u32, 0, 0);
+        make_avail(&mem, 1, 2);
+        n.process_queues(TX_QUEUE, &mem, &mut qs).unwrap();
+        assert_eq!(fake.sent.lock().unwrap().len(), 2);
+        assert!(METRICS.net.tx_spoofed_mac_count.count() > spoofed);
+
+        // Too short for a header and an Ethernet header; a write-only buffer.
+        write_desc(&mem, 3, 0xa000, 20, 0, 0);
+        make_avail(&mem, 2, 3);
+        write_desc(&mem, 4, 0xa000, 64, WRITE, 0);
+        make_avail(&mem, 3, 4);
+        n.process_queues(TX_QUEUE, &mem, &mut qs).unwrap();
+        assert_eq!(fake.sent.lock().unwrap().len(), 2);
+        assert!(METRICS.net.tx_malformed.count() >= malformed + 2);
+        assert_eq!(used_idx(&mem), 4);
+    }
+
+    #[test]
+    fn rx_fills_chains_keeps_a_pending_frame_and_drops_oversized() {
+        let mem = memory();
+        let fake = Fake::default();
+        let mut n = Net::new(fake.clone(), Some(MAC), None);
+        let mut qs = [queue(&mem, 16), queue(&mem, 16)];
+        let f1 = frame([2; 6], b"one");
+        let f2 = frame([2; 6], &[7u8; 100]);
+        let f3 = frame([2; 6], b"three");
+        fake.inbox
+            .lock()
+            .unwrap()
+            .extend([f1.clone(), f2.clone(), f3.clone()]);
+        // No buffer yet: one frame is read and kept, the others stay in the backend.
+        assert!(!n.process_backend(&mem, &mut qs).unwrap());
+        assert_eq!(fake.inbox.lock().unwrap().len(), 2);
+
+        // A 64-byte chain (16 + 48): f1 fits; f2 (126 bytes) does not and is dropped, the chain reused
+        // for f3.
+        write_desc(&mem, 0, 0x8000, 16, WRITE | NEXT, 1);
+        write_desc(&mem, 1, 0x9000, 48, WRITE, 0);
+        make_avail(&mem, 0, 0);
+        let dropped = METRICS.net.rx_dropped.count();
+        assert!(n.process_queues(RX_QUEUE, &mem, &mut qs).unwrap());
+        assert_eq!(used_elem(&mem, 0), (0, f1.len() as u32));
+        let mut got = vec![0u8; f1.len()];
+        mem.read_slice(&mut got[..16], GuestAddress(0x8000))
+            .unwrap();
+        mem.read_slice(&mut got[16..], GuestAddress(0x9000))
+            .unwrap();
+        let mut want = f1.clone();
+        want[10] = 1; // num_buffers
+        assert_eq!(got, want);
+        // f2 was read, found no chain and waits.
+        assert_eq!(used_idx(&mem), 1);
+
+        write_desc(&mem, 2, 0xa000, 64, WRITE, 0);
+        make_avail(&mem, 1, 2);
+        n.process_queues(RX_QUEUE, &mem, &mut qs).unwrap();
+        assert!(METRICS.net.rx_dropped.count() > dropped);
+        assert_eq!(used_idx(&mem), 2);
+        assert_eq!(used_elem(&mem, 1), (2, f3.len() as u32));
+        assert!(fake.inbox.lock().unwrap().is_empty());
+
+        // A reset forgets a pending frame.
+        fake.inbox.lock().unwrap().push_back(f1.clone());
+        n.process_backend(&mem, &mut qs).unwrap();
+        assert!(n.rx_pending.is_some());
+        n.reset();
+        assert!(n.rx_pending.is_none());
+    }
+}
