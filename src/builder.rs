@@ -15,7 +15,9 @@ use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_SIZE};
 use crate::devices::legacy::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_GSI, COM1_SIZE};
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::block::Block;
-use crate::devices::virtio::mmio::{MmioTransport, BACKEND_EVENT, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::mmio::{
+    MmioTransport, BACKEND_EVENT, REG_QUEUE_NOTIFY, THROTTLE_EVENT,
+};
 use crate::devices::virtio::net::{Net, TapWatcher};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::{QueueHandler, QueueNotifier, VirtioDevice};
@@ -129,6 +131,8 @@ pub struct Microvm {
     pub tap_watchers: Vec<TapWatcher>,
     /// Each drive's transport, by drive id (`PATCH /drives` reaches the device through it).
     pub block_devices: Vec<(String, Arc<Mutex<MmioTransport>>)>,
+    /// Each network interface's transport, by iface id (`PATCH /network-interfaces`).
+    pub net_devices: Vec<(String, Arc<Mutex<MmioTransport>>)>,
 }
 
 /// Where a virtio device goes: its window and GSI, fixed by attach order.
@@ -189,7 +193,7 @@ pub fn full_cmdline(cfg: &VmConfig, slots: &[VirtioSlot]) -> Result<String, Star
 }
 
 /// The device models to attach, in attach order: drives (root first), network interfaces,
-/// then entropy. `taps` gets (device index, TAP fd to watch) for each net device.
+/// vsock, then entropy. `taps` gets (device index, TAP fd to watch) for each net device.
 fn virtio_devices(
     cfg: &VmConfig,
     taps: &mut Vec<(usize, File)>,
@@ -205,6 +209,7 @@ fn virtio_devices(
                 Block::new_async(file, d.read_only(), writeback)
             }
         }
+        .and_then(|b| b.with_rate_limiter(d.rate_limiter.as_ref()))
         .map_err(|e| StartError::Device(format!("drive {}: {e}", d.drive_id)))?;
         devs.push(Box::new(blk));
     }
@@ -215,11 +220,28 @@ fn virtio_devices(
             .map_err(|e| StartError::Device(format!("network interface {}: {e}", n.iface_id)))?;
         taps.push((devs.len(), watch));
         let mac = n.mac().map_err(StartError::Config)?;
-        devs.push(Box::new(Net::new(tap, mac, n.mtu)));
+        let net = Net::new(tap, mac, n.mtu)
+            .with_rate_limiters(n.rx_rate_limiter.as_ref(), n.tx_rate_limiter.as_ref())
+            .map_err(|e| StartError::Device(format!("network interface {}: {e}", n.iface_id)))?;
+        devs.push(Box::new(net));
+    }
+    if let Some(v) = &cfg.vsock {
+        v.validate().map_err(StartError::Config)?;
+        let dev = crate::devices::virtio::vsock::Vsock::new(u64::from(v.guest_cid), &v.uds_path)
+            .map_err(|e| StartError::Device(format!("vsock {}: {e}", v.uds_path)))?;
+        // Its backend (an epoll set of its sockets) is watched like a TAP.
+        let watch = dev.backend_fd().map_err(device_err)?;
+        taps.push((devs.len(), watch));
+        devs.push(Box::new(dev));
     }
     if let Some(e) = &cfg.entropy {
         e.validate().map_err(StartError::Config)?;
-        devs.push(Box::new(Rng::new()));
+        let rng = match &e.rate_limiter {
+            Some(rl) => Rng::with_rate_limiter(rl)
+                .map_err(|e| StartError::Device(format!("entropy device: {e}")))?,
+            None => Rng::new(),
+        };
+        devs.push(Box::new(rng));
     }
     Ok(devs)
 }
@@ -348,15 +370,26 @@ pub fn build_microvm(
         .map(|d| d.drive_id.clone())
         .collect();
     let mut block_devices = Vec::with_capacity(drive_ids.len());
+    let iface_ids: Vec<String> = cfg
+        .network_interfaces
+        .iter()
+        .map(|n| n.iface_id.clone())
+        .collect();
+    let mut net_devices = Vec::with_capacity(iface_ids.len());
     for (i, (dev, slot)) in virtio.into_iter().zip(&slots).enumerate() {
         let queue_count = dev.queue_count();
         let irq = EventFdTrigger::new().map_err(device_err)?;
         vm.register_irqfd(&irq, slot.gsi)?;
         let backend_evt = dev.completion_event();
+        let throttle_evt = dev.throttle_timer();
         let transport = Arc::new(Mutex::new(MmioTransport::new(dev, mem.clone(), irq)));
         if let Some(evt) = backend_evt {
             let handler: Arc<Mutex<dyn QueueHandler>> = transport.clone();
             queue_notifiers.push(QueueNotifier::new(evt, BACKEND_EVENT, handler));
+        }
+        if let Some(evt) = throttle_evt {
+            let handler: Arc<Mutex<dyn QueueHandler>> = transport.clone();
+            queue_notifiers.push(QueueNotifier::new(evt, THROTTLE_EVENT, handler));
         }
         mmio.insert(transport.clone(), slot.addr, MMIO_WINDOW)
             .map_err(device_err)?;
@@ -364,6 +397,9 @@ pub fn build_microvm(
             block_devices.push((id.clone(), transport.clone()));
         }
         if let Some(pos) = taps.iter().position(|(d, _)| *d == i) {
+            if let Some(id) = iface_ids.get(i - drive_ids.len()) {
+                net_devices.push((id.clone(), transport.clone()));
+            }
             let (_, fd) = taps.swap_remove(pos);
             tap_watchers.push(TapWatcher::new(fd, transport.clone()));
         }
@@ -456,6 +492,7 @@ pub fn build_microvm(
         queue_notifiers,
         tap_watchers,
         block_devices,
+        net_devices,
     })
 }
 

@@ -284,9 +284,6 @@ impl Controller {
             }
             PatchDrive(u) => {
                 let vm = self.after_start()?;
-                if u.rate_limiter.is_some() {
-                    return Err(ApiResponse::not_supported("Rate limiting of drives"));
-                }
                 let Some(cfg) = self.config.drives.iter().find(|d| d.drive_id == u.drive_id) else {
                     return Err(ApiResponse::bad_request(format!(
                         "Invalid block device ID: {}",
@@ -323,11 +320,74 @@ impl Controller {
                         d.path_on_host = Some(path.clone());
                     }
                 }
+                if let Some(rl) = &u.rate_limiter {
+                    let vm = self.after_start()?;
+                    let Some((_, transport)) =
+                        vm.block_devices.iter().find(|(id, _)| *id == u.drive_id)
+                    else {
+                        return Err(ApiResponse::bad_request(format!(
+                            "Invalid block device ID: {}",
+                            u.drive_id
+                        )));
+                    };
+                    lock(transport)
+                        .update_rate_limiters(Some(rl), None)
+                        .map_err(|e| {
+                            ApiResponse::bad_request(format!(
+                                "Unable to patch the block device: {e}"
+                            ))
+                        })?;
+                    if let Some(d) = self
+                        .config
+                        .drives
+                        .iter_mut()
+                        .find(|d| d.drive_id == u.drive_id)
+                    {
+                        d.rate_limiter = Some(merge_rate_limiter(d.rate_limiter, rl));
+                    }
+                }
+                ApiResponse::NoContent
+            }
+            PatchNetworkInterface(u) => {
+                let vm = self.after_start()?;
+                let Some((_, transport)) = vm.net_devices.iter().find(|(id, _)| *id == u.iface_id)
+                else {
+                    return Err(ApiResponse::bad_request(format!(
+                        "Invalid network interface ID: {}",
+                        u.iface_id
+                    )));
+                };
+                lock(transport)
+                    .update_rate_limiters(u.rx_rate_limiter.as_ref(), u.tx_rate_limiter.as_ref())
+                    .map_err(|e| {
+                        ApiResponse::bad_request(format!(
+                            "Unable to patch the network interface: {e}"
+                        ))
+                    })?;
+                if let Some(n) = self
+                    .config
+                    .network_interfaces
+                    .iter_mut()
+                    .find(|n| n.iface_id == u.iface_id)
+                {
+                    if let Some(rl) = &u.rx_rate_limiter {
+                        n.rx_rate_limiter = Some(merge_rate_limiter(n.rx_rate_limiter, rl));
+                    }
+                    if let Some(rl) = &u.tx_rate_limiter {
+                        n.tx_rate_limiter = Some(merge_rate_limiter(n.tx_rate_limiter, rl));
+                    }
+                }
                 ApiResponse::NoContent
             }
             PutNetworkInterface(n) => {
                 self.before_start()?;
                 self.config.add_network_interface(n).map_err(|e| bad(&e))?;
+                ApiResponse::NoContent
+            }
+            PutVsock(v) => {
+                self.before_start()?;
+                v.validate().map_err(|e| bad(&e))?;
+                self.config.vsock = Some(v);
                 ApiResponse::NoContent
             }
             PutEntropy(e) => {
@@ -476,6 +536,19 @@ impl MutEventSubscriber for Controller {
             }
         }
         self.watch_vm(ops);
+    }
+}
+
+/// The configuration after a `PATCH` of a rate limiter: each bucket in `patch` replaces the
+/// old one, the others stay.
+fn merge_rate_limiter(
+    old: Option<crate::api::models::RateLimiter>,
+    patch: &crate::api::models::RateLimiter,
+) -> crate::api::models::RateLimiter {
+    let old = old.unwrap_or_default();
+    crate::api::models::RateLimiter {
+        bandwidth: patch.bandwidth.or(old.bandwidth),
+        ops: patch.ops.or(old.ops),
     }
 }
 

@@ -142,11 +142,13 @@ metrics_group!(BlockMetrics {
     flush_count: IncMetric,
     invalid_reqs_count: IncMetric,
     io_errors: IncMetric,
+    rate_limiter_throttled_events: IncMetric,
 });
 
 metrics_group!(EntropyMetrics {
     entropy_bytes: IncMetric,
     invalid_reqs: IncMetric,
+    rate_limiter_throttled_events: IncMetric,
 });
 
 metrics_group!(NetMetrics {
@@ -158,6 +160,20 @@ metrics_group!(NetMetrics {
     rx_dropped: IncMetric,
     tx_malformed: IncMetric,
     tx_fails: IncMetric,
+    rx_rate_limiter_throttled: IncMetric,
+    tx_rate_limiter_throttled: IncMetric,
+});
+
+metrics_group!(VsockMetrics {
+    conns_added: IncMetric,
+    conns_removed: IncMetric,
+    conn_event_fails: IncMetric,
+    rx_packets_count: IncMetric,
+    tx_packets_count: IncMetric,
+    rx_bytes_count: IncMetric,
+    tx_bytes_count: IncMetric,
+    malformed_packets: IncMetric,
+    rst_sent: IncMetric,
 });
 
 // Transport-level trouble common to every virtio device.
@@ -187,6 +203,7 @@ pub struct Metrics {
     pub vcpu: VcpuMetrics,
     pub vmm: VmmMetrics,
     pub virtio: VirtioMetrics,
+    pub vsock: VsockMetrics,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -202,6 +219,7 @@ pub static METRICS: Metrics = Metrics {
     vcpu: VcpuMetrics::new(),
     vmm: VmmMetrics::new(),
     virtio: VirtioMetrics::new(),
+    vsock: VsockMetrics::new(),
 };
 
 impl Serialize for Metrics {
@@ -224,6 +242,7 @@ impl Serialize for Metrics {
         st.serialize_field("vcpu", &self.vcpu)?;
         st.serialize_field("virtio", &self.virtio)?;
         st.serialize_field("vmm", &self.vmm)?;
+        st.serialize_field("vsock", &self.vsock)?;
         st.end()
     }
 }

@@ -203,9 +203,15 @@ fn endpoints_before_start() {
         r.body
     );
     // Features ember lacks answer 400 and say so.
-    let r = c.put("/vsock", r#"{"guest_cid":3,"uds_path":"/tmp/v.sock"}"#);
+    let r = c.put("/balloon", r#"{"amount_mib":1,"deflate_on_oom":true}"#);
     assert_eq!(r.status, 400);
     assert!(r.fault().contains("not supported"), "{}", r.body);
+    // vsock is configured before start and shows in /vm/config.
+    let r = c.put("/vsock", r#"{"guest_cid":2,"uds_path":"/tmp/v.sock"}"#);
+    assert_eq!(r.status, 400);
+    let r = c.put("/vsock", r#"{"guest_cid":3,"uds_path":"/tmp/v.sock"}"#);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(c.get("/vm/config").json()["vsock"]["guest_cid"], 3);
 
     // /vm/config shows what was configured.
     let cfg = c.get("/vm/config").json();

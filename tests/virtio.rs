@@ -243,6 +243,48 @@ fn malformed_count(metrics: &str) -> u64 {
     sum
 }
 
+/// Sum of one counter of one metrics group over every metrics line.
+fn counter_sum(metrics: &str, group: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v[group][name].as_u64())
+        .sum()
+}
+
+#[test]
+fn blk_rate_limiter_throttles_and_the_guest_still_finishes() {
+    if !require_kvm() {
+        return;
+    }
+    for engine in ["Sync", "Async"] {
+        let dir = TempDir::new("blk-limited");
+        let data = random_bytes(MIB, 0x0b1c_0007);
+        let img = dir.write("rootfs.img", &data);
+        let metrics = dir.path("metrics.json");
+        let mut d = drive("rootfs", &img, true, false);
+        d["io_engine"] = json!(engine);
+        // Two requests at once, then one every 50 ms: the scenario's requests must wait.
+        d["rate_limiter"] = json!({"ops": {"size": 2, "refill_time": 100},
+                                   "bandwidth": {"size": 0, "refill_time": 0}});
+        let out = boot_with(
+            &config("blk", vec![d], false),
+            &["--metrics-path", metrics.to_str().unwrap()],
+        );
+        let (n, h) = fnv_of_first_sectors(&data);
+        out.expect_code(0)
+            .expect(&format!("blk: read {n} sectors fnv1a64={h:016x}"))
+            .expect("blk: wrote 8 sectors at 8, flush status 0")
+            .expect("ember-guest: done");
+        let m = std::fs::read_to_string(&metrics).unwrap_or_default();
+        assert!(
+            counter_sum(&m, "block", "rate_limiter_throttled_events") > 0,
+            "{engine}: no throttling counted; metrics:\n{m}\n--- stdout\n{}",
+            out.stdout
+        );
+    }
+}
+
 #[test]
 fn evil_guest_is_survived_and_counted() {
     if !require_kvm() {
@@ -387,13 +429,25 @@ fn patch_drive_swaps_the_file_and_signals_the_guest() {
     api_boot(&mut c, "blkwait", 1);
     vm.wait_for(&format!("blkwait: capacity {} sectors", MIB / SECTOR));
 
-    // Rate limits cannot be patched; an unknown drive is refused.
+    // A rate limiter can be set after start: the bucket given is set, the other kept (none);
+    // an unknown drive is refused.
     let r = c.patch(
         "/drives/rootfs",
-        r#"{"drive_id": "rootfs", "rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#,
+        r#"{"drive_id": "rootfs", "rate_limiter": {"bandwidth": {"size": 100000000, "refill_time": 100}}}"#,
     );
-    assert_eq!(r.status, 400, "{}", r.body);
-    assert!(r.fault().contains("not supported"), "{}", r.body);
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = c.patch(
+        "/drives/rootfs",
+        r#"{"drive_id": "rootfs", "rate_limiter": {"ops": {"size": 1000, "refill_time": 100}}}"#,
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let cfg = c.get("/vm/config").json();
+    assert_eq!(
+        cfg["drives"][0]["rate_limiter"],
+        json!({"bandwidth": {"size": 100000000, "refill_time": 100},
+               "ops": {"size": 1000, "refill_time": 100}}),
+        "{cfg}"
+    );
     let r = c.patch(
         "/drives/other",
         &json!({"drive_id": "other", "path_on_host": second.to_str().unwrap()}).to_string(),

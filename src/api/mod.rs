@@ -48,10 +48,13 @@ pub enum VmmAction {
     /// Only parsed: the VMM still has to validate it (the file, the root device).
     PutDrive(DriveConfig),
     PutEntropy(EntropyConfig),
+    PutVsock(crate::config::VsockConfig),
     /// Only parsed: the VMM still has to validate it (the TAP, the MAC, rate limiters).
     PutNetworkInterface(NetworkInterfaceConfig),
-    /// `PATCH /drives/{id}`: after start, swap the backing file (rate limits: not supported).
+    /// `PATCH /drives/{id}`: after start, swap the backing file and/or update the rate limiter.
     PatchDrive(models::DriveUpdateBody),
+    /// `PATCH /network-interfaces/{id}`: after start, update the rate limiters.
+    PatchNetworkInterface(models::NetworkInterfaceUpdateBody),
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,

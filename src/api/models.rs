@@ -75,26 +75,14 @@ pub struct DriveUpdateBody {
 }
 
 /// The body of `PATCH /network-interfaces/{id}`.
-#[derive(Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)]
 pub struct NetworkInterfaceUpdateBody {
     pub iface_id: String,
     #[serde(default)]
-    rx_rate_limiter: Option<RateLimiter>,
+    pub rx_rate_limiter: Option<RateLimiter>,
     #[serde(default)]
-    tx_rate_limiter: Option<RateLimiter>,
-}
-
-/// The body of `PUT /vsock`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-pub struct VsockBody {
-    guest_cid: u32,
-    uds_path: String,
-    #[serde(default)]
-    vsock_id: Option<String>,
+    pub tx_rate_limiter: Option<RateLimiter>,
 }
 
 /// The body of `PUT /balloon`.

@@ -10,7 +10,7 @@ use super::metrics::{Endpoint, RequestCounters};
 use super::models::{
     ActionBody, ActionType, BalloonBody, BalloonStatsUpdateBody, BalloonUpdateBody,
     DriveUpdateBody, MmdsConfigBody, NetworkInterfaceUpdateBody, SerialConfig, SnapshotCreateBody,
-    SnapshotLoadBody, VmState, VmStateConfig, VsockBody,
+    SnapshotLoadBody, VmState, VmStateConfig,
 };
 use super::{ApiResponse, VmmAction};
 use crate::config::{
@@ -185,8 +185,7 @@ fn route_put(path: &str, first: &str, rest: &[&str], body: &[u8]) -> Outcome {
             Ok(VmmAction::PutNetworkInterface(n))
         }),
         "vsock" => exact(m, path, rest, || {
-            de::<VsockBody>(body)?;
-            Ok(VmmAction::NotSupported("vsock"))
+            Ok(VmmAction::PutVsock(de::<crate::config::VsockConfig>(body)?))
         }),
         "entropy" => exact(m, path, rest, || {
             Ok(VmmAction::PutEntropy(de::<EntropyConfig>(body)?))
@@ -250,8 +249,9 @@ fn route_patch(path: &str, first: &str, rest: &[&str], body: &[u8]) -> Outcome {
             Ok(VmmAction::PatchDrive(d))
         }),
         "network-interfaces" => with_id(m, path, rest, |id| {
-            id_matches(id, &de::<NetworkInterfaceUpdateBody>(body)?.iface_id)?;
-            Ok(VmmAction::NotSupported("network-interfaces"))
+            let n = de::<NetworkInterfaceUpdateBody>(body)?;
+            id_matches(id, &n.iface_id)?;
+            Ok(VmmAction::PatchNetworkInterface(n))
         }),
         "balloon" => match rest {
             [] => {
@@ -579,6 +579,18 @@ mod tests {
         let drive = r#"{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true,
                         "is_read_only": false, "cache_type": "Writeback", "io_engine": "Sync"}"#;
         assert_eq!(
+            ok(
+                "PUT",
+                "/vsock",
+                Some(r#"{"guest_cid": 3, "uds_path": "/v"}"#)
+            ),
+            VmmAction::PutVsock(crate::config::VsockConfig {
+                vsock_id: None,
+                guest_cid: 3,
+                uds_path: "/v".into()
+            })
+        );
+        assert_eq!(
             ok("PUT", "/entropy", Some("{}")),
             VmmAction::PutEntropy(EntropyConfig::default())
         );
@@ -666,9 +678,22 @@ mod tests {
             ok(
                 "PATCH",
                 "/network-interfaces/eth0",
-                Some(r#"{"iface_id": "eth0"}"#)
+                Some(
+                    r#"{"iface_id": "eth0", "tx_rate_limiter": {"ops": {"size": 5, "refill_time": 10}}}"#
+                )
             ),
-            VmmAction::NotSupported("network-interfaces")
+            VmmAction::PatchNetworkInterface(NetworkInterfaceUpdateBody {
+                iface_id: "eth0".into(),
+                rx_rate_limiter: None,
+                tx_rate_limiter: Some(crate::api::models::RateLimiter {
+                    bandwidth: None,
+                    ops: Some(TokenBucket {
+                        size: 5,
+                        one_time_burst: None,
+                        refill_time: 10
+                    }),
+                }),
+            })
         );
         assert_eq!(
             err(
@@ -683,12 +708,6 @@ mod tests {
     #[test]
     fn other_unsupported_features_validate_bodies() {
         let cases: &[(&str, &str, &str, &str)] = &[
-            (
-                "PUT",
-                "/vsock",
-                r#"{"guest_cid": 3, "uds_path": "/v"}"#,
-                "vsock",
-            ),
             (
                 "PUT",
                 "/balloon",

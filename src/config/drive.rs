@@ -73,9 +73,6 @@ impl DriveConfig {
     /// Refuses what ember does not implement, and opens the file so that a typo fails the
     /// request rather than the start.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.rate_limiter.is_some() {
-            return Err(ConfigError::Unsupported("Rate limiting of drives"));
-        }
         if self.socket.is_some() {
             return Err(ConfigError::Unsupported("A vhost-user drive (socket)"));
         }
@@ -106,11 +103,6 @@ pub struct EntropyConfig {
 
 impl EntropyConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.rate_limiter.is_some() {
-            return Err(ConfigError::Unsupported(
-                "Rate limiting of the entropy device",
-            ));
-        }
         Ok(())
     }
 }

@@ -4,6 +4,7 @@
 pub mod boot_timer;
 pub mod bus;
 pub mod legacy;
+pub mod rate_limiter;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};

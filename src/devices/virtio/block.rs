@@ -12,9 +12,11 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    check_buffer, collect_chain_structure, for_each_chain_with, ChainError, DeviceError,
-    VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    check_buffer, collect_chain_structure, ChainError, DeviceError, VirtioDevice, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1,
 };
+use crate::api::models::RateLimiter as RateLimiterConfig;
+use crate::devices::rate_limiter::{now_ns, RateLimiter, ThrottleTimer};
 use crate::metrics::METRICS;
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -62,6 +64,10 @@ pub struct Block {
     buf: Vec<u8>,
     /// The io_uring of an `Async` drive; None for `Sync`.
     uring: Option<uring::Uring>,
+    /// Ops (one per request) and bandwidth (data bytes) of the queue.
+    limiter: RateLimiter,
+    /// Armed while the limiter refuses; None for a drive made without one (tests).
+    timer: Option<ThrottleTimer>,
 }
 
 impl Block {
@@ -81,7 +87,25 @@ impl Block {
             id,
             buf: Vec::new(),
             uring: None,
+            limiter: RateLimiter::default(),
+            timer: None,
         })
+    }
+
+    /// Gives the drive its rate limiter (none: unlimited) and the timer that lets it be set
+    /// or changed later by `PATCH`.
+    pub fn with_rate_limiter(mut self, cfg: Option<&RateLimiterConfig>) -> std::io::Result<Block> {
+        self.limiter = RateLimiter::from_config(cfg, now_ns());
+        self.timer = Some(ThrottleTimer::new()?);
+        Ok(self)
+    }
+
+    /// The tokens a request costs: its data bytes for a read or a write.
+    fn cost(req: &Request) -> u64 {
+        match req.req_type {
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => req.data.iter().map(|d| u64::from(d.len())).sum(),
+            _ => 0,
+        }
     }
 
     /// An `Async` drive: requests go through an io_uring whose completions are signalled on
@@ -143,14 +167,21 @@ impl Block {
         }
     }
 
-    /// The `Async` queue processing: pops chains while the ring has room.
-    fn process_async(
+    /// Pops chains while the rate limiter allows (and, for `Async`, while the ring has room);
+    /// a throttled request goes back to the queue and the timer is armed.
+    fn process_chains(
         &mut self,
         mem: &GuestMemoryMmap,
         queue: &mut Queue,
     ) -> Result<bool, DeviceError> {
         let mut used_any = false;
-        while self.uring.as_ref().is_some_and(|u| u.has_room()) {
+        if self.limiter.is_blocked() {
+            return Ok(false);
+        }
+        loop {
+            if self.uring.as_ref().is_some_and(|u| !u.has_room()) {
+                break;
+            }
             let chain = {
                 let mut iter = queue
                     .iter(mem)
@@ -162,7 +193,24 @@ impl Block {
             };
             let head = chain.head_index();
             let len = match collect_chain_structure(chain).and_then(|d| Self::parse(mem, d)) {
-                Ok(Ok(req)) => self.start_async(mem, head, req),
+                Ok(Ok(req)) => {
+                    if self.limiter.is_active()
+                        && !self.limiter.consume(Self::cost(&req), 1, now_ns())
+                    {
+                        METRICS.block.rate_limiter_throttled_events.inc();
+                        queue.go_to_previous_position();
+                        if let Some(t) = self.timer.as_mut() {
+                            t.arm();
+                        }
+                        break;
+                    }
+                    if self.uring.is_some() {
+                        self.start_async(mem, head, req)
+                    } else {
+                        let (res, written) = self.execute(mem, req.req_type, req.sector, &req.data);
+                        Some(Self::finish(mem, req.status, res, written))
+                    }
+                }
                 Ok(Err(status)) => {
                     let res = Err(RequestError::Io("malformed request".into()));
                     Some(Self::finish(mem, status, res, 0))
@@ -284,19 +332,6 @@ impl Block {
             return 0;
         }
         written.saturating_add(1)
-    }
-
-    /// Runs one request; returns the bytes written to device-writable buffers.
-    fn handle(&mut self, mem: &GuestMemoryMmap, descs: Vec<Descriptor>) -> Result<u32, ChainError> {
-        let req = match Self::parse(mem, descs)? {
-            Ok(r) => r,
-            Err(status) => {
-                let res = Err(RequestError::Io("malformed request".into()));
-                return Ok(Self::finish(mem, status, res, 0));
-            }
-        };
-        let (res, written) = self.execute(mem, req.req_type, req.sector, &req.data);
-        Ok(Self::finish(mem, req.status, res, written))
     }
 
     /// Returns the outcome and the data bytes written to the guest.
@@ -496,7 +531,7 @@ impl VirtioDevice for Block {
             used_any = true;
         }
         if used_any {
-            used_any |= self.process_async(mem, queue)?;
+            used_any |= self.process_chains(mem, queue)?;
         }
         Ok(used_any)
     }
@@ -505,6 +540,46 @@ impl VirtioDevice for Block {
         if let Some(u) = self.uring.as_mut() {
             u.drain();
         }
+        self.limiter.unblock();
+        if let Some(t) = self.timer.as_mut() {
+            t.fired();
+        }
+    }
+
+    fn throttle_timer(&self) -> Option<EventFd> {
+        let t = self.timer.as_ref()?;
+        t.watch_fd()
+            .map_err(|e| log::error!("virtio-blk: cannot duplicate the throttle timer: {e}"))
+            .ok()
+    }
+
+    fn process_throttled(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+    ) -> Result<bool, DeviceError> {
+        if let Some(t) = self.timer.as_mut() {
+            t.fired();
+        }
+        self.limiter.unblock();
+        match queues.first_mut() {
+            Some(q) => self.process_chains(mem, q),
+            None => Ok(false),
+        }
+    }
+
+    fn update_rate_limiters(
+        &mut self,
+        first: Option<&RateLimiterConfig>,
+        _second: Option<&RateLimiterConfig>,
+    ) -> Result<(), String> {
+        if self.timer.is_none() {
+            return Err("the drive was built without a rate limiter timer".into());
+        }
+        if let Some(cfg) = first {
+            self.limiter.update(cfg, now_ns());
+        }
+        Ok(())
     }
 
     fn process_queue(
@@ -512,19 +587,7 @@ impl VirtioDevice for Block {
         mem: &GuestMemoryMmap,
         queue: &mut Queue,
     ) -> Result<bool, DeviceError> {
-        if self.uring.is_some() {
-            return self.process_async(mem, queue);
-        }
-        for_each_chain_with(mem, queue, false, |mem, _head, descs| {
-            Some(match descs.and_then(|d| self.handle(mem, d)) {
-                Ok(n) => n,
-                Err(e) => {
-                    log::debug!("virtio-blk: malformed request: {e}");
-                    METRICS.block.invalid_reqs_count.inc();
-                    0
-                }
-            })
-        })
+        self.process_chains(mem, queue)
     }
 }
 

@@ -240,6 +240,24 @@ impl MmioTransport {
         self.after_processing(res);
     }
 
+    /// The device's rate-limiter timer fired: a live device takes requests again.
+    pub fn process_throttled(&mut self) {
+        if !self.live() {
+            return;
+        }
+        let res = self.device.process_throttled(&self.mem, &mut self.queues);
+        self.after_processing(res);
+    }
+
+    /// `PATCH` of the device's rate limiters (see [`VirtioDevice::update_rate_limiters`]).
+    pub fn update_rate_limiters(
+        &mut self,
+        first: Option<&crate::api::models::RateLimiter>,
+        second: Option<&crate::api::models::RateLimiter>,
+    ) -> Result<(), String> {
+        self.device.update_rate_limiters(first, second)
+    }
+
     fn sel(&self) -> Option<&Queue> {
         self.queues.get(self.queue_sel as usize)
     }
@@ -316,11 +334,15 @@ impl MmioTransport {
 
 /// The "queue index" of a device's backend event (its `completion_event`).
 pub const BACKEND_EVENT: u32 = u32::MAX;
+/// The "queue index" of a device's rate-limiter timer (its `throttle_timer`).
+pub const THROTTLE_EVENT: u32 = u32::MAX - 1;
 
 impl QueueHandler for MmioTransport {
     fn notified(&mut self, queue_index: u32) {
         if queue_index == BACKEND_EVENT {
             self.process_backend();
+        } else if queue_index == THROTTLE_EVENT {
+            self.process_throttled();
         } else {
             self.process(queue_index);
         }

@@ -12,6 +12,7 @@ pub mod mmio;
 pub mod net;
 pub mod rng;
 pub mod tap;
+pub mod vsock;
 
 use std::fmt;
 use std::os::fd::AsRawFd;
@@ -189,6 +190,28 @@ pub trait VirtioDevice: Send {
     /// configuration change.
     fn swap_backing_file(&mut self, _file: std::fs::File) -> Result<(), String> {
         Err("this device has no backing file".into())
+    }
+    /// The timer a rate-limited device arms when it is throttled (a timerfd read like an
+    /// eventfd); when it fires the transport calls [`VirtioDevice::process_throttled`].
+    fn throttle_timer(&self) -> Option<EventFd> {
+        None
+    }
+    /// The throttle timer fired: the device takes requests again.
+    fn process_throttled(
+        &mut self,
+        _mem: &GuestMemoryMmap,
+        _queues: &mut [Queue],
+    ) -> Result<bool, DeviceError> {
+        Ok(false)
+    }
+    /// `PATCH` of the device's rate limiters: `first` is a drive's (or an interface's RX)
+    /// limiter, `second` an interface's TX limiter. Present buckets replace, absent ones stay.
+    fn update_rate_limiters(
+        &mut self,
+        _first: Option<&crate::api::models::RateLimiter>,
+        _second: Option<&crate::api::models::RateLimiter>,
+    ) -> Result<(), String> {
+        Err("this device has no rate limiter".into())
     }
 }
 

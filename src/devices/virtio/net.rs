@@ -20,9 +20,13 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::mmio::MmioTransport;
 use super::tap::{NetBackend, VNET_HDR_LEN};
-use super::{collect_chain, for_each_chain, DeviceError, VirtioDevice, TYPE_NET};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{collect_chain, DeviceError, VirtioDevice, TYPE_NET};
 use super::{ChainError, VIRTIO_F_VERSION_1};
+use crate::api::models::RateLimiter as RateLimiterConfig;
 use crate::devices::bus::lock;
+use crate::devices::rate_limiter::{now_ns, RateLimiter, ThrottleTimer};
 use crate::metrics::METRICS;
 
 pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
@@ -43,6 +47,12 @@ pub struct Net<B: NetBackend> {
     rx_pending: Option<usize>,
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
+    /// Frames delivered to the guest: ops 1, bandwidth the frame's bytes.
+    rx_limiter: RateLimiter,
+    /// Frames the guest sends.
+    tx_limiter: RateLimiter,
+    /// Armed while either limiter refuses; None for a device made without one (tests).
+    timer: Option<ThrottleTimer>,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -68,6 +78,29 @@ impl<B: NetBackend> Net<B> {
             rx_pending: None,
             rx_buf: vec![0; MAX_BUFFER],
             tx_buf: Vec::with_capacity(MAX_BUFFER),
+            rx_limiter: RateLimiter::default(),
+            tx_limiter: RateLimiter::default(),
+            timer: None,
+        }
+    }
+
+    /// Gives the device its RX and TX rate limiters (none: unlimited) and the timer that lets
+    /// them be set or changed later by `PATCH`.
+    pub fn with_rate_limiters(
+        mut self,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) -> io::Result<Self> {
+        let now = now_ns();
+        self.rx_limiter = RateLimiter::from_config(rx, now);
+        self.tx_limiter = RateLimiter::from_config(tx, now);
+        self.timer = Some(ThrottleTimer::new()?);
+        Ok(self)
+    }
+
+    fn arm_timer(&mut self) {
+        if let Some(t) = self.timer.as_mut() {
+            t.arm();
         }
     }
 
@@ -94,34 +127,66 @@ impl<B: NetBackend> Net<B> {
     }
 
     fn process_tx(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
-        for_each_chain(mem, q, |mem, descs| {
-            let res = descs
+        if self.tx_limiter.is_blocked() {
+            return Ok(false);
+        }
+        let mut used_any = false;
+        loop {
+            let chain = {
+                let mut iter = q
+                    .iter(mem)
+                    .map_err(|e| DeviceError::AvailRing(e.to_string()))?;
+                match iter.next() {
+                    Some(c) => c,
+                    None => break,
+                }
+            };
+            let head = chain.head_index();
+            let res = collect_chain(mem, chain)
                 .map_err(|e| e.to_string())
                 .and_then(|d| self.gather(mem, &d));
-            if let Err(e) = res {
-                log::debug!("virtio-net: malformed TX chain: {e}");
-                METRICS.net.tx_malformed.inc();
-                return 0;
-            }
-            let frame = &self.tx_buf[VNET_HDR_LEN..];
-            if let Some(mac) = self.guest_mac {
-                if frame[6..12] != mac {
-                    METRICS.net.tx_spoofed_mac_count.inc();
-                }
-            }
-            let len = frame.len() as u64;
-            match self.backend.send(&self.tx_buf) {
-                Ok(()) => {
-                    METRICS.net.tx_bytes_count.add(len);
-                    METRICS.net.tx_packets_count.inc();
-                }
+            match res {
                 Err(e) => {
-                    log::debug!("virtio-net: TAP write failed: {e}");
-                    METRICS.net.tx_fails.inc();
+                    log::debug!("virtio-net: malformed TX chain: {e}");
+                    METRICS.net.tx_malformed.inc();
+                }
+                Ok(()) => {
+                    let len = (self.tx_buf.len() - VNET_HDR_LEN) as u64;
+                    if self.tx_limiter.is_active() && !self.tx_limiter.consume(len, 1, now_ns()) {
+                        METRICS.net.tx_rate_limiter_throttled.inc();
+                        q.go_to_previous_position();
+                        self.arm_timer();
+                        break;
+                    }
+                    self.send_gathered();
                 }
             }
-            0
-        })
+            q.add_used(mem, head, 0)
+                .map_err(|e| DeviceError::UsedRing(e.to_string()))?;
+            used_any = true;
+        }
+        Ok(used_any)
+    }
+
+    /// Sends the frame in `tx_buf` to the backend.
+    fn send_gathered(&mut self) {
+        let frame = &self.tx_buf[VNET_HDR_LEN..];
+        if let Some(mac) = self.guest_mac {
+            if frame[6..12] != mac {
+                METRICS.net.tx_spoofed_mac_count.inc();
+            }
+        }
+        let len = frame.len() as u64;
+        match self.backend.send(&self.tx_buf) {
+            Ok(()) => {
+                METRICS.net.tx_bytes_count.add(len);
+                METRICS.net.tx_packets_count.inc();
+            }
+            Err(e) => {
+                log::debug!("virtio-net: TAP write failed: {e}");
+                METRICS.net.tx_fails.inc();
+            }
+        }
     }
 
     /// Writes the pending frame into the chain's writable buffers; None when it does not fit.
@@ -150,6 +215,9 @@ impl<B: NetBackend> Net<B> {
     /// Moves frames from the backend into RX chains until either runs out.
     fn process_rx(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
         let mut used_any = false;
+        if self.rx_limiter.is_blocked() {
+            return Ok(false);
+        }
         loop {
             let len = match self.rx_pending {
                 Some(n) => n,
@@ -171,6 +239,16 @@ impl<B: NetBackend> Net<B> {
                     }
                 },
             };
+            // Throttled: the frame stays pending until the timer fires.
+            if self.rx_limiter.is_active()
+                && !self
+                    .rx_limiter
+                    .consume((len - VNET_HDR_LEN) as u64, 1, now_ns())
+            {
+                METRICS.net.rx_rate_limiter_throttled.inc();
+                self.arm_timer();
+                break;
+            }
             let chain = {
                 let mut iter = q
                     .iter(mem)
@@ -281,6 +359,56 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
 
     fn reset(&mut self) {
         self.rx_pending = None;
+        self.rx_limiter.unblock();
+        self.tx_limiter.unblock();
+        if let Some(t) = self.timer.as_mut() {
+            t.fired();
+        }
+    }
+
+    fn throttle_timer(&self) -> Option<EventFd> {
+        let t = self.timer.as_ref()?;
+        t.watch_fd()
+            .map_err(|e| log::error!("virtio-net: cannot duplicate the throttle timer: {e}"))
+            .ok()
+    }
+
+    fn process_throttled(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+    ) -> Result<bool, DeviceError> {
+        if let Some(t) = self.timer.as_mut() {
+            t.fired();
+        }
+        let mut used = false;
+        if self.tx_limiter.is_blocked() {
+            self.tx_limiter.unblock();
+            used |= self.process_tx(mem, &mut queues[TX_QUEUE])?;
+        }
+        if self.rx_limiter.is_blocked() {
+            self.rx_limiter.unblock();
+            used |= self.process_rx(mem, &mut queues[RX_QUEUE])?;
+        }
+        Ok(used)
+    }
+
+    fn update_rate_limiters(
+        &mut self,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) -> Result<(), String> {
+        if self.timer.is_none() {
+            return Err("the interface was built without a rate limiter timer".into());
+        }
+        let now = now_ns();
+        if let Some(c) = rx {
+            self.rx_limiter.update(c, now);
+        }
+        if let Some(c) = tx {
+            self.tx_limiter.update(c, now);
+        }
+        Ok(())
     }
 }
 

@@ -5,7 +5,12 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::{for_each_chain, ChainError, DeviceError, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{collect_chain, ChainError, DeviceError, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
+use crate::api::models::RateLimiter as RateLimiterConfig;
+use crate::devices::rate_limiter::{now_ns, RateLimiter, ThrottleTimer};
 use crate::metrics::METRICS;
 
 /// The most bytes one request gets.
@@ -14,11 +19,36 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 #[derive(Default)]
 pub struct Rng {
     buf: Vec<u8>,
+    /// Ops (one per request) and bandwidth (bytes given).
+    limiter: RateLimiter,
+    /// Present when the device has a rate limiter.
+    timer: Option<ThrottleTimer>,
 }
 
 impl Rng {
     pub fn new() -> Rng {
         Rng::default()
+    }
+
+    /// A device limited by `cfg`.
+    pub fn with_rate_limiter(cfg: &RateLimiterConfig) -> std::io::Result<Rng> {
+        let limiter = RateLimiter::new(cfg, now_ns());
+        let timer = if limiter.is_active() {
+            Some(ThrottleTimer::new()?)
+        } else {
+            None
+        };
+        Ok(Rng {
+            buf: Vec::new(),
+            limiter,
+            timer,
+        })
+    }
+
+    /// The bytes a request would get.
+    fn cost(descs: &[Descriptor]) -> u64 {
+        let room: u64 = descs.iter().map(|d| u64::from(d.len())).sum();
+        room.min(MAX_REQUEST_BYTES as u64)
     }
 
     /// Fills the chain's buffers; returns the bytes written.
@@ -79,11 +109,36 @@ impl VirtioDevice for Rng {
         mem: &GuestMemoryMmap,
         queue: &mut Queue,
     ) -> Result<bool, DeviceError> {
-        for_each_chain(mem, queue, |mem, descs| {
+        if self.limiter.is_blocked() {
+            return Ok(false);
+        }
+        let mut used_any = false;
+        loop {
+            let chain = {
+                let mut iter = queue
+                    .iter(mem)
+                    .map_err(|e| DeviceError::AvailRing(e.to_string()))?;
+                match iter.next() {
+                    Some(c) => c,
+                    None => break,
+                }
+            };
+            let head = chain.head_index();
+            let descs = collect_chain(mem, chain);
+            if let Ok(d) = &descs {
+                if self.limiter.is_active() && !self.limiter.consume(Self::cost(d), 1, now_ns()) {
+                    METRICS.entropy.rate_limiter_throttled_events.inc();
+                    queue.go_to_previous_position();
+                    if let Some(t) = self.timer.as_mut() {
+                        t.arm();
+                    }
+                    break;
+                }
+            }
             let res = descs
                 .map_err(|e| e.to_string())
                 .and_then(|d| self.fill(mem, &d));
-            match res {
+            let len = match res {
                 Ok(n) => {
                     METRICS.entropy.entropy_bytes.add(u64::from(n));
                     n
@@ -93,8 +148,42 @@ impl VirtioDevice for Rng {
                     METRICS.entropy.invalid_reqs.inc();
                     0
                 }
-            }
-        })
+            };
+            queue
+                .add_used(mem, head, len)
+                .map_err(|e| DeviceError::UsedRing(e.to_string()))?;
+            used_any = true;
+        }
+        Ok(used_any)
+    }
+
+    fn reset(&mut self) {
+        self.limiter.unblock();
+        if let Some(t) = self.timer.as_mut() {
+            t.fired();
+        }
+    }
+
+    fn throttle_timer(&self) -> Option<EventFd> {
+        let t = self.timer.as_ref()?;
+        t.watch_fd()
+            .map_err(|e| log::error!("virtio-rng: cannot duplicate the throttle timer: {e}"))
+            .ok()
+    }
+
+    fn process_throttled(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+    ) -> Result<bool, DeviceError> {
+        if let Some(t) = self.timer.as_mut() {
+            t.fired();
+        }
+        self.limiter.unblock();
+        match queues.first_mut() {
+            Some(q) => self.process_queue(mem, q),
+            None => Ok(false),
+        }
     }
 }
 

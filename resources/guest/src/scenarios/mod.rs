@@ -18,6 +18,7 @@ pub mod panic;
 pub mod rng;
 pub mod smp;
 pub mod ticks;
+pub mod vsock;
 pub mod wild;
 
 pub struct Scenario {
@@ -73,6 +74,10 @@ pub const ALL: &[Scenario] = &[
     Scenario {
         name: "net",
         run: net::run,
+    },
+    Scenario {
+        name: "vsock",
+        run: vsock::run,
     },
     Scenario {
         name: "evil",

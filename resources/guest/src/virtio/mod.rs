@@ -15,6 +15,7 @@ pub mod mmio;
 pub mod net;
 pub mod queue;
 pub mod rng;
+pub mod vsock;
 
 use crate::hw;
 use core::cell::UnsafeCell;

@@ -1,0 +1,96 @@
+//! virtio-vsock with the hybrid Unix-socket backend, end to end: the test guest's `vsock`
+//! scenario echoes a host-initiated connection (`CONNECT 5000`) and connects to the host's
+//! port 6000 (`<uds_path>_6000`).
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+const ECHO_BYTES: usize = 100 * 1024;
+
+fn pattern(i: usize) -> u8 {
+    (i * 7 + i / 251) as u8
+}
+
+#[test]
+fn vsock_echo_and_guest_connect() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("vsock");
+    let uds = dir.path("v.sock");
+    let uds_str = uds.to_str().unwrap().to_string();
+
+    // The guest connects to port 6000: <uds_path>_6000.
+    let listener = UnixListener::bind(format!("{uds_str}_6000")).unwrap();
+    let host_port = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        (&s).write_all(b"hello from the host\n").unwrap();
+        line
+    });
+
+    // The host connects to the guest's port 5000 as soon as the socket exists.
+    let path = uds.clone();
+    let echo = std::thread::spawn(move || {
+        let start = Instant::now();
+        let s = loop {
+            match UnixStream::connect(&path) {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() > Duration::from_secs(20) => {
+                    panic!("cannot connect to {}: {e}", path.display())
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        (&s).write_all(b"CONNECT 5000\n").unwrap();
+        // Byte by byte up to the newline: the echo follows on the same stream.
+        let mut ok = Vec::new();
+        let mut b = [0u8; 1];
+        while ok.last() != Some(&b'\n') {
+            assert_eq!((&s).read(&mut b).unwrap(), 1, "EOF before OK: {ok:?}");
+            ok.push(b[0]);
+        }
+        let ok = String::from_utf8(ok).unwrap();
+        let data: Vec<u8> = (0..ECHO_BYTES).map(pattern).collect();
+        let w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            (&w).write_all(&data).unwrap();
+            w.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let mut back = vec![0u8; ECHO_BYTES];
+        (&s).read_exact(&mut back).unwrap();
+        writer.join().unwrap();
+        (ok, back)
+    });
+
+    let mut cfg = guest_config("vsock", 1, 128);
+    cfg["vsock"] = json!({"guest_cid": 3, "uds_path": uds_str});
+    let out = boot(&cfg);
+    out.expect("vsock: cid 3")
+        .expect(&format!("vsock: echoed {ECHO_BYTES} bytes for port 5000"))
+        .expect("vsock: host said hello from the host")
+        .expect("ember-guest: done")
+        .expect_code(0);
+
+    let (ok, back) = echo.join().unwrap();
+    let port: u32 = ok
+        .strip_prefix("OK ")
+        .and_then(|p| p.strip_suffix('\n'))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("bad OK line {ok:?}"));
+    assert!(port >= 1024, "{ok:?}");
+    assert!(
+        back.iter().enumerate().all(|(i, b)| *b == pattern(i)),
+        "the echo differs"
+    );
+    assert_eq!(host_port.join().unwrap(), "hello from the guest\n");
+}
