@@ -105,6 +105,21 @@ impl Bus {
     }
 }
 
+impl Bus {
+    /// `data.len()` one-byte writes to the same address, in order, as one device call: how
+    /// string I/O and coalesced console writes arrive. Only devices with byte registers that
+    /// treat such a slice as repeated writes (COM1) may receive it.
+    pub fn write_bytes_to(&self, addr: u64, data: &[u8]) -> bool {
+        match self.find(addr, 1) {
+            Some((r, offset)) => {
+                lock(&r.device).write(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// Locks a device. A poisoned lock only means another thread panicked while holding it; the
 /// device state is still the best we have, so keep going rather than take the VMM down.
 pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -157,5 +172,12 @@ mod tests {
         assert!(!bus.read(0x3ff, &mut [0u8; 2]));
         assert!(!bus.write(0x0, &[1]));
         assert!(!bus.write(u64::MAX, &[1]));
+        // Repeated byte writes to one register arrive as one call, whatever their count.
+        assert!(bus.write_bytes_to(0x3f8, b"a line longer than the window\n"));
+        assert_eq!(
+            a.lock().unwrap().last_write,
+            Some((0, b"a line longer than the window\n".to_vec()))
+        );
+        assert!(!bus.write_bytes_to(0x400, b"x"));
     }
 }

@@ -116,12 +116,38 @@ pub struct VcpuContext {
 impl VcpuContext {
     /// Hands queued port writes to their devices, in order.
     pub fn drain_coalesced(&self) {
-        if let Some(ring) = &self.coalesced {
-            ring.drain(|addr, data, pio| {
+        let Some(ring) = &self.coalesced else { return };
+        // Consecutive one-byte writes to the same port (a line of console output) go to the
+        // device as one write: one host write(2) per line instead of per byte, and a log
+        // line from another thread cannot land in the middle of it.
+        let mut run = [0u8; 256];
+        let mut len = 0;
+        let mut at: Option<(u64, bool)> = None;
+        let flush = |at: Option<(u64, bool)>, bytes: &[u8]| {
+            if let (Some((addr, pio)), false) = (at, bytes.is_empty()) {
+                let bus = if pio { &self.pio } else { &self.mmio };
+                bus.write_bytes_to(addr, bytes);
+            }
+        };
+        ring.drain(|addr, data, pio| {
+            if data.len() == 1 && at == Some((addr, pio)) && len < run.len() {
+                run[len] = data[0];
+                len += 1;
+                return;
+            }
+            flush(at, &run[..len]);
+            len = 0;
+            if data.len() == 1 {
+                at = Some((addr, pio));
+                run[0] = data[0];
+                len = 1;
+            } else {
+                at = None;
                 let bus = if pio { &self.pio } else { &self.mmio };
                 bus.write(addr, data);
-            });
-        }
+            }
+        });
+        flush(at, &run[..len]);
     }
 }
 

@@ -38,13 +38,18 @@ impl SerialEvents for SerialEventsImpl {
 pub type SerialOut = Box<dyn Write + Send>;
 
 pub struct SerialDevice {
-    pub serial: Serial<EventFdTrigger, SerialEventsImpl, SerialOut>,
+    /// Buffered so that the bytes of one bus write leave in one host write.
+    pub serial: Serial<EventFdTrigger, SerialEventsImpl, std::io::BufWriter<SerialOut>>,
 }
 
 impl SerialDevice {
     pub fn new(irq: EventFdTrigger, buffer_ready: EventFd, out: SerialOut) -> SerialDevice {
         SerialDevice {
-            serial: Serial::with_events(irq, SerialEventsImpl { buffer_ready }, out),
+            serial: Serial::with_events(
+                irq,
+                SerialEventsImpl { buffer_ready },
+                std::io::BufWriter::with_capacity(256, out),
+            ),
         }
     }
 
