@@ -847,6 +847,198 @@ fn svg(report: &Report) -> String {
 }
 
 /// One benchmark scenario, run once for one VMM.
+/// Scenario 7 label.
+const DEV_SCENARIO: &str = "7. block (guest, 64 KiB sequential)";
+/// Size of scenario 7's disk image.
+const DEV_IMAGE: usize = 64 << 20;
+/// Request size of the host's own sequential pass (and of the guest's).
+const DEV_CHUNK: usize = 64 << 10;
+
+/// The host's own sequential write (64 KiB writes, then fsync) and read (64 KiB reads) of
+/// `path`, in MB/s (10^6 bytes). The read comes right after the write, so it is mostly served
+/// from the page cache, as is most of what a Writeback guest sees.
+fn host_seq(path: &Path) -> (f64, f64) {
+    use std::fs::OpenOptions;
+    let mut chunk = vec![0u8; DEV_CHUNK];
+    for (i, c) in chunk.iter_mut().enumerate() {
+        *c = (i as u8) ^ 0xa5;
+    }
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .read(true)
+        .open(path)
+        .expect("open the image");
+    let t = Instant::now();
+    let mut done = 0;
+    while done < DEV_IMAGE {
+        f.write_all(&chunk).expect("write the image");
+        done += DEV_CHUNK;
+    }
+    f.sync_all().expect("fsync the image");
+    let write = DEV_IMAGE as f64 / t.elapsed().as_secs_f64() / 1e6;
+    drop(f);
+    let mut f = std::fs::File::open(path).expect("open the image");
+    let t = Instant::now();
+    let mut done = 0;
+    while done < DEV_IMAGE {
+        let n = f.read(&mut chunk).expect("read the image");
+        assert!(n > 0, "short image");
+        done += n;
+    }
+    let read = DEV_IMAGE as f64 / t.elapsed().as_secs_f64() / 1e6;
+    (read, write)
+}
+
+/// Parses `blkbench: seqread <r> MB/s, seqwrite <w> MB/s, randread <i> IOPS`.
+fn parse_blkbench(out: &str) -> Option<(f64, f64, f64)> {
+    let l = out.lines().find(|l| l.contains("blkbench: seqread"))?;
+    let nums: Vec<f64> = l
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|t| !t.is_empty())
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    match nums[..] {
+        [r, w, i] => Some((r, w, i)),
+        _ => None,
+    }
+}
+
+/// Boots the test guest's `blkbench` on `image` with `engine` (Sync or Async); the guest's
+/// (seqread MB/s, seqwrite MB/s, randread IOPS), or why not.
+fn guest_blkbench(
+    vmm: &Vmm,
+    dir: &Path,
+    image: &Path,
+    engine: &str,
+) -> Result<(f64, f64, f64), String> {
+    let cfg = serde_json::json!({
+        "boot-source": {"kernel_image_path": GUEST, "boot_args": "blkbench"},
+        "drives": [{
+            "drive_id": "rootfs",
+            "path_on_host": image,
+            "is_root_device": true,
+            "is_read_only": false,
+            "cache_type": "Writeback",
+            "io_engine": engine
+        }],
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}
+    });
+    let p = dir.join(format!("vm-{engine}.json"));
+    std::fs::write(&p, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let mut child = vmm
+        .command()
+        .args(["--no-api", "--boot-timer", "--config-file"])
+        .arg(&p)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // A hang guard: the guest's own requests time out after 5 s each.
+    let pid = child.id() as i32;
+    let done = Arc::new(AtomicBool::new(false));
+    let guard = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            while !done.load(Ordering::SeqCst) {
+                if t.elapsed() > Duration::from_secs(300) {
+                    // SAFETY: signalling our own child, which has not been waited for yet.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let mut out = String::new();
+    let _ = child.stdout.take().unwrap().read_to_string(&mut out);
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    let status = child.wait().expect("wait");
+    done.store(true, Ordering::SeqCst);
+    let _ = guard.join();
+    match parse_blkbench(&out) {
+        Some(v) if status.success() => Ok(v),
+        _ => Err(format!(
+            "{engine}: {status}; stdout tail: {}; stderr tail: {}",
+            tail(&out),
+            tail(&err)
+        )),
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(3)..].join(" | ")
+}
+
+/// Scenario 7 (only with `--only devices`): the guest's block throughput with the Sync and
+/// Async io_engines against the host's own sequential pass over the same 64 MiB file.
+fn devices(vmm: &Vmm, report: &mut Report, host: bool) {
+    let dir = tmpdir("dev");
+    let image = dir.join("disk.img");
+    // Creates the image (real data, not sparse) and measures the host on it.
+    let (hr, hw) = host_seq(&image);
+    for engine in ["Sync", "Async"] {
+        settle();
+        match guest_blkbench(vmm, &dir, &image, engine) {
+            Ok((r, w, i)) => {
+                report.add(
+                    DEV_SCENARIO,
+                    &format!("seqread, {engine}"),
+                    "MB/s",
+                    &vmm.name,
+                    r,
+                );
+                report.add(
+                    DEV_SCENARIO,
+                    &format!("seqwrite + FLUSH, {engine}"),
+                    "MB/s",
+                    &vmm.name,
+                    w,
+                );
+                report.add(
+                    "7. block (guest, 4 KiB random read)",
+                    &format!("randread, {engine}"),
+                    "IOPS",
+                    &vmm.name,
+                    i,
+                );
+            }
+            Err(e) => report.notes.push(format!("{}: blkbench {e}", vmm.name)),
+        }
+    }
+    if host {
+        report.add(
+            DEV_SCENARIO,
+            "seqread, host's own (page cache)",
+            "MB/s",
+            &vmm.name,
+            hr,
+        );
+        report.add(
+            DEV_SCENARIO,
+            "seqwrite + fsync, host's own",
+            "MB/s",
+            &vmm.name,
+            hw,
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Median of one row of scenario 7 for `vmm`.
+fn dev_median(report: &Report, metric: &str, vmm: &str) -> Option<f64> {
+    let r = report
+        .rows
+        .iter()
+        .find(|r| r.scenario == DEV_SCENARIO && r.metric == metric)?;
+    Some(r.by_vmm.get(vmm)?.median())
+}
+
 type Scenario<'a> = Box<dyn Fn(&Vmm, &mut Report) + 'a>;
 
 fn main() {
@@ -907,6 +1099,52 @@ fn main() {
                 run(v, &mut report);
             }
         }
+    }
+    // Scenario 7 only when asked for by name: it writes 64 MiB several times per run.
+    if o.only
+        .as_ref()
+        .is_some_and(|l| l.iter().any(|x| x == "devices"))
+    {
+        for _ in 0..o.runs {
+            for (k, v) in vmms.iter().enumerate() {
+                settle();
+                devices(v, &mut report, k == 0);
+            }
+        }
+        let host = &vmms[0].name;
+        for v in &vmms {
+            for (what, guest, own) in [
+                (
+                    "seqread",
+                    "seqread, Async",
+                    "seqread, host's own (page cache)",
+                ),
+                (
+                    "seqwrite",
+                    "seqwrite + FLUSH, Async",
+                    "seqwrite + fsync, host's own",
+                ),
+            ] {
+                if let (Some(g), Some(h)) = (
+                    dev_median(&report, guest, &v.name),
+                    dev_median(&report, own, host),
+                ) {
+                    report.notes.push(format!(
+                        "{}: 7. block: {what} Async / host = {:.2} (medians {} / {} MB/s)",
+                        v.name,
+                        g / h,
+                        fmt(g),
+                        fmt(h)
+                    ));
+                }
+            }
+        }
+        report.notes.push(
+            "7. block: one request in flight at a time (polled guest driver, interrupts off); \
+             64 MiB image, cache_type Writeback; the host's read follows its own write, so it \
+             is served from the page cache, as are most of the guest's reads"
+                .into(),
+        );
     }
     if want("launch") {
         for &n in &o.launch {

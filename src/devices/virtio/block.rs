@@ -182,14 +182,8 @@ impl Block {
             if self.uring.as_ref().is_some_and(|u| !u.has_room()) {
                 break;
             }
-            let chain = {
-                let mut iter = queue
-                    .iter(mem)
-                    .map_err(|e| DeviceError::AvailRing(e.to_string()))?;
-                match iter.next() {
-                    Some(c) => c,
-                    None => break,
-                }
+            let Some(chain) = super::pop_chain(mem, queue)? else {
+                break;
             };
             let head = chain.head_index();
             let len = match collect_chain_structure(chain).and_then(|d| Self::parse(mem, d)) {
@@ -458,7 +452,7 @@ impl VirtioDevice for Block {
     }
 
     fn avail_features(&self) -> u64 {
-        let mut f = VIRTIO_F_VERSION_1;
+        let mut f = VIRTIO_F_VERSION_1 | super::VIRTIO_RING_F_EVENT_IDX;
         if self.read_only {
             f |= VIRTIO_BLK_F_RO;
         }
@@ -651,7 +645,7 @@ mod tests {
         assert_eq!(blk.config_space(), 8u64.to_le_bytes().to_vec());
         assert_eq!(
             blk.avail_features(),
-            VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH
+            VIRTIO_F_VERSION_1 | super::super::VIRTIO_RING_F_EVENT_IDX | VIRTIO_BLK_F_FLUSH
         );
 
         // Read sectors 2 and 3.
@@ -761,7 +755,10 @@ mod tests {
         let mem = memory();
         let mut q = queue(&mem, 16);
         let (mut blk, path) = disk(4, true, false);
-        assert_eq!(blk.avail_features(), VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_RO);
+        assert_eq!(
+            blk.avail_features(),
+            VIRTIO_F_VERSION_1 | super::super::VIRTIO_RING_F_EVENT_IDX | VIRTIO_BLK_F_RO
+        );
         let mut slot = 0;
         macro_rules! run {
             ($blk:expr) => {{

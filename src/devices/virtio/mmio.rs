@@ -3,7 +3,10 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{DeviceError, QueueHandler, VirtioDevice, QUEUE_MAX_SIZE, VIRTIO_F_VERSION_1};
+use super::{
+    DeviceError, QueueHandler, VirtioDevice, QUEUE_MAX_SIZE, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
 use crate::devices::bus::BusDevice;
 use crate::devices::legacy::EventFdTrigger;
 use crate::metrics::METRICS;
@@ -180,6 +183,9 @@ impl MmioTransport {
             return;
         }
         self.status |= new & !STATUS_NEEDS_RESET;
+        if new & STATUS_FEATURES_OK != 0 {
+            self.device.ack_features(self.driver_features);
+        }
         if new & STATUS_DRIVER_OK != 0 {
             self.activate();
         }
@@ -191,6 +197,10 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
+        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        for q in self.queues.iter_mut() {
+            q.set_event_idx(event_idx);
+        }
         if !self.queues.iter().all(|q| q.ready()) {
             self.needs_reset("DRIVER_OK without a ready queue");
         } else if !self.queues.iter().all(|q| q.is_valid(&self.mem)) {
@@ -218,11 +228,14 @@ impl MmioTransport {
         match res {
             Ok(false) => {}
             Ok(true) => {
+                // Every queue is asked (no short cut), so that each one's count of used
+                // elements since its last check restarts. Without EVENT_IDX the answer is
+                // always yes; with it, only a queue whose used index passed the driver's
+                // `used_event` needs the interrupt.
                 let mem = &self.mem;
-                let notify = self
-                    .queues
-                    .iter_mut()
-                    .any(|q| !matches!(q.needs_notification(mem), Ok(false)));
+                let notify = self.queues.iter_mut().fold(false, |acc, q| {
+                    !matches!(q.needs_notification(mem), Ok(false)) | acc
+                });
                 if notify {
                     self.raise(INT_USED_RING);
                 }
@@ -412,8 +425,15 @@ mod tests {
     }
 
     fn setup(t: &mut MmioTransport, size: u32) {
+        setup_with(t, size, 0);
+    }
+
+    /// Negotiates VERSION_1 and the low feature word `low`, then sets queue 0 up.
+    fn setup_with(t: &mut MmioTransport, size: u32, low: u32) {
         wr(t, REG_STATUS, STATUS_ACKNOWLEDGE);
         wr(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        wr(t, REG_DRIVER_FEATURES_SEL, 0);
+        wr(t, REG_DRIVER_FEATURES, low);
         wr(t, REG_DRIVER_FEATURES_SEL, 1);
         wr(t, REG_DRIVER_FEATURES, 1);
         wr(
@@ -554,6 +574,71 @@ mod tests {
         make_avail(&mem, 1, 0);
         t.notified(0);
         assert_eq!(used_idx(&mem), 2);
+    }
+
+    /// The driver's `used_event` (after the avail ring of a 16-entry queue).
+    fn set_used_event(mem: &GuestMemoryMmap, v: u16) {
+        mem.write_obj(v, GuestAddress(AVAIL + 4 + 2 * 16)).unwrap();
+    }
+
+    /// The device's `avail_event` (after the used ring of a 16-entry queue).
+    fn avail_event(mem: &GuestMemoryMmap) -> u16 {
+        mem.read_obj(GuestAddress(USED + 4 + 8 * 16)).unwrap()
+    }
+
+    #[test]
+    fn event_idx_suppresses_interrupts_the_driver_does_not_ask_for() {
+        let mem = memory();
+        let mut t = transport(&mem);
+        assert_ne!(
+            u64::from(rd(&mut t, REG_DEVICE_FEATURES)) & VIRTIO_RING_F_EVENT_IDX,
+            0
+        );
+        setup_with(&mut t, 16, VIRTIO_RING_F_EVENT_IDX as u32);
+        wr(&mut t, REG_STATUS, 0xf);
+        assert!(t.queues[0].event_idx_enabled());
+        write_desc(&mem, 0, 0x8000, 64, WRITE, 0);
+        write_desc(&mem, 1, 0x9000, 64, WRITE, 0);
+        // The driver wants an interrupt only once used idx passes 1.
+        set_used_event(&mem, 1);
+        make_avail(&mem, 0, 0);
+        wr(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(used_idx(&mem), 1);
+        assert_eq!(rd(&mut t, REG_INTERRUPT_STATUS), 0);
+        assert!(t.irq.0.read().is_err(), "no irqfd write expected");
+        // The queue ran dry: notifications re-enabled at the next index the device reads.
+        assert_eq!(avail_event(&mem), 1);
+
+        make_avail(&mem, 1, 1);
+        t.notified(0);
+        assert_eq!(used_idx(&mem), 2);
+        assert_eq!(rd(&mut t, REG_INTERRUPT_STATUS), INT_USED_RING);
+        assert_eq!(t.irq.0.read().unwrap(), 1);
+        assert_eq!(avail_event(&mem), 2);
+
+        // used_event left behind (1): used idx 3 does not cross it again.
+        make_avail(&mem, 2, 0);
+        t.notified(0);
+        assert_eq!(used_idx(&mem), 3);
+        assert!(t.irq.0.read().is_err());
+        // The driver catches up and asks for the next one.
+        set_used_event(&mem, 3);
+        make_avail(&mem, 3, 1);
+        t.notified(0);
+        assert_eq!(used_idx(&mem), 4);
+        assert_eq!(t.irq.0.read().unwrap(), 1);
+
+        // After a reset without EVENT_IDX every used chain interrupts again.
+        wr(&mut t, REG_STATUS, 0);
+        setup(&mut t, 16);
+        wr(&mut t, REG_STATUS, 0xf);
+        assert!(!t.queues[0].event_idx_enabled());
+        mem.write_obj(0u16, GuestAddress(USED + 2)).unwrap();
+        make_avail(&mem, 0, 0);
+        set_used_event(&mem, 100);
+        t.notified(0);
+        assert_eq!(used_idx(&mem), 1);
+        assert_eq!(t.irq.0.read().unwrap(), 1);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -30,6 +30,9 @@ use crate::metrics::METRICS;
 
 /// `VIRTIO_F_VERSION_1`: every device offers it.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_RING_F_EVENT_IDX`: the driver and the device tell each other, through `used_event`
+/// and `avail_event`, at which index they next want an interrupt or a notification.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// Every queue holds up to this many descriptors.
 pub const QUEUE_MAX_SIZE: u16 = 256;
 
@@ -144,6 +147,37 @@ pub fn collect_chain<I: Iterator<Item = Descriptor>>(
     Ok(descs)
 }
 
+/// The next available chain of `queue`, or None when the driver has made none available.
+///
+/// With EVENT_IDX negotiated, an empty queue re-enables notifications (writes `avail_event`
+/// = the next index the device will read) and then checks the available ring again, so a
+/// chain published between the two is not left waiting for a notification that the driver
+/// will not send. Without EVENT_IDX the queue is only read, as before.
+pub fn pop_chain<'a>(
+    mem: &'a GuestMemoryMmap,
+    queue: &mut Queue,
+) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, DeviceError> {
+    // A guest flipping its avail index back and forth could keep the re-check going: after a
+    // few rounds give up; `avail_event` is set, so the driver notifies for its next chain.
+    for _ in 0..4 {
+        let next = {
+            let mut iter = queue
+                .iter(mem)
+                .map_err(|e| DeviceError::AvailRing(e.to_string()))?;
+            iter.next()
+        };
+        if next.is_some() || !queue.event_idx_enabled() {
+            return Ok(next);
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => return Ok(None),
+            Err(e) => return Err(DeviceError::UsedRing(e.to_string())),
+        }
+    }
+    Ok(None)
+}
+
 /// What a device model implements; the transport does the rest.
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
@@ -179,6 +213,8 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, DeviceError> {
         Ok(false)
     }
+    /// The driver set FEATURES_OK with these features (a subset of `avail_features`).
+    fn ack_features(&mut self, _features: u64) {}
     /// The driver reset the device.
     fn reset(&mut self) {}
     /// An eventfd the VMM thread watches for the device's backend (io_uring completions);
@@ -243,16 +279,7 @@ where
     F: FnMut(&GuestMemoryMmap, u16, Result<Vec<Descriptor>, ChainError>) -> Option<u32>,
 {
     let mut used_any = false;
-    loop {
-        let chain = {
-            let mut iter = queue
-                .iter(mem)
-                .map_err(|e| DeviceError::AvailRing(e.to_string()))?;
-            match iter.next() {
-                Some(c) => c,
-                None => break,
-            }
-        };
+    while let Some(chain) = pop_chain(mem, queue)? {
         let head = chain.head_index();
         let descs = if check_memory {
             collect_chain(mem, chain)
@@ -363,5 +390,42 @@ pub(crate) mod test_util {
             mem.read_obj(GuestAddress(at)).unwrap(),
             mem.read_obj(GuestAddress(at + 4)).unwrap(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::*;
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn pop_chain_re_enables_notifications_only_with_event_idx() {
+        let mem = memory();
+        let avail_event = GuestAddress(USED + 4 + 8 * 16);
+        // Without EVENT_IDX the rings are only read.
+        let mut q = queue(&mem, 16);
+        mem.write_obj(0xabcdu16, avail_event).unwrap();
+        assert!(pop_chain(&mem, &mut q).unwrap().is_none());
+        assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 0xabcd);
+
+        // With it, an empty queue publishes avail_event = the next index to read.
+        let mut q = queue(&mem, 16);
+        q.set_event_idx(true);
+        write_desc(&mem, 0, 0x8000, 16, WRITE, 0);
+        make_avail(&mem, 0, 0);
+        assert_eq!(pop_chain(&mem, &mut q).unwrap().unwrap().head_index(), 0);
+        assert!(pop_chain(&mem, &mut q).unwrap().is_none());
+        assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 1);
+        make_avail(&mem, 1, 0);
+        assert!(pop_chain(&mem, &mut q).unwrap().is_some());
+        assert!(pop_chain(&mem, &mut q).unwrap().is_none());
+        assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 2);
+        // A bogus avail index is still an error.
+        mem.write_obj(1000u16, GuestAddress(AVAIL + 2)).unwrap();
+        assert!(matches!(
+            pop_chain(&mem, &mut q),
+            Err(DeviceError::AvailRing(_))
+        ));
     }
 }

@@ -1,7 +1,9 @@
 //! virtio-net: an RX queue (0) and a TX queue (1) over a TAP backend. Every frame carries the
 //! 12-byte `virtio_net_hdr_v1`, passed between the guest and the TAP as it is (the device only
-//! sets `num_buffers` to 1 on RX). No offload is offered, nor MRG_RXBUF: each RX chain must hold
-//! a whole frame and its header.
+//! sets `num_buffers` on RX). Checksum and segmentation offloads are offered and passed to the
+//! TAP with `TUNSETOFFLOAD` from what the driver accepted. Without MRG_RXBUF each RX chain must
+//! hold a whole frame and its header (`num_buffers` = 1); with it a frame spans as many chains
+//! as it needs, and `num_buffers` in the first one says how many.
 //!
 //! RX is driven by the TAP's readiness (edge-triggered, see [`TapWatcher`]) and by RX queue
 //! notifications: the device reads frames while it has RX chains for them, and keeps at most one
@@ -19,7 +21,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::mmio::MmioTransport;
-use super::tap::{NetBackend, VNET_HDR_LEN};
+use super::tap::{NetBackend, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_UFO, VNET_HDR_LEN};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{collect_chain, DeviceError, VirtioDevice, TYPE_NET};
@@ -29,8 +31,50 @@ use crate::devices::bus::lock;
 use crate::devices::rate_limiter::{now_ns, RateLimiter, ThrottleTimer};
 use crate::metrics::METRICS;
 
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
 pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+pub const VIRTIO_NET_F_GUEST_UFO: u64 = 1 << 10;
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+pub const VIRTIO_NET_F_HOST_UFO: u64 = 1 << 14;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+
+/// Offered whatever the configuration.
+const BASE_FEATURES: u64 = VIRTIO_F_VERSION_1
+    | super::VIRTIO_RING_F_EVENT_IDX
+    | VIRTIO_NET_F_CSUM
+    | VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6
+    | VIRTIO_NET_F_GUEST_UFO
+    | VIRTIO_NET_F_HOST_TSO4
+    | VIRTIO_NET_F_HOST_TSO6
+    | VIRTIO_NET_F_HOST_UFO
+    | VIRTIO_NET_F_MRG_RXBUF;
+
+/// The TAP offloads (TUN_F_*) matching the features the driver accepted: what the guest can
+/// take on RX.
+pub fn tun_offloads(features: u64) -> u32 {
+    let mut f = 0;
+    if features & VIRTIO_NET_F_GUEST_CSUM != 0 {
+        f |= TUN_F_CSUM;
+        // The TAP refuses segmentation offloads without the checksum one.
+        if features & VIRTIO_NET_F_GUEST_TSO4 != 0 {
+            f |= TUN_F_TSO4;
+        }
+        if features & VIRTIO_NET_F_GUEST_TSO6 != 0 {
+            f |= TUN_F_TSO6;
+        }
+        if features & VIRTIO_NET_F_GUEST_UFO != 0 {
+            f |= TUN_F_UFO;
+        }
+    }
+    f
+}
 
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
@@ -38,6 +82,18 @@ pub const TX_QUEUE: usize = 1;
 /// The largest frame with its header: 65550 bytes of Ethernet frame plus the header.
 pub const MAX_BUFFER: usize = 65562;
 const ETH_HLEN: usize = 14;
+
+/// What became of a frame offered to the RX queue with MRG_RXBUF.
+enum Merged {
+    /// In the used ring.
+    Delivered,
+    /// A malformed chain: the chains taken were used with length 0, the frame still pending.
+    Unusable,
+    /// Larger than the whole ring: dropped.
+    Dropped,
+    /// Not enough chains yet: none taken, the frame still pending.
+    NoRoom,
+}
 
 pub struct Net<B: NetBackend> {
     backend: B,
@@ -51,6 +107,10 @@ pub struct Net<B: NetBackend> {
     rx_limiter: RateLimiter,
     /// Frames the guest sends.
     tx_limiter: RateLimiter,
+    /// The driver accepted MRG_RXBUF: a frame may span several RX chains.
+    mrg_rxbuf: bool,
+    /// The TAP offloads last set (0 when the device was made).
+    offloads: u32,
     /// Armed while either limiter refuses; None for a device made without one (tests).
     timer: Option<ThrottleTimer>,
 }
@@ -80,6 +140,8 @@ impl<B: NetBackend> Net<B> {
             tx_buf: Vec::with_capacity(MAX_BUFFER),
             rx_limiter: RateLimiter::default(),
             tx_limiter: RateLimiter::default(),
+            mrg_rxbuf: false,
+            offloads: 0,
             timer: None,
         }
     }
@@ -131,16 +193,7 @@ impl<B: NetBackend> Net<B> {
             return Ok(false);
         }
         let mut used_any = false;
-        loop {
-            let chain = {
-                let mut iter = q
-                    .iter(mem)
-                    .map_err(|e| DeviceError::AvailRing(e.to_string()))?;
-                match iter.next() {
-                    Some(c) => c,
-                    None => break,
-                }
-            };
+        while let Some(chain) = super::pop_chain(mem, q)? {
             let head = chain.head_index();
             let res = collect_chain(mem, chain)
                 .map_err(|e| e.to_string())
@@ -212,6 +265,96 @@ impl<B: NetBackend> Net<B> {
         Some(len as u32)
     }
 
+    /// With MRG_RXBUF: spreads the pending frame of `len` bytes over as many RX chains as it
+    /// needs, in order; `num_buffers` in the first one is their count. All the chains are added
+    /// to the used ring before the caller may notify.
+    fn deliver_merged(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        q: &mut Queue,
+        len: usize,
+    ) -> Result<Merged, DeviceError> {
+        let mut chains: Vec<(u16, Vec<Descriptor>)> = Vec::new();
+        let mut room = 0usize;
+        let mut bad = false;
+        while room < len {
+            let Some(chain) = super::pop_chain(mem, q)? else {
+                break;
+            };
+            let head = chain.head_index();
+            match collect_chain(mem, chain) {
+                Ok(descs) if descs.iter().all(|d| d.is_write_only()) => {
+                    room += descs.iter().map(|d| d.len() as usize).sum::<usize>();
+                    chains.push((head, descs));
+                }
+                res => {
+                    if let Err(e) = res {
+                        log::debug!("virtio-net: malformed RX chain: {e}");
+                    } else {
+                        log::debug!("virtio-net: RX chain with a read-only buffer");
+                    }
+                    chains.push((head, Vec::new()));
+                    bad = true;
+                    break;
+                }
+            }
+        }
+        if bad {
+            // Every chain taken for this frame goes back to the driver empty; the frame waits
+            // for good ones.
+            for (head, _) in chains {
+                q.add_used(mem, head, 0)
+                    .map_err(|e| DeviceError::UsedRing(e.to_string()))?;
+            }
+            return Ok(Merged::Unusable);
+        }
+        if room < len {
+            // Not enough chains (yet): give them back, unused, in reverse order of taking.
+            let whole_ring = chains.len() >= usize::from(q.size());
+            for _ in 0..chains.len() {
+                q.go_to_previous_position();
+            }
+            if whole_ring {
+                // Even the whole ring cannot hold the frame: drop it rather than stall.
+                log::debug!("virtio-net: RX ring too small for {len} bytes");
+                METRICS.net.rx_dropped.inc();
+                self.rx_pending = None;
+                return Ok(Merged::Dropped);
+            }
+            return Ok(Merged::NoRoom);
+        }
+        let count = chains.len() as u16;
+        self.rx_buf[10..12].copy_from_slice(&count.to_le_bytes());
+        let mut done = 0usize;
+        let mut lens = Vec::with_capacity(chains.len());
+        for (_, descs) in &chains {
+            let start = done;
+            for d in descs {
+                let n = (d.len() as usize).min(len - done);
+                if n == 0 {
+                    break;
+                }
+                if mem
+                    .write_slice(&self.rx_buf[done..done + n], d.addr())
+                    .is_err()
+                {
+                    // Checked by collect_chain; cannot happen.
+                    break;
+                }
+                done += n;
+            }
+            lens.push((done - start) as u32);
+        }
+        for ((head, _), n) in chains.iter().zip(lens) {
+            q.add_used(mem, *head, n)
+                .map_err(|e| DeviceError::UsedRing(e.to_string()))?;
+        }
+        self.rx_pending = None;
+        METRICS.net.rx_bytes_count.add((len - VNET_HDR_LEN) as u64);
+        METRICS.net.rx_packets_count.inc();
+        Ok(Merged::Delivered)
+    }
+
     /// Moves frames from the backend into RX chains until either runs out.
     fn process_rx(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
         let mut used_any = false;
@@ -249,15 +392,22 @@ impl<B: NetBackend> Net<B> {
                 self.arm_timer();
                 break;
             }
-            let chain = {
-                let mut iter = q
-                    .iter(mem)
-                    .map_err(|e| DeviceError::AvailRing(e.to_string()))?;
-                match iter.next() {
-                    Some(c) => c,
-                    // No buffer: keep the frame and stop reading until the next RX notify.
-                    None => break,
+            if self.mrg_rxbuf {
+                match self.deliver_merged(mem, q, len)? {
+                    Merged::Delivered => used_any = true,
+                    Merged::Unusable => {
+                        // Chains answered with length 0; the frame stays pending.
+                        used_any = true;
+                        continue;
+                    }
+                    Merged::Dropped => continue,
+                    Merged::NoRoom => break,
                 }
+                continue;
+            }
+            let Some(chain) = super::pop_chain(mem, q)? else {
+                // No buffer: keep the frame and stop reading until the next RX notify.
+                break;
             };
             let head = chain.head_index();
             let used = match collect_chain(mem, chain) {
@@ -300,7 +450,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     }
 
     fn avail_features(&self) -> u64 {
-        let mut f = VIRTIO_F_VERSION_1;
+        let mut f = BASE_FEATURES;
         if self.guest_mac.is_some() {
             f |= VIRTIO_NET_F_MAC;
         }
@@ -357,8 +507,20 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         self.process_rx(mem, &mut queues[RX_QUEUE])
     }
 
+    fn ack_features(&mut self, features: u64) {
+        self.mrg_rxbuf = features & VIRTIO_NET_F_MRG_RXBUF != 0;
+        let offloads = tun_offloads(features);
+        if offloads != self.offloads {
+            match self.backend.set_offload(offloads) {
+                Ok(()) => self.offloads = offloads,
+                Err(e) => log::warn!("virtio-net: cannot set the TAP offloads {offloads:#x}: {e}"),
+            }
+        }
+    }
+
     fn reset(&mut self) {
         self.rx_pending = None;
+        self.mrg_rxbuf = false;
         self.rx_limiter.unblock();
         self.tx_limiter.unblock();
         if let Some(t) = self.timer.as_mut() {
@@ -455,6 +617,7 @@ mod tests {
     struct Fake {
         sent: Arc<Mutex<Vec<Vec<u8>>>>,
         inbox: Arc<Mutex<VecDeque<Vec<u8>>>>,
+        offloads: Arc<Mutex<Vec<u32>>>,
     }
 
     impl NetBackend for Fake {
@@ -470,6 +633,10 @@ mod tests {
                 }
                 None => Err(io::ErrorKind::WouldBlock.into()),
             }
+        }
+        fn set_offload(&mut self, flags: u32) -> io::Result<()> {
+            self.offloads.lock().unwrap().push(flags);
+            Ok(())
         }
     }
 
@@ -489,13 +656,18 @@ mod tests {
         let n = Net::new(Fake::default(), Some(MAC), Some(1400));
         assert_eq!(
             n.avail_features(),
-            VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU
+            BASE_FEATURES | VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU
         );
+        assert_ne!(
+            n.avail_features() & super::super::VIRTIO_RING_F_EVENT_IDX,
+            0
+        );
+        assert_ne!(n.avail_features() & VIRTIO_NET_F_MRG_RXBUF, 0);
         let c = n.config_space();
         assert_eq!(&c[..6], &MAC);
         assert_eq!(u16::from_le_bytes([c[10], c[11]]), 1400);
         let n = Net::new(Fake::default(), None, None);
-        assert_eq!(n.avail_features(), VIRTIO_F_VERSION_1);
+        assert_eq!(n.avail_features(), BASE_FEATURES);
         assert_eq!(n.queue_count(), 2);
         assert_eq!(parse_mac("06:00:ac:10:00:02"), Some(MAC));
         assert_eq!(parse_mac("06:00:ac:10:00"), None);
@@ -594,5 +766,96 @@ mod tests {
         assert!(n.rx_pending.is_some());
         n.reset();
         assert!(n.rx_pending.is_none());
+    }
+
+    #[test]
+    fn mrg_rxbuf_spreads_a_frame_over_chains() {
+        let mem = memory();
+        let fake = Fake::default();
+        let mut n = Net::new(fake.clone(), Some(MAC), None);
+        n.ack_features(VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF);
+        let mut qs = [queue(&mem, 16), queue(&mem, 16)];
+        // 12 + 14 + 40 = 66 bytes over two 40-byte chains.
+        let f = frame([2; 6], &[9u8; 40]);
+        assert_eq!(f.len(), 66);
+        write_desc(&mem, 0, 0x8000, 40, WRITE, 0);
+        make_avail(&mem, 0, 0);
+        fake.inbox.lock().unwrap().push_back(f.clone());
+        // One chain is not enough: it is given back and the frame waits.
+        assert!(!n.process_backend(&mem, &mut qs).unwrap());
+        assert_eq!(used_idx(&mem), 0);
+        assert!(n.rx_pending.is_some());
+
+        write_desc(&mem, 1, 0x9000, 40, WRITE, 0);
+        make_avail(&mem, 1, 1);
+        assert!(n.process_queues(RX_QUEUE, &mem, &mut qs).unwrap());
+        assert_eq!(used_idx(&mem), 2);
+        assert_eq!(used_elem(&mem, 0), (0, 40));
+        assert_eq!(used_elem(&mem, 1), (1, 26));
+        let mut got = vec![0u8; 66];
+        mem.read_slice(&mut got[..40], GuestAddress(0x8000))
+            .unwrap();
+        mem.read_slice(&mut got[40..], GuestAddress(0x9000))
+            .unwrap();
+        let mut want = f.clone();
+        want[10..12].copy_from_slice(&2u16.to_le_bytes()); // num_buffers
+        assert_eq!(got, want);
+        assert!(n.rx_pending.is_none());
+
+        // A frame that fits one chain says num_buffers = 1.
+        let small = frame([2; 6], b"hi");
+        fake.inbox.lock().unwrap().push_back(small.clone());
+        write_desc(&mem, 2, 0xa000, 64, WRITE, 0);
+        make_avail(&mem, 2, 2);
+        assert!(n.process_backend(&mem, &mut qs).unwrap());
+        assert_eq!(used_elem(&mem, 2), (2, small.len() as u32));
+        let mut got = vec![0u8; small.len()];
+        mem.read_slice(&mut got, GuestAddress(0xa000)).unwrap();
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
+
+        // A ring too small for the frame even when full: dropped, not stalled.
+        let mut qs = [queue(&mem, 2), queue(&mem, 16)];
+        mem.write_obj(0u16, GuestAddress(USED + 2)).unwrap();
+        write_desc(&mem, 0, 0x8000, 30, WRITE, 0);
+        write_desc(&mem, 1, 0x9000, 30, WRITE, 0);
+        mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+        make_avail(&mem, 1, 1);
+        let dropped = METRICS.net.rx_dropped.count();
+        fake.inbox.lock().unwrap().push_back(f.clone());
+        fake.inbox.lock().unwrap().push_back(small.clone());
+        assert!(n.process_backend(&mem, &mut qs).unwrap());
+        assert!(METRICS.net.rx_dropped.count() > dropped);
+        assert_eq!(used_idx(&mem), 1);
+        assert_eq!(used_elem(&mem, 0), (0, small.len() as u32));
+
+        // Without MRG_RXBUF (after a reset) a frame needs one chain again.
+        n.reset();
+        assert!(!n.mrg_rxbuf);
+    }
+
+    #[test]
+    fn offloads_follow_the_negotiated_features() {
+        let fake = Fake::default();
+        let mut n = Net::new(fake.clone(), None, None);
+        // Nothing negotiated: the TAP keeps its offloads off (no ioctl needed).
+        n.ack_features(VIRTIO_F_VERSION_1);
+        assert!(fake.offloads.lock().unwrap().is_empty());
+        n.ack_features(
+            VIRTIO_F_VERSION_1
+                | VIRTIO_NET_F_GUEST_CSUM
+                | VIRTIO_NET_F_GUEST_TSO4
+                | VIRTIO_NET_F_GUEST_TSO6
+                | VIRTIO_NET_F_GUEST_UFO
+                | VIRTIO_NET_F_HOST_TSO4,
+        );
+        assert_eq!(
+            fake.offloads.lock().unwrap().as_slice(),
+            &[TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_UFO]
+        );
+        // TSO without GUEST_CSUM is not passed on.
+        assert_eq!(tun_offloads(VIRTIO_NET_F_GUEST_TSO4), 0);
+        assert_eq!(tun_offloads(VIRTIO_NET_F_GUEST_CSUM), TUN_F_CSUM);
+        n.ack_features(VIRTIO_F_VERSION_1);
+        assert_eq!(fake.offloads.lock().unwrap().last(), Some(&0));
     }
 }

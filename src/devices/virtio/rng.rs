@@ -97,7 +97,7 @@ impl VirtioDevice for Rng {
     }
 
     fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        VIRTIO_F_VERSION_1 | super::VIRTIO_RING_F_EVENT_IDX
     }
 
     fn config_space(&self) -> Vec<u8> {
@@ -113,16 +113,7 @@ impl VirtioDevice for Rng {
             return Ok(false);
         }
         let mut used_any = false;
-        loop {
-            let chain = {
-                let mut iter = queue
-                    .iter(mem)
-                    .map_err(|e| DeviceError::AvailRing(e.to_string()))?;
-                match iter.next() {
-                    Some(c) => c,
-                    None => break,
-                }
-            };
+        while let Some(chain) = super::pop_chain(mem, queue)? {
             let head = chain.head_index();
             let descs = collect_chain(mem, chain);
             if let Ok(d) = &descs {

@@ -31,6 +31,10 @@ pub trait NetBackend: Send {
     fn send(&mut self, buf: &[u8]) -> io::Result<()>;
     /// Receives one frame (header included) into `buf`; `WouldBlock` when there is none.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// The offloads (TUN_F_*) the guest accepts on RX.
+    fn set_offload(&mut self, _flags: u32) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 pub struct Tap {
@@ -143,5 +147,9 @@ impl NetBackend for Tap {
             }
             return Ok(n as usize);
         }
+    }
+
+    fn set_offload(&mut self, flags: u32) -> io::Result<()> {
+        Tap::set_offload(self, flags)
     }
 }

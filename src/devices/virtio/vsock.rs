@@ -554,16 +554,7 @@ impl Vsock {
 
     fn process_tx(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
         let mut used_any = false;
-        loop {
-            let chain = {
-                let mut iter = q
-                    .iter(mem)
-                    .map_err(|e| DeviceError::AvailRing(e.to_string()))?;
-                match iter.next() {
-                    Some(c) => c,
-                    None => break,
-                }
-            };
+        while let Some(chain) = super::pop_chain(mem, q)? {
             let head = chain.head_index();
             let res = collect_chain(mem, chain)
                 .map_err(|e| e.to_string())
@@ -811,16 +802,7 @@ impl Vsock {
 
     fn process_rx(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
         let mut used_any = false;
-        loop {
-            let chain = {
-                let mut iter = q
-                    .iter(mem)
-                    .map_err(|e| DeviceError::AvailRing(e.to_string()))?;
-                match iter.next() {
-                    Some(c) => c,
-                    None => break,
-                }
-            };
+        while let Some(chain) = super::pop_chain(mem, q)? {
             let head = chain.head_index();
             let descs = match collect_chain(mem, chain) {
                 Ok(d) if d.iter().all(|d| d.is_write_only()) => d,
@@ -893,7 +875,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        VIRTIO_F_VERSION_1 | super::VIRTIO_RING_F_EVENT_IDX
     }
 
     /// guest_cid u64.
@@ -1156,7 +1138,10 @@ mod tests {
         let hh = H::new("id");
         assert_eq!(hh.dev.device_type(), 19);
         assert_eq!(hh.dev.queue_count(), 3);
-        assert_eq!(hh.dev.avail_features(), VIRTIO_F_VERSION_1);
+        assert_eq!(
+            hh.dev.avail_features(),
+            VIRTIO_F_VERSION_1 | super::super::VIRTIO_RING_F_EVENT_IDX
+        );
         assert_eq!(hh.dev.config_space(), 3u64.to_le_bytes().to_vec());
     }
 

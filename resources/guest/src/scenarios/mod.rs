@@ -8,6 +8,7 @@
 use crate::Ctx;
 
 pub mod blk;
+pub mod blkbench;
 pub mod cmdline;
 pub mod evil;
 pub mod hello;
@@ -66,6 +67,10 @@ pub const ALL: &[Scenario] = &[
     Scenario {
         name: "blk",
         run: blk::run,
+    },
+    Scenario {
+        name: "blkbench",
+        run: blkbench::run,
     },
     Scenario {
         name: "rng",
