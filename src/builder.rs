@@ -301,15 +301,23 @@ pub fn build_microvm(
     let cmdline = full_cmdline(cfg, &slots)?;
 
     phase("build start", &start);
-    let KvmPrep {
-        kvm,
-        vm_fd,
-        supported_cpuid: supported,
-    } = match prep {
-        Some(p) => p,
-        None => KvmPrep::new()?,
+    let mem_size = (mc.mem_size_mib as u64) << 20;
+    let (kvm, vm, supported) = match prep {
+        // Made while the API waited; its grace periods are long over.
+        Some(p) => (
+            p.kvm,
+            Vm::with_memory(p.vm_fd, mem_size)?,
+            p.supported_cpuid,
+        ),
+        None => {
+            let kvm = Kvm::new().map_err(StartError::KvmOpen)?;
+            let vm = Vm::new(&kvm, mem_size)?;
+            let supported = kvm
+                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .map_err(|e| StartError::Vcpu(0, format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
+            (kvm, vm, supported)
+        }
     };
-    let vm = Vm::with_memory(vm_fd, (mc.mem_size_mib as u64) << 20)?;
     phase("VM created", &start);
     let mem = vm.memory();
 

@@ -34,6 +34,11 @@ pub fn create_vm_fd(kvm: &Kvm) -> Result<VmFd, VmError> {
     let fd = kvm
         .create_vm()
         .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+    add_irqchip_and_pit(&fd)?;
+    Ok(fd)
+}
+
+fn add_irqchip_and_pit(fd: &VmFd) -> Result<(), VmError> {
     fd.set_tss_address(arch::layout::KVM_TSS_ADDR as usize)
         .map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
     fd.create_irq_chip()
@@ -44,7 +49,7 @@ pub fn create_vm_fd(kvm: &Kvm) -> Result<VmFd, VmError> {
     };
     fd.create_pit2(pit)
         .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
-    Ok(fd)
+    Ok(())
 }
 
 pub struct Vm {
@@ -55,7 +60,14 @@ pub struct Vm {
 impl Vm {
     /// Creates the VM with `mem_size` bytes of RAM laid out as the platform spec says.
     pub fn new(kvm: &Kvm, mem_size: u64) -> Result<Vm, VmError> {
-        Vm::with_memory(create_vm_fd(kvm)?, mem_size)
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+        // Memory first: a memory slot added after the irqchip and PIT exist waits for an SRCU
+        // grace period, which costs milliseconds here.
+        let vm = Vm::with_memory(fd, mem_size)?;
+        add_irqchip_and_pit(&vm.fd)?;
+        Ok(vm)
     }
 
     /// Gives a VM made by [`create_vm_fd`] its RAM. KVM accepts memory slots at any time
