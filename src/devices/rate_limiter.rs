@@ -263,6 +263,93 @@ impl ThrottleTimer {
     }
 }
 
+/// The rate limiters of one device (one per limited queue, `N` of them) and the retry timer
+/// they share: the timer is armed when any limiter refuses.
+pub struct Throttle<const N: usize = 1> {
+    limiters: [RateLimiter; N],
+    /// None for a device made without one (unlimited, or tests): never armed nor watched.
+    timer: Option<ThrottleTimer>,
+}
+
+impl<const N: usize> Default for Throttle<N> {
+    fn default() -> Self {
+        Throttle {
+            limiters: std::array::from_fn(|_| RateLimiter::default()),
+            timer: None,
+        }
+    }
+}
+
+impl<const N: usize> Throttle<N> {
+    /// `limiters`, with a timer when `timer` is set (needed to be throttled or `PATCH`ed).
+    pub fn new(limiters: [RateLimiter; N], timer: bool) -> std::io::Result<Self> {
+        let timer = if timer {
+            Some(ThrottleTimer::new()?)
+        } else {
+            None
+        };
+        Ok(Throttle { limiters, timer })
+    }
+
+    /// Whether limiter `i` refused and waits for the timer.
+    pub fn is_blocked(&self, i: usize) -> bool {
+        self.limiters[i].is_blocked()
+    }
+
+    /// Takes `bytes` and `ops` from limiter `i`; a refusal arms the timer.
+    pub fn try_consume(&mut self, i: usize, bytes: u64, ops: u64) -> bool {
+        let l = &mut self.limiters[i];
+        if !l.is_active() || l.consume(bytes, ops, now_ns()) {
+            return true;
+        }
+        if let Some(t) = self.timer.as_mut() {
+            t.arm();
+        }
+        false
+    }
+
+    /// The timer fired (or the device is reset): every limiter may try again. Returns which
+    /// ones were blocked.
+    pub fn release(&mut self) -> [bool; N] {
+        if let Some(t) = self.timer.as_mut() {
+            t.fired();
+        }
+        std::array::from_fn(|i| {
+            let blocked = self.limiters[i].is_blocked();
+            self.limiters[i].unblock();
+            blocked
+        })
+    }
+
+    /// A duplicate of the timer for the VMM thread (see [`ThrottleTimer::watch_fd`]); errors
+    /// are logged under `device`'s name.
+    pub fn watch_fd(&self, device: &str) -> Option<EventFd> {
+        let t = self.timer.as_ref()?;
+        t.watch_fd()
+            .map_err(|e| log::error!("{device}: cannot duplicate the throttle timer: {e}"))
+            .ok()
+    }
+
+    /// `PATCH`: `cfgs[i]` updates limiter `i` (see [`RateLimiter::update`]). Refused when
+    /// there is no timer, `what` naming the device in the error.
+    pub fn update(
+        &mut self,
+        cfgs: [Option<&RateLimiterConfig>; N],
+        what: &str,
+    ) -> Result<(), String> {
+        if self.timer.is_none() {
+            return Err(format!("the {what} was built without a rate limiter timer"));
+        }
+        let now = now_ns();
+        for (l, cfg) in self.limiters.iter_mut().zip(cfgs) {
+            if let Some(c) = cfg {
+                l.update(c, now);
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@ use super::{
     VIRTIO_F_VERSION_1,
 };
 use crate::api::models::RateLimiter as RateLimiterConfig;
-use crate::devices::rate_limiter::{now_ns, RateLimiter, ThrottleTimer};
+use crate::devices::rate_limiter::{now_ns, RateLimiter, Throttle};
 use crate::metrics::METRICS;
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -64,10 +64,9 @@ pub struct Block {
     buf: Vec<u8>,
     /// The io_uring of an `Async` drive; None for `Sync`.
     uring: Option<uring::Uring>,
-    /// Ops (one per request) and bandwidth (data bytes) of the queue.
-    limiter: RateLimiter,
-    /// Armed while the limiter refuses; None for a drive made without one (tests).
-    timer: Option<ThrottleTimer>,
+    /// Ops (one per request) and bandwidth (data bytes) of the queue, and the timer armed
+    /// while the limiter refuses (none for a drive made without one: tests).
+    throttle: Throttle,
 }
 
 impl Block {
@@ -87,16 +86,14 @@ impl Block {
             id,
             buf: Vec::new(),
             uring: None,
-            limiter: RateLimiter::default(),
-            timer: None,
+            throttle: Throttle::default(),
         })
     }
 
     /// Gives the drive its rate limiter (none: unlimited) and the timer that lets it be set
     /// or changed later by `PATCH`.
     pub fn with_rate_limiter(mut self, cfg: Option<&RateLimiterConfig>) -> std::io::Result<Block> {
-        self.limiter = RateLimiter::from_config(cfg, now_ns());
-        self.timer = Some(ThrottleTimer::new()?);
+        self.throttle = Throttle::new([RateLimiter::from_config(cfg, now_ns())], true)?;
         Ok(self)
     }
 
@@ -175,7 +172,7 @@ impl Block {
         queue: &mut Queue,
     ) -> Result<bool, DeviceError> {
         let mut used_any = false;
-        if self.limiter.is_blocked() {
+        if self.throttle.is_blocked(0) {
             return Ok(false);
         }
         loop {
@@ -188,14 +185,9 @@ impl Block {
             let head = chain.head_index();
             let len = match collect_chain_structure(chain).and_then(|d| Self::parse(mem, d)) {
                 Ok(Ok(req)) => {
-                    if self.limiter.is_active()
-                        && !self.limiter.consume(Self::cost(&req), 1, now_ns())
-                    {
+                    if !self.throttle.try_consume(0, Self::cost(&req), 1) {
                         METRICS.block.rate_limiter_throttled_events.inc();
                         queue.go_to_previous_position();
-                        if let Some(t) = self.timer.as_mut() {
-                            t.arm();
-                        }
                         break;
                     }
                     if self.uring.is_some() {
@@ -534,17 +526,11 @@ impl VirtioDevice for Block {
         if let Some(u) = self.uring.as_mut() {
             u.drain();
         }
-        self.limiter.unblock();
-        if let Some(t) = self.timer.as_mut() {
-            t.fired();
-        }
+        self.throttle.release();
     }
 
     fn throttle_timer(&self) -> Option<EventFd> {
-        let t = self.timer.as_ref()?;
-        t.watch_fd()
-            .map_err(|e| log::error!("virtio-blk: cannot duplicate the throttle timer: {e}"))
-            .ok()
+        self.throttle.watch_fd("virtio-blk")
     }
 
     fn process_throttled(
@@ -552,10 +538,7 @@ impl VirtioDevice for Block {
         mem: &GuestMemoryMmap,
         queues: &mut [Queue],
     ) -> Result<bool, DeviceError> {
-        if let Some(t) = self.timer.as_mut() {
-            t.fired();
-        }
-        self.limiter.unblock();
+        self.throttle.release();
         match queues.first_mut() {
             Some(q) => self.process_chains(mem, q),
             None => Ok(false),
@@ -567,13 +550,7 @@ impl VirtioDevice for Block {
         first: Option<&RateLimiterConfig>,
         _second: Option<&RateLimiterConfig>,
     ) -> Result<(), String> {
-        if self.timer.is_none() {
-            return Err("the drive was built without a rate limiter timer".into());
-        }
-        if let Some(cfg) = first {
-            self.limiter.update(cfg, now_ns());
-        }
-        Ok(())
+        self.throttle.update([first], "drive")
     }
 
     fn process_queue(

@@ -28,7 +28,7 @@ use super::{collect_chain, DeviceError, VirtioDevice, TYPE_NET};
 use super::{ChainError, VIRTIO_F_VERSION_1};
 use crate::api::models::RateLimiter as RateLimiterConfig;
 use crate::devices::bus::lock;
-use crate::devices::rate_limiter::{now_ns, RateLimiter, ThrottleTimer};
+use crate::devices::rate_limiter::{now_ns, RateLimiter, Throttle};
 use crate::metrics::METRICS;
 
 pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
@@ -103,16 +103,14 @@ pub struct Net<B: NetBackend> {
     rx_pending: Option<usize>,
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
-    /// Frames delivered to the guest: ops 1, bandwidth the frame's bytes.
-    rx_limiter: RateLimiter,
-    /// Frames the guest sends.
-    tx_limiter: RateLimiter,
+    /// The limiters of the frames delivered to the guest (`RX_QUEUE`: ops 1, bandwidth the
+    /// frame's bytes) and of the frames the guest sends (`TX_QUEUE`), and the timer armed
+    /// while either refuses (none for a device made without one: tests).
+    throttle: Throttle<2>,
     /// The driver accepted MRG_RXBUF: a frame may span several RX chains.
     mrg_rxbuf: bool,
     /// The TAP offloads last set (0 when the device was made).
     offloads: u32,
-    /// Armed while either limiter refuses; None for a device made without one (tests).
-    timer: Option<ThrottleTimer>,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -138,11 +136,9 @@ impl<B: NetBackend> Net<B> {
             rx_pending: None,
             rx_buf: vec![0; MAX_BUFFER],
             tx_buf: Vec::with_capacity(MAX_BUFFER),
-            rx_limiter: RateLimiter::default(),
-            tx_limiter: RateLimiter::default(),
+            throttle: Throttle::default(),
             mrg_rxbuf: false,
             offloads: 0,
-            timer: None,
         }
     }
 
@@ -154,16 +150,12 @@ impl<B: NetBackend> Net<B> {
         tx: Option<&RateLimiterConfig>,
     ) -> io::Result<Self> {
         let now = now_ns();
-        self.rx_limiter = RateLimiter::from_config(rx, now);
-        self.tx_limiter = RateLimiter::from_config(tx, now);
-        self.timer = Some(ThrottleTimer::new()?);
+        let limiters = [
+            RateLimiter::from_config(rx, now),
+            RateLimiter::from_config(tx, now),
+        ];
+        self.throttle = Throttle::new(limiters, true)?;
         Ok(self)
-    }
-
-    fn arm_timer(&mut self) {
-        if let Some(t) = self.timer.as_mut() {
-            t.arm();
-        }
     }
 
     /// Gathers one TX chain into `tx_buf`.
@@ -189,7 +181,7 @@ impl<B: NetBackend> Net<B> {
     }
 
     fn process_tx(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
-        if self.tx_limiter.is_blocked() {
+        if self.throttle.is_blocked(TX_QUEUE) {
             return Ok(false);
         }
         let mut used_any = false;
@@ -205,10 +197,9 @@ impl<B: NetBackend> Net<B> {
                 }
                 Ok(()) => {
                     let len = (self.tx_buf.len() - VNET_HDR_LEN) as u64;
-                    if self.tx_limiter.is_active() && !self.tx_limiter.consume(len, 1, now_ns()) {
+                    if !self.throttle.try_consume(TX_QUEUE, len, 1) {
                         METRICS.net.tx_rate_limiter_throttled.inc();
                         q.go_to_previous_position();
-                        self.arm_timer();
                         break;
                     }
                     self.send_gathered();
@@ -358,7 +349,7 @@ impl<B: NetBackend> Net<B> {
     /// Moves frames from the backend into RX chains until either runs out.
     fn process_rx(&mut self, mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, DeviceError> {
         let mut used_any = false;
-        if self.rx_limiter.is_blocked() {
+        if self.throttle.is_blocked(RX_QUEUE) {
             return Ok(false);
         }
         loop {
@@ -383,13 +374,11 @@ impl<B: NetBackend> Net<B> {
                 },
             };
             // Throttled: the frame stays pending until the timer fires.
-            if self.rx_limiter.is_active()
-                && !self
-                    .rx_limiter
-                    .consume((len - VNET_HDR_LEN) as u64, 1, now_ns())
+            if !self
+                .throttle
+                .try_consume(RX_QUEUE, (len - VNET_HDR_LEN) as u64, 1)
             {
                 METRICS.net.rx_rate_limiter_throttled.inc();
-                self.arm_timer();
                 break;
             }
             if self.mrg_rxbuf {
@@ -521,18 +510,11 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     fn reset(&mut self) {
         self.rx_pending = None;
         self.mrg_rxbuf = false;
-        self.rx_limiter.unblock();
-        self.tx_limiter.unblock();
-        if let Some(t) = self.timer.as_mut() {
-            t.fired();
-        }
+        self.throttle.release();
     }
 
     fn throttle_timer(&self) -> Option<EventFd> {
-        let t = self.timer.as_ref()?;
-        t.watch_fd()
-            .map_err(|e| log::error!("virtio-net: cannot duplicate the throttle timer: {e}"))
-            .ok()
+        self.throttle.watch_fd("virtio-net")
     }
 
     fn process_throttled(
@@ -540,16 +522,12 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         mem: &GuestMemoryMmap,
         queues: &mut [Queue],
     ) -> Result<bool, DeviceError> {
-        if let Some(t) = self.timer.as_mut() {
-            t.fired();
-        }
+        let blocked = self.throttle.release();
         let mut used = false;
-        if self.tx_limiter.is_blocked() {
-            self.tx_limiter.unblock();
+        if blocked[TX_QUEUE] {
             used |= self.process_tx(mem, &mut queues[TX_QUEUE])?;
         }
-        if self.rx_limiter.is_blocked() {
-            self.rx_limiter.unblock();
+        if blocked[RX_QUEUE] {
             used |= self.process_rx(mem, &mut queues[RX_QUEUE])?;
         }
         Ok(used)
@@ -560,17 +538,10 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         rx: Option<&RateLimiterConfig>,
         tx: Option<&RateLimiterConfig>,
     ) -> Result<(), String> {
-        if self.timer.is_none() {
-            return Err("the interface was built without a rate limiter timer".into());
-        }
-        let now = now_ns();
-        if let Some(c) = rx {
-            self.rx_limiter.update(c, now);
-        }
-        if let Some(c) = tx {
-            self.tx_limiter.update(c, now);
-        }
-        Ok(())
+        let mut cfgs = [None; 2];
+        cfgs[RX_QUEUE] = rx;
+        cfgs[TX_QUEUE] = tx;
+        self.throttle.update(cfgs, "interface")
     }
 }
 

@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{collect_chain, ChainError, DeviceError, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
 use crate::api::models::RateLimiter as RateLimiterConfig;
-use crate::devices::rate_limiter::{now_ns, RateLimiter, ThrottleTimer};
+use crate::devices::rate_limiter::{now_ns, RateLimiter, Throttle};
 use crate::metrics::METRICS;
 
 /// The most bytes one request gets.
@@ -19,10 +19,9 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 #[derive(Default)]
 pub struct Rng {
     buf: Vec<u8>,
-    /// Ops (one per request) and bandwidth (bytes given).
-    limiter: RateLimiter,
-    /// Present when the device has a rate limiter.
-    timer: Option<ThrottleTimer>,
+    /// Ops (one per request) and bandwidth (bytes given); a timer when the device has a
+    /// rate limiter.
+    throttle: Throttle,
 }
 
 impl Rng {
@@ -33,15 +32,10 @@ impl Rng {
     /// A device limited by `cfg`.
     pub fn with_rate_limiter(cfg: &RateLimiterConfig) -> std::io::Result<Rng> {
         let limiter = RateLimiter::new(cfg, now_ns());
-        let timer = if limiter.is_active() {
-            Some(ThrottleTimer::new()?)
-        } else {
-            None
-        };
+        let active = limiter.is_active();
         Ok(Rng {
             buf: Vec::new(),
-            limiter,
-            timer,
+            throttle: Throttle::new([limiter], active)?,
         })
     }
 
@@ -109,7 +103,7 @@ impl VirtioDevice for Rng {
         mem: &GuestMemoryMmap,
         queue: &mut Queue,
     ) -> Result<bool, DeviceError> {
-        if self.limiter.is_blocked() {
+        if self.throttle.is_blocked(0) {
             return Ok(false);
         }
         let mut used_any = false;
@@ -117,12 +111,9 @@ impl VirtioDevice for Rng {
             let head = chain.head_index();
             let descs = collect_chain(mem, chain);
             if let Ok(d) = &descs {
-                if self.limiter.is_active() && !self.limiter.consume(Self::cost(d), 1, now_ns()) {
+                if !self.throttle.try_consume(0, Self::cost(d), 1) {
                     METRICS.entropy.rate_limiter_throttled_events.inc();
                     queue.go_to_previous_position();
-                    if let Some(t) = self.timer.as_mut() {
-                        t.arm();
-                    }
                     break;
                 }
             }
@@ -149,17 +140,11 @@ impl VirtioDevice for Rng {
     }
 
     fn reset(&mut self) {
-        self.limiter.unblock();
-        if let Some(t) = self.timer.as_mut() {
-            t.fired();
-        }
+        self.throttle.release();
     }
 
     fn throttle_timer(&self) -> Option<EventFd> {
-        let t = self.timer.as_ref()?;
-        t.watch_fd()
-            .map_err(|e| log::error!("virtio-rng: cannot duplicate the throttle timer: {e}"))
-            .ok()
+        self.throttle.watch_fd("virtio-rng")
     }
 
     fn process_throttled(
@@ -167,10 +152,7 @@ impl VirtioDevice for Rng {
         mem: &GuestMemoryMmap,
         queues: &mut [Queue],
     ) -> Result<bool, DeviceError> {
-        if let Some(t) = self.timer.as_mut() {
-            t.fired();
-        }
-        self.limiter.unblock();
+        self.throttle.release();
         match queues.first_mut() {
             Some(q) => self.process_queue(mem, q),
             None => Ok(false),
