@@ -25,7 +25,9 @@ use crate::devices::{Bus, BusDevice};
 use crate::seccomp::Filters;
 use crate::time::Timestamp;
 use crate::vstate::coalesced::CoalescedRing;
-use crate::vstate::vcpu::{ExitSignal, ResetLine, Vcpu, VcpuContext, VcpuControl, VcpuHandle};
+use crate::vstate::vcpu::{
+    ExitSignal, PendingVcpu, ResetLine, Vcpu, VcpuContext, VcpuControl, VcpuHandle,
+};
 use crate::vstate::vm::{Vm, VmError};
 
 const I8042_GSI: u32 = 1;
@@ -301,6 +303,13 @@ pub fn build_microvm(
     let cmdline = full_cmdline(cfg, &slots)?;
 
     phase("build start", &start);
+    // The vCPU threads get ready (seccomp filter) while this thread builds the VM.
+    let threads = (0..mc.vcpu_count)
+        .map(|i| {
+            PendingVcpu::spawn(i, seccomp.clone(), exit.clone())
+                .map_err(|e| StartError::Vcpu(i, format!("cannot start its thread: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mem_size = (mc.mem_size_mib as u64) << 20;
     let (kvm, vm, supported) = match prep {
         // Made while the API waited; its grace periods are long over.
@@ -478,14 +487,14 @@ pub fn build_microvm(
         memory: mem.clone(),
         exit,
         control: control.clone(),
-        seccomp: seccomp.clone(),
         coalesced,
     });
     let mut handles = Vec::with_capacity(vcpus.len());
-    for v in vcpus {
+    for (v, thread) in vcpus.into_iter().zip(threads) {
         let index = v.index;
         handles.push(
-            v.start(ctx.clone())
+            thread
+                .start(v, ctx.clone())
                 .map_err(|e| StartError::Vcpu(index, format!("cannot start its thread: {e}")))?,
         );
     }

@@ -108,7 +108,6 @@ pub struct VcpuContext {
     pub memory: GuestMemoryMmap,
     pub exit: Arc<ExitSignal>,
     pub control: Arc<VcpuControl>,
-    pub seccomp: crate::seccomp::Filters,
     /// COM1 writes queued by KVM instead of exiting, when the host supports it.
     pub coalesced: Option<Arc<super::coalesced::CoalescedRing>>,
 }
@@ -154,6 +153,50 @@ impl VcpuContext {
 pub struct Vcpu {
     pub index: u8,
     pub fd: VcpuFd,
+}
+
+/// A vCPU thread started before its vCPU exists: it installs its seccomp filter (which the
+/// kernel compiles, a fraction of a millisecond) while the VMM thread still builds the VM, then
+/// waits for its vCPU. Dropping it before `start` ends the thread.
+pub struct PendingVcpu {
+    start: std::sync::mpsc::Sender<(Vcpu, Arc<VcpuContext>)>,
+    thread: JoinHandle<()>,
+}
+
+impl PendingVcpu {
+    pub fn spawn(
+        index: u8,
+        seccomp: crate::seccomp::Filters,
+        exit: Arc<ExitSignal>,
+    ) -> std::io::Result<PendingVcpu> {
+        let (tx, rx) = std::sync::mpsc::channel::<(Vcpu, Arc<VcpuContext>)>();
+        let thread = std::thread::Builder::new()
+            .name(format!("ember_vcpu{index}"))
+            // vCPU threads need little stack: exits are handled without deep recursion.
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                // Before the first KVM_RUN: from here on the guest drives this thread.
+                if let Err(e) = seccomp.apply(crate::seccomp::ThreadKind::Vcpu) {
+                    log::error!("vCPU {index}: {e}");
+                    exit.stop(exit_code::GENERIC_ERROR);
+                    return;
+                }
+                if let Ok((vcpu, ctx)) = rx.recv() {
+                    vcpu.run(&ctx);
+                }
+            })?;
+        Ok(PendingVcpu { start: tx, thread })
+    }
+
+    /// Hands the thread its vCPU: it enters the guest at once.
+    pub fn start(self, vcpu: Vcpu, ctx: Arc<VcpuContext>) -> std::io::Result<VcpuHandle> {
+        self.start
+            .send((vcpu, ctx))
+            .map_err(|_| std::io::Error::other("the vCPU thread has ended"))?;
+        Ok(VcpuHandle {
+            thread: self.thread,
+        })
+    }
 }
 
 /// Why a vCPU stopped the VM.
@@ -234,29 +277,7 @@ pub fn register_kick_handler() -> std::io::Result<()> {
 }
 
 impl Vcpu {
-    pub fn start(self, ctx: Arc<VcpuContext>) -> std::io::Result<VcpuHandle> {
-        let index = self.index;
-        let thread = std::thread::Builder::new()
-            .name(format!("ember_vcpu{index}"))
-            // vCPU threads need little stack: exits are handled without deep recursion.
-            .stack_size(256 * 1024)
-            .spawn(move || self.run(&ctx))?;
-        Ok(VcpuHandle { thread })
-    }
-
     fn run(mut self, ctx: &VcpuContext) {
-        // Before the first KVM_RUN: from here on the guest drives this thread.
-        let t = crate::time::monotonic_us();
-        if let Err(e) = ctx.seccomp.apply(crate::seccomp::ThreadKind::Vcpu) {
-            log::error!("vCPU {}: {e}", self.index);
-            ctx.exit.stop(exit_code::GENERIC_ERROR);
-            return;
-        }
-        log::debug!(
-            "vCPU {} filtered in {} us",
-            self.index,
-            crate::time::monotonic_us() - t
-        );
         loop {
             let result = self.fd.run();
             // Queued writes happened before this exit: the device sees them first.
