@@ -212,6 +212,7 @@ fn virtio_devices(
             }
         }
         .and_then(|b| b.with_rate_limiter(d.rate_limiter.as_ref()))
+        .map(|b| b.with_metrics_id(&d.drive_id))
         .map_err(|e| StartError::Device(format!("drive {}: {e}", d.drive_id)))?;
         devs.push(Box::new(blk));
     }
@@ -223,6 +224,7 @@ fn virtio_devices(
         taps.push((devs.len(), watch));
         let mac = n.mac().map_err(StartError::Config)?;
         let net = Net::new(tap, mac, n.mtu)
+            .with_metrics_id(&n.iface_id)
             .with_rate_limiters(n.rx_rate_limiter.as_ref(), n.tx_rate_limiter.as_ref())
             .map_err(|e| StartError::Device(format!("network interface {}: {e}", n.iface_id)))?;
         devs.push(Box::new(net));

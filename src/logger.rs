@@ -319,7 +319,8 @@ impl<const N: usize> std::io::Write for StackBuf<N> {
         self.buf[self.len..self.len + n].copy_from_slice(&b[..n]);
         self.len += n;
         if n < b.len() {
-            return Err(std::io::Error::other("stack buffer full"));
+            // An ErrorKind-only error: building it allocates nothing (this runs in signal handlers).
+            return Err(std::io::ErrorKind::WriteZero.into());
         }
         Ok(n)
     }

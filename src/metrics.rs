@@ -5,9 +5,9 @@
 use std::fs::File;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
-use serde::ser::{Serialize, SerializeStruct, Serializer};
+use serde::ser::{Serialize, SerializeMap, SerializeStruct, Serializer};
 
 /// A counter; serialising it reports the increase since the last serialisation.
 #[derive(Default)]
@@ -224,27 +224,102 @@ pub static METRICS: Metrics = Metrics {
 
 impl Serialize for Metrics {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.serialize_all(s, false)
+    }
+}
+
+/// Serialises [`METRICS`] without ever blocking: the per-device groups are left out when their
+/// registry is locked (a signal handler may have interrupted the thread holding it).
+struct NonBlocking<'a>(&'a Metrics);
+
+impl Serialize for NonBlocking<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize_all(s, true)
+    }
+}
+
+impl Metrics {
+    /// The static groups, then the per-device ones (`block_<id>`, `net_<id>`). Allocates
+    /// nothing of its own.
+    fn serialize_all<S: Serializer>(&self, s: S, nonblocking: bool) -> Result<S::Ok, S::Error> {
         let api = &crate::api::metrics::API_METRICS;
-        let mut st = s.serialize_struct("Metrics", 16)?;
-        st.serialize_field("utc_timestamp_ms", &crate::time::utc_ms())?;
-        st.serialize_field("api_server", &self.api_server)?;
-        st.serialize_field("get_api_requests", &api.get_api_requests)?;
-        st.serialize_field("put_api_requests", &api.put_api_requests)?;
-        st.serialize_field("patch_api_requests", &api.patch_api_requests)?;
-        st.serialize_field("block", &self.block)?;
-        st.serialize_field("entropy", &self.entropy)?;
-        st.serialize_field("i8042", &self.i8042)?;
-        st.serialize_field("latencies_us", &self.latencies_us)?;
-        st.serialize_field("net", &self.net)?;
-        st.serialize_field("seccomp", &self.seccomp)?;
-        st.serialize_field("signals", &self.signals)?;
-        st.serialize_field("uart", &self.uart)?;
-        st.serialize_field("vcpu", &self.vcpu)?;
-        st.serialize_field("virtio", &self.virtio)?;
-        st.serialize_field("vmm", &self.vmm)?;
-        st.serialize_field("vsock", &self.vsock)?;
+        let mut st = s.serialize_map(None)?;
+        st.serialize_entry("utc_timestamp_ms", &crate::time::utc_ms())?;
+        st.serialize_entry("api_server", &self.api_server)?;
+        st.serialize_entry("get_api_requests", &api.get_api_requests)?;
+        st.serialize_entry("put_api_requests", &api.put_api_requests)?;
+        st.serialize_entry("patch_api_requests", &api.patch_api_requests)?;
+        st.serialize_entry("block", &self.block)?;
+        st.serialize_entry("entropy", &self.entropy)?;
+        st.serialize_entry("i8042", &self.i8042)?;
+        st.serialize_entry("latencies_us", &self.latencies_us)?;
+        st.serialize_entry("net", &self.net)?;
+        st.serialize_entry("seccomp", &self.seccomp)?;
+        st.serialize_entry("signals", &self.signals)?;
+        st.serialize_entry("uart", &self.uart)?;
+        st.serialize_entry("vcpu", &self.vcpu)?;
+        st.serialize_entry("virtio", &self.virtio)?;
+        st.serialize_entry("vmm", &self.vmm)?;
+        st.serialize_entry("vsock", &self.vsock)?;
+        let devices = if nonblocking {
+            match DEVICE_METRICS.try_lock() {
+                Ok(g) => Some(g),
+                Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            }
+        } else {
+            Some(device_metrics())
+        };
+        if let Some(devices) = devices {
+            for (key, m) in &devices.block {
+                st.serialize_entry(key, &**m)?;
+            }
+            for (key, m) in &devices.net {
+                st.serialize_entry(key, &**m)?;
+            }
+        }
         st.end()
     }
+}
+
+/// The per-device groups, each with its JSON key, in registration order. A group outlives its
+/// device, so a device made again with the same id keeps counting in the same group.
+struct DeviceMetrics {
+    block: Vec<(String, Arc<BlockMetrics>)>,
+    net: Vec<(String, Arc<NetMetrics>)>,
+}
+
+static DEVICE_METRICS: Mutex<DeviceMetrics> = Mutex::new(DeviceMetrics {
+    block: Vec::new(),
+    net: Vec::new(),
+});
+
+fn device_metrics() -> MutexGuard<'static, DeviceMetrics> {
+    DEVICE_METRICS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The group `block_<drive_id>` of one drive (registered on first use).
+pub fn block_metrics(drive_id: &str) -> Arc<BlockMetrics> {
+    let key = format!("block_{drive_id}");
+    let mut devices = device_metrics();
+    if let Some((_, m)) = devices.block.iter().find(|(k, _)| *k == key) {
+        return Arc::clone(m);
+    }
+    let m = Arc::new(BlockMetrics::new());
+    devices.block.push((key, Arc::clone(&m)));
+    m
+}
+
+/// The group `net_<iface_id>` of one network interface (registered on first use).
+pub fn net_metrics(iface_id: &str) -> Arc<NetMetrics> {
+    let key = format!("net_{iface_id}");
+    let mut devices = device_metrics();
+    if let Some((_, m)) = devices.net.iter().find(|(k, _)| *k == key) {
+        return Arc::clone(m);
+    }
+    let m = Arc::new(NetMetrics::new());
+    devices.net.push((key, Arc::clone(&m)));
+    m
 }
 
 static SINK: Mutex<Option<File>> = Mutex::new(None);
@@ -308,8 +383,8 @@ pub fn flush() {
 pub fn try_flush() {
     if let Ok(sink) = SINK.try_lock() {
         if let Some(f) = sink.as_ref() {
-            let mut line = crate::logger::StackBuf::<8192>::new();
-            if serde_json::to_writer(&mut line, &METRICS).is_ok() {
+            let mut line = crate::logger::StackBuf::<32768>::new();
+            if serde_json::to_writer(&mut line, &NonBlocking(&METRICS)).is_ok() {
                 let _ = std::io::Write::write(&mut line, b"\n");
                 let b = line.as_bytes();
                 // SAFETY: write(2) of a stack buffer to the metrics file we own.
@@ -341,5 +416,40 @@ mod tests {
         assert!(v["uart"]["write_count"].is_u64());
         assert!(v["api_server"]["process_startup_time_us"].is_u64());
         assert!(v["utc_timestamp_ms"].as_u64().unwrap() > 0);
+    }
+
+    #[test]
+    fn per_device_groups_follow_the_static_ones_and_never_block() {
+        let blk = block_metrics("metrics_rs_test");
+        let net = net_metrics("metrics_rs_test");
+        blk.read_count.add(2);
+        net.tx_packets_count.inc();
+        // Values are deltas since the last serialisation (other tests serialise too).
+        let v: serde_json::Value = serde_json::to_value(&METRICS).unwrap();
+        assert!(matches!(
+            v["block_metrics_rs_test"]["read_count"].as_u64(),
+            Some(0..=2)
+        ));
+        assert!(matches!(
+            v["net_metrics_rs_test"]["tx_packets_count"].as_u64(),
+            Some(0..=1)
+        ));
+        assert_eq!(blk.read_count.count(), 2);
+        assert!(v["block"]["read_count"].is_u64() && v["net"]["rx_dropped"].is_u64());
+        assert!(Arc::ptr_eq(&blk, &block_metrics("metrics_rs_test")));
+
+        // What the signal handler writes: the per-device groups are skipped while the
+        // registry is held, and the line fits in its stack buffer.
+        let held = device_metrics();
+        let mut line = crate::logger::StackBuf::<32768>::new();
+        serde_json::to_writer(&mut line, &NonBlocking(&METRICS)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(line.as_bytes()).unwrap();
+        assert!(v["uart"].is_object());
+        assert!(v.get("block_metrics_rs_test").is_none());
+        drop(held);
+        let mut line = crate::logger::StackBuf::<32768>::new();
+        serde_json::to_writer(&mut line, &NonBlocking(&METRICS)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(line.as_bytes()).unwrap();
+        assert!(v["block_metrics_rs_test"].is_object());
     }
 }

@@ -282,6 +282,16 @@ fn blk_rate_limiter_throttles_and_the_guest_still_finishes() {
             "{engine}: no throttling counted; metrics:\n{m}\n--- stdout\n{}",
             out.stdout
         );
+        // The drive's own group counts its requests; with one drive it matches the aggregate.
+        assert!(
+            counter_sum(&m, "block_rootfs", "read_count") > 0,
+            "{engine}: no block_rootfs reads counted; metrics:\n{m}"
+        );
+        assert_eq!(
+            counter_sum(&m, "block_rootfs", "rate_limiter_throttled_events"),
+            counter_sum(&m, "block", "rate_limiter_throttled_events"),
+            "{engine}: block_rootfs and block disagree; metrics:\n{m}"
+        );
     }
 }
 

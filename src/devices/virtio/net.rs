@@ -29,7 +29,7 @@ use super::{ChainError, VIRTIO_F_VERSION_1};
 use crate::api::models::RateLimiter as RateLimiterConfig;
 use crate::devices::bus::lock;
 use crate::devices::rate_limiter::{now_ns, RateLimiter, Throttle};
-use crate::metrics::METRICS;
+use crate::metrics::{IncMetric, NetMetrics, METRICS};
 
 pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
 pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
@@ -111,6 +111,14 @@ pub struct Net<B: NetBackend> {
     mrg_rxbuf: bool,
     /// The TAP offloads last set (0 when the device was made).
     offloads: u32,
+    /// The device's own group (`net_<iface_id>` once named by [`Net::with_metrics_id`]).
+    metrics: Arc<NetMetrics>,
+}
+
+/// Adds `n` to one net counter in the aggregate `net` group and in the device's own.
+fn bump(dev: &NetMetrics, field: fn(&NetMetrics) -> &IncMetric, n: u64) {
+    field(&METRICS.net).add(n);
+    field(dev).add(n);
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -139,7 +147,14 @@ impl<B: NetBackend> Net<B> {
             throttle: Throttle::default(),
             mrg_rxbuf: false,
             offloads: 0,
+            metrics: Arc::new(NetMetrics::new()),
         }
+    }
+
+    /// Counts the device's traffic also in the group `net_<iface_id>`.
+    pub fn with_metrics_id(mut self, iface_id: &str) -> Self {
+        self.metrics = crate::metrics::net_metrics(iface_id);
+        self
     }
 
     /// Gives the device its RX and TX rate limiters (none: unlimited) and the timer that lets
@@ -193,12 +208,12 @@ impl<B: NetBackend> Net<B> {
             match res {
                 Err(e) => {
                     log::debug!("virtio-net: malformed TX chain: {e}");
-                    METRICS.net.tx_malformed.inc();
+                    bump(&self.metrics, |m| &m.tx_malformed, 1);
                 }
                 Ok(()) => {
                     let len = (self.tx_buf.len() - VNET_HDR_LEN) as u64;
                     if !self.throttle.try_consume(TX_QUEUE, len, 1) {
-                        METRICS.net.tx_rate_limiter_throttled.inc();
+                        bump(&self.metrics, |m| &m.tx_rate_limiter_throttled, 1);
                         q.go_to_previous_position();
                         break;
                     }
@@ -217,18 +232,18 @@ impl<B: NetBackend> Net<B> {
         let frame = &self.tx_buf[VNET_HDR_LEN..];
         if let Some(mac) = self.guest_mac {
             if frame[6..12] != mac {
-                METRICS.net.tx_spoofed_mac_count.inc();
+                bump(&self.metrics, |m| &m.tx_spoofed_mac_count, 1);
             }
         }
         let len = frame.len() as u64;
         match self.backend.send(&self.tx_buf) {
             Ok(()) => {
-                METRICS.net.tx_bytes_count.add(len);
-                METRICS.net.tx_packets_count.inc();
+                bump(&self.metrics, |m| &m.tx_bytes_count, len);
+                bump(&self.metrics, |m| &m.tx_packets_count, 1);
             }
             Err(e) => {
                 log::debug!("virtio-net: TAP write failed: {e}");
-                METRICS.net.tx_fails.inc();
+                bump(&self.metrics, |m| &m.tx_fails, 1);
             }
         }
     }
@@ -308,7 +323,7 @@ impl<B: NetBackend> Net<B> {
             if whole_ring {
                 // Even the whole ring cannot hold the frame: drop it rather than stall.
                 log::debug!("virtio-net: RX ring too small for {len} bytes");
-                METRICS.net.rx_dropped.inc();
+                bump(&self.metrics, |m| &m.rx_dropped, 1);
                 self.rx_pending = None;
                 return Ok(Merged::Dropped);
             }
@@ -341,8 +356,12 @@ impl<B: NetBackend> Net<B> {
                 .map_err(|e| DeviceError::UsedRing(e.to_string()))?;
         }
         self.rx_pending = None;
-        METRICS.net.rx_bytes_count.add((len - VNET_HDR_LEN) as u64);
-        METRICS.net.rx_packets_count.inc();
+        bump(
+            &self.metrics,
+            |m| &m.rx_bytes_count,
+            (len - VNET_HDR_LEN) as u64,
+        );
+        bump(&self.metrics, |m| &m.rx_packets_count, 1);
         Ok(Merged::Delivered)
     }
 
@@ -357,7 +376,7 @@ impl<B: NetBackend> Net<B> {
                 Some(n) => n,
                 None => match self.backend.recv(&mut self.rx_buf) {
                     Ok(n) if n < VNET_HDR_LEN + ETH_HLEN => {
-                        METRICS.net.rx_dropped.inc();
+                        bump(&self.metrics, |m| &m.rx_dropped, 1);
                         continue;
                     }
                     Ok(n) => {
@@ -378,7 +397,7 @@ impl<B: NetBackend> Net<B> {
                 .throttle
                 .try_consume(RX_QUEUE, (len - VNET_HDR_LEN) as u64, 1)
             {
-                METRICS.net.rx_rate_limiter_throttled.inc();
+                bump(&self.metrics, |m| &m.rx_rate_limiter_throttled, 1);
                 break;
             }
             if self.mrg_rxbuf {
@@ -411,14 +430,18 @@ impl<B: NetBackend> Net<B> {
                 Ok(descs) => match self.deliver(mem, &descs, len) {
                     Some(n) => {
                         self.rx_pending = None;
-                        METRICS.net.rx_bytes_count.add((len - VNET_HDR_LEN) as u64);
-                        METRICS.net.rx_packets_count.inc();
+                        bump(
+                            &self.metrics,
+                            |m| &m.rx_bytes_count,
+                            (len - VNET_HDR_LEN) as u64,
+                        );
+                        bump(&self.metrics, |m| &m.rx_packets_count, 1);
                         n
                     }
                     None => {
                         // Too small (or read-only): the frame is dropped, the chain reused.
                         log::debug!("virtio-net: RX chain too small for {len} bytes");
-                        METRICS.net.rx_dropped.inc();
+                        bump(&self.metrics, |m| &m.rx_dropped, 1);
                         self.rx_pending = None;
                         q.go_to_previous_position();
                         continue;
