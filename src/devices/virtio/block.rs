@@ -579,12 +579,16 @@ impl VirtioDevice for Block {
         self.throttle.update([first], "drive")
     }
 
-    fn process_queue(
+    fn process_queues(
         &mut self,
+        _index: usize,
         mem: &GuestMemoryMmap,
-        queue: &mut Queue,
+        queues: &mut [Queue],
     ) -> Result<bool, DeviceError> {
-        self.process_chains(mem, queue)
+        match queues.first_mut() {
+            Some(q) => self.process_chains(mem, q),
+            None => Ok(false),
+        }
     }
 }
 
@@ -654,7 +658,7 @@ mod tests {
         // Read sectors 2 and 3.
         header(&mem, VIRTIO_BLK_T_IN, 2);
         request(&mem, 0, 1024, WRITE);
-        assert!(blk.process_queue(&mem, &mut q).unwrap());
+        assert!(blk.process_chains(&mem, &mut q).unwrap());
         assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
         assert_eq!(used_elem(&mem, 0), (0, 1025));
         let mut got = [0u8; 1024];
@@ -665,7 +669,7 @@ mod tests {
         mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
         header(&mem, VIRTIO_BLK_T_OUT, 5);
         request(&mem, 1, 512, 0);
-        blk.process_queue(&mem, &mut q).unwrap();
+        blk.process_chains(&mem, &mut q).unwrap();
         assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
         assert_eq!(used_elem(&mem, 1), (0, 1));
         let on_disk = std::fs::read(&path).unwrap();
@@ -675,13 +679,13 @@ mod tests {
         header(&mem, VIRTIO_BLK_T_FLUSH, 0);
         write_desc(&mem, 0, HDR, 16, NEXT, 2);
         make_avail(&mem, 2, 0);
-        blk.process_queue(&mem, &mut q).unwrap();
+        blk.process_chains(&mem, &mut q).unwrap();
         assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
 
         // GET_ID.
         header(&mem, VIRTIO_BLK_T_GET_ID, 0);
         request(&mem, 3, 20, WRITE);
-        blk.process_queue(&mem, &mut q).unwrap();
+        blk.process_chains(&mem, &mut q).unwrap();
         assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
         assert_eq!(used_elem(&mem, 3), (0, 21));
         let mut id = [0u8; 20];
@@ -692,7 +696,7 @@ mod tests {
         // Unknown type.
         header(&mem, 42, 0);
         request(&mem, 4, 512, WRITE);
-        blk.process_queue(&mem, &mut q).unwrap();
+        blk.process_chains(&mem, &mut q).unwrap();
         assert_eq!(status(&mem), VIRTIO_BLK_S_UNSUPP);
         std::fs::remove_file(path).unwrap();
     }
@@ -711,7 +715,7 @@ mod tests {
                 header(&mem, t, 0);
                 let flags = if t == VIRTIO_BLK_T_IN { WRITE } else { 0 };
                 request(&mem, slot as u16, len, flags);
-                blk.process_queue(&mem, &mut q).unwrap();
+                blk.process_chains(&mem, &mut q).unwrap();
                 assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
             }
         };
@@ -771,7 +775,7 @@ mod tests {
         // Read sectors 2 and 3: nothing used until the completion is processed.
         header(&mem, VIRTIO_BLK_T_IN, 2);
         request(&mem, 0, 1024, WRITE);
-        assert!(!blk.process_queue(&mem, &mut qs[0]).unwrap());
+        assert!(!blk.process_chains(&mem, &mut qs[0]).unwrap());
         assert_eq!(used_idx(&mem), 0);
         let mut used = false;
         for _ in 0..1000 {
@@ -792,7 +796,7 @@ mod tests {
         header(&mem, VIRTIO_BLK_T_IN, 0);
         request(&mem, 1, 512, WRITE);
         write_desc(&mem, 1, 0xfff00, 512, WRITE | NEXT, 2);
-        assert!(blk.process_queue(&mem, &mut qs[0]).unwrap());
+        assert!(blk.process_chains(&mem, &mut qs[0]).unwrap());
         assert_eq!(used_elem(&mem, 1), (0, 1));
         assert_eq!(status(&mem), VIRTIO_BLK_S_IOERR);
 
@@ -822,7 +826,7 @@ mod tests {
         let mut slot = 0;
         macro_rules! run {
             ($blk:expr) => {{
-                $blk.process_queue(&mem, &mut q).unwrap();
+                $blk.process_chains(&mem, &mut q).unwrap();
                 slot += 1;
                 used_elem(&mem, slot - 1)
             }};

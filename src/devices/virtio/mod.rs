@@ -185,26 +185,18 @@ pub trait VirtioDevice: Send {
     fn avail_features(&self) -> u64;
     /// The device's configuration space; bytes past its end read as 0.
     fn config_space(&self) -> Vec<u8>;
-    /// Handles the chains the driver made available on `queue`; returns whether any was used
-    /// (the driver may need an interrupt).
-    fn process_queue(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        queue: &mut Queue,
-    ) -> Result<bool, DeviceError>;
     /// How many queues the device has.
     fn queue_count(&self) -> usize {
         1
     }
-    /// Handles a notification of queue `index` for a device with several queues.
+    /// Handles the chains the driver made available on queue `index` (below `queue_count`);
+    /// returns whether any was used (the driver may need an interrupt).
     fn process_queues(
         &mut self,
         index: usize,
         mem: &GuestMemoryMmap,
         queues: &mut [Queue],
-    ) -> Result<bool, DeviceError> {
-        self.process_queue(mem, &mut queues[index])
-    }
+    ) -> Result<bool, DeviceError>;
     /// The backend has work for the device (a readable TAP); returns whether a chain was used.
     fn process_backend(
         &mut self,

@@ -486,15 +486,6 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         2
     }
 
-    fn process_queue(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        queue: &mut Queue,
-    ) -> Result<bool, DeviceError> {
-        // Only reached through process_queues' default, which this device overrides.
-        self.process_rx(mem, queue)
-    }
-
     fn process_queues(
         &mut self,
         index: usize,

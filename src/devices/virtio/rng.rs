@@ -85,20 +85,9 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-impl VirtioDevice for Rng {
-    fn device_type(&self) -> u32 {
-        TYPE_RNG
-    }
-
-    fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | super::VIRTIO_RING_F_EVENT_IDX
-    }
-
-    fn config_space(&self) -> Vec<u8> {
-        Vec::new()
-    }
-
-    fn process_queue(
+impl Rng {
+    /// Handles the chains the driver made available on the one queue.
+    pub fn process_queue(
         &mut self,
         mem: &GuestMemoryMmap,
         queue: &mut Queue,
@@ -137,6 +126,32 @@ impl VirtioDevice for Rng {
             used_any = true;
         }
         Ok(used_any)
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        TYPE_RNG
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | super::VIRTIO_RING_F_EVENT_IDX
+    }
+
+    fn config_space(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    fn process_queues(
+        &mut self,
+        _index: usize,
+        mem: &GuestMemoryMmap,
+        queues: &mut [Queue],
+    ) -> Result<bool, DeviceError> {
+        match queues.first_mut() {
+            Some(q) => self.process_queue(mem, q),
+            None => Ok(false),
+        }
     }
 
     fn reset(&mut self) {

@@ -887,15 +887,6 @@ impl VirtioDevice for Vsock {
         3
     }
 
-    fn process_queue(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        queue: &mut Queue,
-    ) -> Result<bool, DeviceError> {
-        // Only reached through process_queues' default, which this device overrides.
-        self.process_rx(mem, queue)
-    }
-
     fn process_queues(
         &mut self,
         index: usize,
