@@ -139,6 +139,7 @@ impl Controller {
             t.reset(DRAIN_PERIOD, Some(DRAIN_PERIOD))
                 .map_err(|e| StartError::Device(e.to_string()))?;
             self.drain_timer = Some(t);
+            lock(&vm.serial).set_line_buffered(true);
         }
         self.vm = Some(vm);
         METRICS.latencies_us.vmm_start_us.store(start.elapsed_us());
@@ -493,6 +494,7 @@ impl MutEventSubscriber for Controller {
             }
             if let Some(vm) = &self.vm {
                 vm.vcpu_ctx.drain_coalesced();
+                lock(&vm.serial).flush_output();
             }
             return;
         }

@@ -413,6 +413,12 @@ fn main() {
     em.add_subscriber(controller.clone() as vmm::Subscriber);
 
     let code = vmm::run_until_stopped(&mut em, &exit);
+    let ctl = controller.lock().unwrap_or_else(|e| e.into_inner());
+    // The guest's last console bytes may still sit in the coalesced ring or a partial line.
+    if let Some(vm) = ctl.microvm() {
+        vm.vcpu_ctx.drain_coalesced();
+        ember::devices::bus::lock(&vm.serial).flush_output();
+    }
     signal::restore_terminal();
     log::info!("Stopping the microVM with exit code {code}");
     metrics::flush();
@@ -420,7 +426,6 @@ fn main() {
         ember::api::server::wait_for_responses(std::time::Duration::from_millis(100));
         let _ = std::fs::remove_file(path);
     }
-    let ctl = controller.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(fd) = ctl.kvm_vm_fd() {
         ember::vstate::vm::detach_teardown(fd);
     }

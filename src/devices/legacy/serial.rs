@@ -37,9 +37,55 @@ impl SerialEvents for SerialEventsImpl {
 
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// The console's output. vm-superio flushes its writer after every byte, so the real writes
+/// happen in `emit`: one host write per bus write, or per line when line-buffered.
+pub struct ConsoleOut {
+    out: SerialOut,
+    pending: Vec<u8>,
+}
+
+/// A guest that never ends its line still gets its output out at this size.
+const MAX_PENDING: usize = 4096;
+
+impl Write for ConsoleOut {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        // Deferred on purpose: see `emit`.
+        Ok(())
+    }
+}
+
+impl ConsoleOut {
+    /// Writes out what is pending: everything, or only complete lines.
+    fn emit(&mut self, whole_lines_only: bool) {
+        let n = if whole_lines_only && self.pending.len() < MAX_PENDING {
+            match self.pending.iter().rposition(|&b| b == b'\n') {
+                Some(i) => i + 1,
+                None => return,
+            }
+        } else {
+            self.pending.len()
+        };
+        if n == 0 {
+            return;
+        }
+        if self.out.write_all(&self.pending[..n]).is_err() {
+            crate::metrics::METRICS.uart.missed_write_count.inc();
+        }
+        let _ = self.out.flush();
+        self.pending.drain(..n);
+    }
+}
+
 pub struct SerialDevice {
-    /// Buffered so that the bytes of one bus write leave in one host write.
-    pub serial: Serial<EventFdTrigger, SerialEventsImpl, std::io::BufWriter<SerialOut>>,
+    pub serial: Serial<EventFdTrigger, SerialEventsImpl, ConsoleOut>,
+    /// Hold output until a line is complete (the VMM then flushes partial lines on a timer),
+    /// so that log lines of other threads never land in the middle of a console line.
+    line_buffered: bool,
 }
 
 impl SerialDevice {
@@ -48,9 +94,23 @@ impl SerialDevice {
             serial: Serial::with_events(
                 irq,
                 SerialEventsImpl { buffer_ready },
-                std::io::BufWriter::with_capacity(256, out),
+                ConsoleOut {
+                    out,
+                    pending: Vec::with_capacity(256),
+                },
             ),
+            line_buffered: false,
         }
+    }
+
+    /// Line-buffers the output; whoever sets this must call `flush_output` periodically.
+    pub fn set_line_buffered(&mut self, on: bool) {
+        self.line_buffered = on;
+    }
+
+    /// Writes out whatever the guest printed so far.
+    pub fn flush_output(&mut self) {
+        self.serial.writer_mut().emit(false);
     }
 
     /// Queues host input for the guest; returns how many bytes fit.
@@ -88,7 +148,8 @@ impl BusDevice for SerialDevice {
             }
         }
         if offset == 0 {
-            let _ = self.serial.writer_mut().flush();
+            let lines_only = self.line_buffered;
+            self.serial.writer_mut().emit(lines_only);
         }
     }
 }
@@ -134,5 +195,21 @@ mod tests {
         let n = dev.enqueue_input(&big);
         assert!(n > 0 && n < 200);
         assert_eq!(dev.enqueue_input(&big), 0);
+    }
+
+    #[test]
+    fn line_buffered_output_waits_for_the_newline_or_a_flush() {
+        let out = Shared::default();
+        let ready = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev =
+            SerialDevice::new(EventFdTrigger::new().unwrap(), ready, Box::new(out.clone()));
+        dev.set_line_buffered(true);
+        dev.write(0, b"ab");
+        assert!(out.0.lock().unwrap().is_empty());
+        dev.write(0, b"c\n");
+        assert_eq!(&*out.0.lock().unwrap(), b"abc\n");
+        dev.write(0, b"$ ");
+        dev.flush_output();
+        assert_eq!(&*out.0.lock().unwrap(), b"abc\n$ ");
     }
 }
