@@ -12,6 +12,9 @@ use std::env;
 use std::path::PathBuf;
 use std::process::Command;
 
+#[path = "src/seccomp/bpf_tree.rs"]
+mod bpf_tree;
+
 fn main() {
     build_guest();
     compile_seccomp();
@@ -25,9 +28,10 @@ fn compile_seccomp() {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
     let policy = manifest.join("resources/seccomp/x86_64-unknown-linux-gnu.json");
     println!("cargo:rerun-if-changed={}", policy.display());
-    let file = std::fs::File::open(&policy)
-        .unwrap_or_else(|e| panic!("cannot open {}: {e}", policy.display()));
-    let map = seccompiler::compile_from_json(file, seccompiler::TargetArch::x86_64)
+    println!("cargo:rerun-if-changed=src/seccomp/bpf_tree.rs");
+    let json =
+        std::fs::read(&policy).unwrap_or_else(|e| panic!("cannot read {}: {e}", policy.display()));
+    let map = bpf_tree::compile(&json)
         .unwrap_or_else(|e| panic!("invalid seccomp policy {}: {e}", policy.display()));
     let mut blob = Vec::new();
     for thread in ["vmm", "api", "vcpu"] {

@@ -3,6 +3,8 @@
 //! binary. A forbidden syscall raises SIGSYS: ember logs its number, counts it, flushes the
 //! metrics and exits 148.
 
+mod bpf_tree;
+
 use std::fmt;
 use std::sync::Arc;
 
@@ -104,10 +106,9 @@ impl Filters {
 
     /// A policy in the same JSON format as the built-in one (`--seccomp-filter`).
     pub fn from_json_file(path: &str) -> Result<Filters, SeccompError> {
-        let file =
-            std::fs::File::open(path).map_err(|e| SeccompError::Read(path.to_string(), e))?;
-        let mut map = seccompiler::compile_from_json(file, seccompiler::TargetArch::x86_64)
-            .map_err(|e| SeccompError::Compile(path.to_string(), e.to_string()))?;
+        let json = std::fs::read(path).map_err(|e| SeccompError::Read(path.to_string(), e))?;
+        let mut map =
+            bpf_tree::compile(&json).map_err(|e| SeccompError::Compile(path.to_string(), e))?;
         let mut take = |k: ThreadKind| {
             map.remove(k.name())
                 .map(Arc::new)
