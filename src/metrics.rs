@@ -158,6 +158,7 @@ metrics_group!(NetMetrics {
     tx_packets_count: IncMetric,
     tx_spoofed_mac_count: IncMetric,
     rx_dropped: IncMetric,
+    rx_malformed: IncMetric,
     tx_malformed: IncMetric,
     tx_fails: IncMetric,
     rx_rate_limiter_throttled: IncMetric,

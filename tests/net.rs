@@ -361,3 +361,165 @@ fn an_invalid_tap_is_a_configuration_error_with_or_without_rate_limiters() {
     assert_eq!(c.get("/vm/config").json()["network-interfaces"], json!([]));
     vm.terminate();
 }
+
+/// The `evilnet` guest's chain-level cases, run on the TX and the RX queue.
+const EVIL_CHAIN_CASES: &[&str] = &[
+    "bad address",
+    "looping chain",
+    "overlong chain",
+    "zero length",
+    "wrong direction",
+    "head beyond the queue",
+    "avail index jump",
+];
+
+/// Sum of one counter of one metrics group over every metrics line.
+fn counter_sum(metrics: &str, group: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v[group][name].as_u64())
+        .sum()
+}
+
+#[test]
+fn evil_guest_is_survived_and_counted() {
+    if !require_root() || !require_kvm() {
+        return;
+    }
+    let ns = Netns::new();
+    ns.exec(&["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"]);
+    ns.exec(&["ip", "link", "set", "tap0", "up"]);
+
+    // One thread injects a frame for the guest every 10 ms (so that the device has frames
+    // to put in the RX chains the guest attacks with), one captures what the guest sends.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let (name, stop2, tx2) = (ns.0.clone(), stop.clone(), tx.clone());
+    let injector = std::thread::spawn(move || {
+        let (fd, ifindex) = packet_socket(&name, "tap0");
+        tx2.send(()).unwrap();
+        let mut f = GUEST_MAC.to_vec();
+        f.extend_from_slice(&HOST_MAC);
+        f.extend_from_slice(&ETHERTYPE.to_be_bytes());
+        f.extend_from_slice(&payload("host-inject"));
+        let mut n = 0u32;
+        while !stop2.load(Ordering::Relaxed) {
+            send_frame(&fd, ifindex, &f);
+            n += 1;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        n
+    });
+    let (name, stop2) = (ns.0.clone(), stop.clone());
+    let capture = std::thread::spawn(move || {
+        let (fd, _) = packet_socket(&name, "tap0");
+        tx.send(()).unwrap();
+        let mut seen = Vec::new();
+        while !stop2.load(Ordering::Relaxed) {
+            if let Some(f) = recv_frame(&fd) {
+                if f.len() >= 14 && f[6..12] == GUEST_MAC {
+                    seen.push(f);
+                }
+            }
+        }
+        seen
+    });
+    for _ in 0..2 {
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the capture helpers did not start");
+    }
+
+    let dir = TempDir::new("net-evil");
+    let metrics = dir.path("metrics.json");
+    let mut cfg = guest_config("evilnet", 1, 128);
+    cfg["network-interfaces"] = json!([{
+        "iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"
+    }]);
+    cfg["metrics"] = json!({"metrics_path": metrics.to_str().unwrap()});
+    let path = dir.write("vm.json", serde_json::to_vec(&cfg).unwrap());
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            EMBER,
+            "--no-api",
+            "--boot-timer",
+            "--config-file",
+        ])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start ember in the namespace");
+    let out = wait_with_guard(child, Duration::from_secs(60));
+    // Frames still on their way out of the TAP.
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let injected = injector.join().expect("the injector panicked");
+    let seen = capture.join().expect("the capture helper panicked");
+
+    out.expect_code(0)
+        .expect("evilnet: well-behaved tx ok")
+        .expect("evilnet: well-behaved rx ok")
+        .expect("ember-guest: done");
+    for q in ["tx", "rx"] {
+        for case in EVIL_CHAIN_CASES {
+            out.expect(&format!("evilnet: {q} {case} survived"));
+            let prefix = format!("evilnet: {q} {case}: ");
+            let what = out
+                .stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .unwrap_or_else(|| panic!("no {prefix:?} line:\n{}", out.stdout));
+            assert!(
+                what.contains("buffers untouched"),
+                "the device wrote a malformed chain's buffers: {prefix}{what}"
+            );
+            assert!(
+                what.starts_with("no completion") || what.starts_with("completed, len 0,"),
+                "a malformed chain was used: {prefix}{what}"
+            );
+        }
+    }
+    for case in [
+        "notify before DRIVER_OK",
+        "queue size 3",
+        "config out of range",
+    ] {
+        out.expect(&format!("evilnet: {case} survived"));
+    }
+    out.expect("evilnet: notify before DRIVER_OK: no completion")
+        .expect("evilnet: config out of range: read 0x00000000, after write 0x00000000");
+
+    // What reached the TAP: the well-behaved frame, and nothing of the malformed chains.
+    let has = |f: &Vec<u8>, text: &[u8]| f.windows(text.len()).any(|w| w == text);
+    assert!(
+        seen.iter().any(|f| has(f, b"ember-evil well-behaved")),
+        "the well-behaved frame did not reach the TAP ({} frames seen)",
+        seen.len()
+    );
+    assert!(
+        !seen.iter().any(|f| has(f, b"ember-evil-bad")),
+        "a malformed TX chain reached the TAP"
+    );
+
+    let m = std::fs::read_to_string(&metrics).unwrap_or_default();
+    for (group, name) in [
+        ("net_eth0", "tx_malformed"),
+        ("net_eth0", "rx_malformed"),
+        ("net", "tx_malformed"),
+        ("virtio", "malformed_chains"),
+        ("virtio", "needs_reset"),
+        ("virtio", "invalid_notifications"),
+        ("virtio", "invalid_register_writes"),
+    ] {
+        assert!(
+            counter_sum(&m, group, name) > 0,
+            "{group}.{name} counted nothing ({injected} frames injected); metrics:\n{m}\n--- stdout\n{}",
+            out.stdout
+        );
+    }
+}

@@ -128,7 +128,8 @@ impl MmioTransport {
 
     /// The device cannot go on until the driver resets it.
     fn needs_reset(&mut self, why: &str) {
-        log::warn!(
+        crate::log_guest!(
+            log::Level::Warn,
             "virtio device {}: {why}; it needs a reset",
             self.device.device_type()
         );

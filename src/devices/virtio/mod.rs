@@ -159,6 +159,7 @@ pub fn pop_chain<'a>(
 ) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, DeviceError> {
     // A guest flipping its avail index back and forth could keep the re-check going: after a
     // few rounds give up; `avail_event` is set, so the driver notifies for its next chain.
+    let size = queue.size();
     for _ in 0..4 {
         let next = {
             let mut iter = queue
@@ -166,6 +167,13 @@ pub fn pop_chain<'a>(
                 .map_err(|e| DeviceError::AvailRing(e.to_string()))?;
             iter.next()
         };
+        // A head the device could never give back in the used ring.
+        if let Some(head) = next.as_ref().map(|c| c.head_index()).filter(|&h| h >= size) {
+            METRICS.virtio.malformed_chains.inc();
+            return Err(DeviceError::AvailRing(format!(
+                "head index {head} beyond the queue of {size}"
+            )));
+        }
         if next.is_some() || !queue.event_idx_enabled() {
             return Ok(next);
         }
@@ -413,6 +421,12 @@ mod tests {
         assert!(pop_chain(&mem, &mut q).unwrap().is_some());
         assert!(pop_chain(&mem, &mut q).unwrap().is_none());
         assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 2);
+        // A head index beyond the queue is an error, before anything is read of it.
+        make_avail(&mem, 2, 16);
+        assert!(matches!(
+            pop_chain(&mem, &mut q),
+            Err(DeviceError::AvailRing(e)) if e.contains("head index 16")
+        ));
         // A bogus avail index is still an error.
         mem.write_obj(1000u16, GuestAddress(AVAIL + 2)).unwrap();
         assert!(matches!(

@@ -121,6 +121,14 @@ fn bump(dev: &NetMetrics, field: fn(&NetMetrics) -> &IncMetric, n: u64) {
     field(dev).add(n);
 }
 
+/// Whether an RX chain (structure and memory checked) can take frames: every buffer
+/// device-writable, and room for at least `min` bytes (the header and an Ethernet header; with
+/// MRG_RXBUF, where a frame may span chains, the header: what the spec asks of every buffer).
+fn rx_chain_usable(descs: &[Descriptor], min: usize) -> bool {
+    descs.iter().all(|d| d.is_write_only())
+        && descs.iter().map(|d| d.len() as usize).sum::<usize>() >= min
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
@@ -260,15 +268,16 @@ impl<B: NetBackend> Net<B> {
         }
         let mut done = 0;
         for d in descs {
-            let n = (d.len() as usize).min(len - done);
-            if n == 0 {
+            if done == len {
                 break;
             }
+            // A zero-length descriptor in the middle holds nothing; the rest still count.
+            let n = (d.len() as usize).min(len - done);
             mem.write_slice(&self.rx_buf[done..done + n], d.addr())
                 .ok()?;
             done += n;
         }
-        Some(len as u32)
+        Some(done as u32)
     }
 
     /// With MRG_RXBUF: spreads the pending frame of `len` bytes over as many RX chains as it
@@ -289,16 +298,12 @@ impl<B: NetBackend> Net<B> {
             };
             let head = chain.head_index();
             match collect_chain(mem, chain) {
-                Ok(descs) if descs.iter().all(|d| d.is_write_only()) => {
+                Ok(descs) if rx_chain_usable(&descs, VNET_HDR_LEN) => {
                     room += descs.iter().map(|d| d.len() as usize).sum::<usize>();
                     chains.push((head, descs));
                 }
                 res => {
-                    if let Err(e) = res {
-                        log::debug!("virtio-net: malformed RX chain: {e}");
-                    } else {
-                        log::debug!("virtio-net: RX chain with a read-only buffer");
-                    }
+                    self.rx_malformed(res.err());
                     chains.push((head, Vec::new()));
                     bad = true;
                     break;
@@ -336,10 +341,10 @@ impl<B: NetBackend> Net<B> {
         for (_, descs) in &chains {
             let start = done;
             for d in descs {
-                let n = (d.len() as usize).min(len - done);
-                if n == 0 {
+                if done == len {
                     break;
                 }
+                let n = (d.len() as usize).min(len - done);
                 if mem
                     .write_slice(&self.rx_buf[done..done + n], d.addr())
                     .is_err()
@@ -363,6 +368,15 @@ impl<B: NetBackend> Net<B> {
         );
         bump(&self.metrics, |m| &m.rx_packets_count, 1);
         Ok(Merged::Delivered)
+    }
+
+    /// Counts an RX chain the device cannot use (given back with length 0, the frame kept).
+    fn rx_malformed(&self, err: Option<ChainError>) {
+        match err {
+            Some(e) => log::debug!("virtio-net: malformed RX chain: {e}"),
+            None => log::debug!("virtio-net: RX chain with a read-only buffer or no room"),
+        }
+        bump(&self.metrics, |m| &m.rx_malformed, 1);
     }
 
     /// Moves frames from the backend into RX chains until either runs out.
@@ -419,12 +433,12 @@ impl<B: NetBackend> Net<B> {
             };
             let head = chain.head_index();
             let used = match collect_chain(mem, chain) {
-                Err(e) => {
-                    log::debug!("virtio-net: malformed RX chain: {e}");
+                Ok(descs) if !rx_chain_usable(&descs, VNET_HDR_LEN + ETH_HLEN) => {
+                    self.rx_malformed(None);
                     0
                 }
-                Ok(descs) if descs.iter().any(|d| !d.is_write_only()) => {
-                    log::debug!("virtio-net: RX chain with a read-only buffer");
+                Err(e) => {
+                    self.rx_malformed(Some(e));
                     0
                 }
                 Ok(descs) => match self.deliver(mem, &descs, len) {
@@ -439,7 +453,7 @@ impl<B: NetBackend> Net<B> {
                         n
                     }
                     None => {
-                        // Too small (or read-only): the frame is dropped, the chain reused.
+                        // Too small: the frame is dropped, the chain reused.
                         log::debug!("virtio-net: RX chain too small for {len} bytes");
                         bump(&self.metrics, |m| &m.rx_dropped, 1);
                         self.rx_pending = None;
@@ -751,6 +765,53 @@ mod tests {
         assert!(n.rx_pending.is_some());
         n.reset();
         assert!(n.rx_pending.is_none());
+    }
+
+    #[test]
+    fn rx_refuses_unusable_chains_and_skips_zero_length_descriptors() {
+        let mem = memory();
+        let fake = Fake::default();
+        let mut n = Net::new(fake.clone(), Some(MAC), None).with_metrics_id("unit_rx_bad");
+        let mut qs = [queue(&mem, 16), queue(&mem, 16)];
+        let f = frame([2; 6], &[3u8; 40]);
+        fake.inbox.lock().unwrap().push_back(f.clone());
+        mem.write_slice(&[0x5au8; 256], GuestAddress(0x8000))
+            .unwrap();
+        // A read-only buffer, a zero-length one, one too short for any frame: each given back
+        // empty, untouched and counted; the frame waits for a usable chain.
+        write_desc(&mem, 0, 0x8000, 128, 0, 0);
+        write_desc(&mem, 1, 0x8000, 0, WRITE, 0);
+        write_desc(&mem, 2, 0x8000, 20, WRITE, 0);
+        make_avail(&mem, 0, 0);
+        make_avail(&mem, 1, 1);
+        make_avail(&mem, 2, 2);
+        let before = n.metrics.rx_malformed.count();
+        assert!(n.process_queues(RX_QUEUE, &mem, &mut qs).unwrap());
+        assert_eq!(used_idx(&mem), 3);
+        for slot in 0..3 {
+            assert_eq!(used_elem(&mem, slot), (u32::from(slot), 0));
+        }
+        assert_eq!(n.metrics.rx_malformed.count(), before + 3);
+        let mut b = [0u8; 256];
+        mem.read_slice(&mut b, GuestAddress(0x8000)).unwrap();
+        assert_eq!(b, [0x5a; 256]);
+        assert!(n.rx_pending.is_some());
+
+        // A zero-length descriptor between two buffers: the frame goes around it.
+        write_desc(&mem, 3, 0x8000, 30, WRITE | NEXT, 4);
+        write_desc(&mem, 4, 0x8800, 0, WRITE | NEXT, 5);
+        write_desc(&mem, 5, 0x9000, 64, WRITE, 0);
+        make_avail(&mem, 3, 3);
+        assert!(n.process_queues(RX_QUEUE, &mem, &mut qs).unwrap());
+        assert_eq!(used_elem(&mem, 3), (3, f.len() as u32));
+        let mut got = vec![0u8; f.len()];
+        mem.read_slice(&mut got[..30], GuestAddress(0x8000))
+            .unwrap();
+        mem.read_slice(&mut got[30..], GuestAddress(0x9000))
+            .unwrap();
+        let mut want = f.clone();
+        want[10] = 1;
+        assert_eq!(got, want);
     }
 
     #[test]

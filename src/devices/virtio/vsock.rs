@@ -1,7 +1,8 @@
 //! virtio-vsock (device type 19) over Firecracker's hybrid Unix-socket backend.
 //!
-//! Queues: RX (0, device to driver), TX (1, driver to device) and event (2, never used: its
-//! buffers stay with the device). The configuration space is the guest's CID (u64).
+//! Queues: RX (0, device to driver), TX (1, driver to device) and event (2: its sound buffers
+//! stay with the device, malformed ones are given back at once). The configuration space is
+//! the guest's CID (u64).
 //!
 //! Host-initiated connections: a process connects to `uds_path` and writes `CONNECT <port>\n`;
 //! the device sends the guest a REQUEST from CID 2 and a local port (1024 up) to `port`, and
@@ -60,6 +61,8 @@ pub const MAX_PAYLOAD: usize = 64 * 1024;
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 /// First local port for host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1024;
+/// `struct virtio_vsock_event`: a le32 event id.
+const EVENT_LEN: usize = 4;
 /// The longest `CONNECT <port>\n` line.
 const MAX_CONNECT_LINE: usize = 32;
 
@@ -837,7 +840,8 @@ impl Vsock {
                 chunk.clear();
                 chunk.extend(src.by_ref().take(d.len() as usize));
                 if chunk.is_empty() {
-                    break;
+                    // A zero-length descriptor holds nothing; the rest of the chain still does.
+                    continue;
                 }
                 if mem.write_slice(&chunk, d.addr()).is_err() {
                     break;
@@ -848,6 +852,38 @@ impl Vsock {
             q.add_used(mem, head, written)
                 .map_err(|e| DeviceError::UsedRing(e.to_string()))?;
             used_any = true;
+        }
+        Ok(used_any)
+    }
+
+    /// The event queue: its buffers stay with the device until it has an event (a transport
+    /// reset) to put there. A chain that could never hold one (malformed, device-readable, or
+    /// shorter than `struct virtio_vsock_event`) is counted and given back with length 0 as
+    /// soon as the driver makes it available; the first sound one is left in place.
+    fn check_event_queue(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        q: &mut Queue,
+    ) -> Result<bool, DeviceError> {
+        let mut used_any = false;
+        while let Some(chain) = super::pop_chain(mem, q)? {
+            let head = chain.head_index();
+            match collect_chain(mem, chain) {
+                Ok(d)
+                    if d.iter().all(|d| d.is_write_only())
+                        && d.iter().map(|d| d.len() as usize).sum::<usize>() >= EVENT_LEN =>
+                {
+                    q.go_to_previous_position();
+                    break;
+                }
+                _ => {
+                    log::debug!("vsock: malformed event queue chain");
+                    METRICS.vsock.malformed_packets.inc();
+                    q.add_used(mem, head, 0)
+                        .map_err(|e| DeviceError::UsedRing(e.to_string()))?;
+                    used_any = true;
+                }
+            }
         }
         Ok(used_any)
     }
@@ -894,8 +930,7 @@ impl VirtioDevice for Vsock {
         queues: &mut [Queue],
     ) -> Result<bool, DeviceError> {
         match index {
-            // The event queue's buffers stay with the device (no transport events).
-            EVENT_QUEUE => Ok(false),
+            EVENT_QUEUE => self.check_event_queue(mem, &mut queues[EVENT_QUEUE]),
             i => self.run(i == TX_QUEUE, mem, queues),
         }
     }
@@ -1234,6 +1269,44 @@ mod tests {
         let mut b = [0u8; 1];
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         assert_eq!(s.read(&mut b).unwrap(), 0);
+    }
+
+    #[test]
+    fn event_queue_gives_back_malformed_chains_and_keeps_sound_ones() {
+        let mut h = H::new("evq");
+        let before = METRICS.vsock.malformed_packets.count();
+        // Device-readable, too short, outside guest memory: given back at once, counted.
+        desc(&h.mem, EVENT_QUEUE, 0, 0x9000, 8, 0);
+        desc(&h.mem, EVENT_QUEUE, 1, 0x9000, 2, 2);
+        desc(&h.mem, EVENT_QUEUE, 2, 1 << 40, 8, 2);
+        // A sound one stays with the device.
+        desc(&h.mem, EVENT_QUEUE, 3, 0x9000, 8, 2);
+        for i in 0..4 {
+            avail(&h.mem, EVENT_QUEUE, i, i);
+        }
+        assert!(h
+            .dev
+            .process_queues(EVENT_QUEUE, &h.mem, &mut h.qs)
+            .unwrap());
+        let used = QBASE[EVENT_QUEUE] + 0x2000;
+        let idx: u16 = h.mem.read_obj(GuestAddress(used + 2)).unwrap();
+        assert_eq!(idx, 3);
+        assert!(METRICS.vsock.malformed_packets.count() >= before + 3);
+        // Notified again: the sound chain is still not used.
+        assert!(!h
+            .dev
+            .process_queues(EVENT_QUEUE, &h.mem, &mut h.qs)
+            .unwrap());
+        let idx: u16 = h.mem.read_obj(GuestAddress(used + 2)).unwrap();
+        assert_eq!(idx, 3);
+        // An avail index beyond the queue is an error (the transport sets NEEDS_RESET).
+        h.mem
+            .write_obj(1000u16, GuestAddress(QBASE[EVENT_QUEUE] + 0x1000 + 2))
+            .unwrap();
+        assert!(matches!(
+            h.dev.process_queues(EVENT_QUEUE, &h.mem, &mut h.qs),
+            Err(DeviceError::AvailRing(_))
+        ));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod blk;
 pub mod blkbench;
 pub mod cmdline;
 pub mod evil;
+pub mod evildev;
 pub mod hello;
 pub mod initrd;
 pub mod mem;
@@ -87,6 +88,14 @@ pub const ALL: &[Scenario] = &[
     Scenario {
         name: "evil",
         run: evil::run,
+    },
+    Scenario {
+        name: "evilnet",
+        run: evildev::net,
+    },
+    Scenario {
+        name: "evilvsock",
+        run: evildev::vsock,
     },
 ];
 
