@@ -1039,6 +1039,566 @@ fn dev_median(report: &Report, metric: &str, vmm: &str) -> Option<f64> {
     Some(r.by_vmm.get(vmm)?.median())
 }
 
+// ---- Scenario 8: network (only with `--only net`) ----
+
+/// Scenario 8 labels and the frame sizes measured.
+const NET_SCENARIO: &str = "8. net (guest <-> TAP)";
+const NET_FRAMES: [(usize, &str); 2] = [(1514, "1514-byte"), (65535, "65535-byte")];
+const NET_GUEST_MAC: [u8; 6] = [0x06, 0x00, 0xac, 0x10, 0x00, 0x02];
+const NET_HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0xaa];
+const NET_ETHERTYPE: u16 = 0x88b5;
+/// How long the host injects frames into the TAP.
+const NET_SEND: Duration = Duration::from_secs(1);
+/// Frames the host lets wait in the TAP's queue (its ring holds 1000) before it waits for the
+/// VMM to read some: a sender that ran ahead would only fill the ring and lose frames.
+const NET_WINDOW: u64 = 256;
+
+fn run_ok(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{args:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace of our own with `tap0` (MTU 65521, up, no IPv6 chatter), deleted when
+/// dropped: every frame of scenario 8 stays inside it.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Result<Netns, String> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "ember-bench-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        run_ok(&["ip", "netns", "add", &name])?;
+        let ns = Netns(name);
+        let n = ns.0.as_str();
+        run_ok(&[
+            "ip",
+            "netns",
+            "exec",
+            n,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ])?;
+        run_ok(&["ip", "-n", n, "tuntap", "add", "dev", "tap0", "mode", "tap"])?;
+        run_ok(&["ip", "-n", n, "link", "set", "tap0", "mtu", "65521", "up"])?;
+        Ok(ns)
+    }
+
+    /// tap0's (rx packets, rx bytes): what the VMM wrote into it.
+    fn tap_rx(&self) -> Option<(u64, u64)> {
+        let out = run_ok(&[
+            "ip", "-n", &self.0, "-s", "-j", "link", "show", "dev", "tap0",
+        ])
+        .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        let rx = &v[0]["stats64"]["rx"];
+        Some((rx["packets"].as_u64()?, rx["bytes"].as_u64()?))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .stdin(Stdio::null())
+            .status();
+    }
+}
+
+/// On-CPU time (ns, from schedstat) of `pid`'s threads other than its vCPUs: the VMM's own
+/// work (device emulation, event loop, API), not the guest's.
+fn vmm_cpu_ns(pid: u32) -> u64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let mut ns = 0;
+    for t in dir.flatten() {
+        let p = t.path();
+        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        if comm.starts_with("ember_vcpu") || comm.starts_with("fc_vcpu") {
+            continue;
+        }
+        ns += std::fs::read_to_string(p.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    ns
+}
+
+/// The numbers in a guest result line after `prefix`.
+fn numbers_after(line: &str, prefix: &str) -> Vec<f64> {
+    line.split(prefix)
+        .nth(1)
+        .unwrap_or("")
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|t| t.parse().ok())
+        .collect()
+}
+
+fn check_fd(r: libc::c_int, what: &str) -> Result<libc::c_int, String> {
+    if r < 0 {
+        return Err(format!("{what}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(r)
+}
+
+/// tap0's TX packet count (frames the VMM read from it) as this thread's namespace sees it.
+fn tap_tx_packets() -> u64 {
+    let text = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.trim_start().strip_prefix("tap0:"))
+        .and_then(|rest| rest.split_whitespace().nth(9)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// In `ns`: an AF_PACKET socket on tap0, then (on `go`) frames of `len` bytes to the guest
+/// for NET_SEND, at most NET_WINDOW of them waiting in the TAP. Returns the frames sent.
+fn inject_frames(
+    ns: String,
+    len: usize,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    go: std::sync::mpsc::Receiver<()>,
+) -> u64 {
+    let setup = || -> Result<(libc::c_int, libc::sockaddr_ll), String> {
+        let nsf = std::fs::File::open(format!("/var/run/netns/{ns}")).map_err(|e| e.to_string())?;
+        // SAFETY: a namespace fd; only this helper thread changes namespace.
+        check_fd(
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&nsf), libc::CLONE_NEWNET) },
+            "setns",
+        )?;
+        let proto = NET_ETHERTYPE.to_be() as libc::c_int;
+        // SAFETY: plain socket creation.
+        let fd = check_fd(
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) },
+            "socket(AF_PACKET)",
+        )?;
+        let one: libc::c_int = 1;
+        // SAFETY: an int option (PACKET_QDISC_BYPASS) on our socket. Best effort.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_PACKET,
+                20,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(c"tap0".as_ptr()) } as libc::c_int;
+        if ifindex <= 0 {
+            return Err("no tap0 in the namespace".into());
+        }
+        // SAFETY: zeroed sockaddr_ll is valid; filled below.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = NET_ETHERTYPE.to_be();
+        sll.sll_ifindex = ifindex;
+        sll.sll_halen = 6;
+        sll.sll_addr[..6].copy_from_slice(&NET_GUEST_MAC);
+        Ok((fd, sll))
+    };
+    let (fd, sll) = match setup() {
+        Ok(v) => {
+            let _ = ready.send(Ok(()));
+            v
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return 0;
+        }
+    };
+    let mut frame = vec![0u8; len];
+    frame[..6].copy_from_slice(&NET_GUEST_MAC);
+    frame[6..12].copy_from_slice(&NET_HOST_MAC);
+    frame[12..14].copy_from_slice(&NET_ETHERTYPE.to_be_bytes());
+    let mut sent = 0u64;
+    if go.recv().is_ok() {
+        let base = tap_tx_packets();
+        let t = Instant::now();
+        while t.elapsed() < NET_SEND {
+            for _ in 0..32 {
+                // SAFETY: live buffers of the given sizes; our socket.
+                let n = unsafe {
+                    libc::sendto(
+                        fd,
+                        frame.as_ptr().cast(),
+                        frame.len(),
+                        0,
+                        (&sll as *const libc::sockaddr_ll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    )
+                };
+                if n == len as isize {
+                    sent += 1;
+                }
+            }
+            while sent.saturating_sub(tap_tx_packets().saturating_sub(base)) > NET_WINDOW
+                && t.elapsed() < NET_SEND
+            {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+    }
+    // SAFETY: our own socket, closed once.
+    unsafe { libc::close(fd) };
+    sent
+}
+
+/// One boot of the guest's `netbench=<len>` in a fresh namespace.
+struct NetRun {
+    /// Frames, bytes (Ethernet frames, no virtio header), seconds, VMM CPU seconds.
+    tx: (f64, f64, f64, f64),
+    rx: (f64, f64, f64, f64),
+    /// Frames the host injected.
+    offered: u64,
+}
+
+fn guest_netbench(vmm: &Vmm, dir: &Path, len: usize) -> Result<NetRun, String> {
+    let ns = Netns::new()?;
+    let mac = NET_GUEST_MAC.map(|b| format!("{b:02x}")).join(":");
+    let cfg = serde_json::json!({
+        "boot-source": {"kernel_image_path": GUEST, "boot_args": format!("netbench={len}")},
+        "drives": [],
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": mac}]
+    });
+    let p = dir.join(format!("vm-net-{len}.json"));
+    std::fs::write(&p, serde_json::to_vec(&cfg).unwrap()).unwrap();
+
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel();
+    let name = ns.0.clone();
+    let sender = std::thread::spawn(move || inject_frames(name, len, ready_tx, go_rx));
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| "the frame injector did not start".to_string())??;
+
+    // `ip netns exec` execs the VMM: the child's pid is the VMM's.
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.0])
+        .arg(&vmm.bin)
+        .args(&vmm.args)
+        .args(["--no-api", "--boot-timer", "--config-file"])
+        .arg(&p)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn: {e}"))?;
+    let pid = child.id();
+    let done = Arc::new(AtomicBool::new(false));
+    let guard = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            while !done.load(Ordering::SeqCst) {
+                if t.elapsed() > Duration::from_secs(120) {
+                    // SAFETY: signalling our own child, which has not been waited for yet.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let mut err = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let mut out = String::new();
+    let (mut cpu_tx, mut cpu_rx, mut tap0) = (0u64, 0u64, None);
+    let (mut tx, mut rx) = (None, None);
+    let mut go = Some(go_tx);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let Ok(line) = line else { break };
+        if line.contains("netbench: tx start") {
+            tap0 = ns.tap_rx();
+            cpu_tx = vmm_cpu_ns(pid);
+        } else if line.contains("netbench: tx ") {
+            let cpu = vmm_cpu_ns(pid).saturating_sub(cpu_tx);
+            let n = numbers_after(&line, "netbench: tx ");
+            let tap = ns.tap_rx();
+            if let ([f, b, us], Some((p0, b0)), Some((p1, b1))) = (&n[..], tap0, tap) {
+                if (p1 - p0) as f64 != *f || (b1 - b0) as f64 != *b {
+                    out.push_str(&format!(
+                        "note: the guest sent {f} frames / {b} bytes, tap0 got {} / {}\n",
+                        p1 - p0,
+                        b1 - b0
+                    ));
+                }
+                tx = Some((
+                    (p1 - p0) as f64,
+                    (b1 - b0) as f64,
+                    us / 1e6,
+                    cpu as f64 / 1e9,
+                ));
+            }
+        } else if line.contains("netbench: rx ready") {
+            cpu_rx = vmm_cpu_ns(pid);
+            if let Some(g) = go.take() {
+                let _ = g.send(());
+            }
+        } else if line.contains("netbench: rx ") {
+            let cpu = vmm_cpu_ns(pid).saturating_sub(cpu_rx);
+            if let [f, b, us] = numbers_after(&line, "netbench: rx ")[..] {
+                rx = Some((f, b, us / 1e6, cpu as f64 / 1e9));
+            }
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    drop(go);
+    let status = child.wait().map_err(|e| e.to_string())?;
+    done.store(true, Ordering::SeqCst);
+    let _ = guard.join();
+    let err = err_reader.join().unwrap_or_default();
+    let offered = sender.join().unwrap_or(0);
+    match (tx, rx) {
+        (Some(tx), Some(rx)) if status.success() => Ok(NetRun { tx, rx, offered }),
+        _ => Err(format!(
+            "netbench={len}: {status}; stdout tail: {}; stderr tail: {}",
+            tail(&out),
+            tail(&err)
+        )),
+    }
+}
+
+/// Scenario 8 (only with `--only net`, needs root): guest -> TAP and TAP -> guest with
+/// 1514-byte (MTU 1500) and 65535-byte frames (the TAP's MTU raised to its maximum, 65521; plain jumbo
+/// frames, no segmentation offload): packets/s, Gbit/s (Ethernet frame bytes) and the VMM
+/// threads' CPU time (vCPU threads excluded) per Gbit moved.
+fn net(vmm: &Vmm, report: &mut Report) {
+    let dir = tmpdir("net");
+    for (len, label) in NET_FRAMES {
+        settle();
+        match guest_netbench(vmm, &dir, len) {
+            Ok(r) => {
+                for (what, (frames, bytes, secs, cpu)) in
+                    [("guest -> TAP", r.tx), ("TAP -> guest", r.rx)]
+                {
+                    let gbit = bytes * 8.0 / 1e9;
+                    let row = |m: &str| format!("{what}, {label} frames, {m}");
+                    report.add(
+                        NET_SCENARIO,
+                        &row("packets/s"),
+                        "pps",
+                        &vmm.name,
+                        frames / secs,
+                    );
+                    report.add(
+                        NET_SCENARIO,
+                        &row("throughput"),
+                        "Gbit/s",
+                        &vmm.name,
+                        gbit / secs,
+                    );
+                    if gbit > 0.0 {
+                        report.add(
+                            NET_SCENARIO,
+                            &row("VMM CPU per Gbit"),
+                            "ms",
+                            &vmm.name,
+                            cpu * 1e3 / gbit,
+                        );
+                    }
+                }
+                if r.offered > 0 {
+                    report.add(
+                        NET_SCENARIO,
+                        &format!("TAP -> guest, {label} frames, delivered / injected"),
+                        "%",
+                        &vmm.name,
+                        r.rx.0 * 100.0 / r.offered as f64,
+                    );
+                }
+            }
+            Err(e) => report.notes.push(format!("{}: {e}", vmm.name)),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- Scenario 9: vsock (only with `--only vsock`) ----
+
+const VSOCK_SCENARIO: &str = "9. vsock (guest <-> host Unix socket)";
+/// MiB moved in each direction.
+const VSOCK_MIB: usize = 256;
+
+/// (bytes, seconds, VMM CPU seconds) of each direction of one `vsockbench` boot.
+type VsockRun = ((f64, f64, f64), (f64, f64, f64));
+
+fn guest_vsockbench(vmm: &Vmm, dir: &Path) -> Result<VsockRun, String> {
+    use std::os::unix::net::UnixStream;
+    let uds = dir.join("v.sock");
+    let _ = std::fs::remove_file(&uds);
+    let cfg = serde_json::json!({
+        "boot-source": {"kernel_image_path": GUEST, "boot_args": format!("vsockbench={VSOCK_MIB}")},
+        "drives": [],
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+        "vsock": {"guest_cid": 3, "uds_path": uds}
+    });
+    let p = dir.join("vm-vsock.json");
+    std::fs::write(&p, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let mut child = vmm
+        .command()
+        .args(["--no-api", "--boot-timer", "--config-file"])
+        .arg(&p)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn: {e}"))?;
+    let pid = child.id();
+    let done = Arc::new(AtomicBool::new(false));
+    let guard = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            while !done.load(Ordering::SeqCst) {
+                if t.elapsed() > Duration::from_secs(180) {
+                    // SAFETY: signalling our own child, which has not been waited for yet.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let mut err = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let mut out = String::new();
+    let mut cpu0 = 0u64;
+    let (mut rx, mut tx) = (None, None);
+    let mut host: Option<std::thread::JoinHandle<Result<u64, String>>> = None;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let Ok(line) = line else { break };
+        if line.contains("vsockbench: listening") && host.is_none() {
+            cpu0 = vmm_cpu_ns(pid);
+            let uds = uds.clone();
+            // Connects to port 5000, sends VSOCK_MIB MiB, half-closes, and reads what the
+            // guest sends back until EOF.
+            host = Some(std::thread::spawn(move || -> Result<u64, String> {
+                let s = UnixStream::connect(&uds).map_err(|e| format!("connect: {e}"))?;
+                s.set_read_timeout(Some(Duration::from_secs(60)))
+                    .map_err(|e| e.to_string())?;
+                (&s).write_all(b"CONNECT 5000\n")
+                    .map_err(|e| e.to_string())?;
+                let mut ok = Vec::new();
+                let mut b = [0u8; 1];
+                while ok.last() != Some(&b'\n') {
+                    match (&s).read(&mut b) {
+                        Ok(1) => ok.push(b[0]),
+                        _ => return Err(format!("no OK line: {ok:?}")),
+                    }
+                }
+                let w = s.try_clone().map_err(|e| e.to_string())?;
+                let writer = std::thread::spawn(move || {
+                    let chunk = vec![0x5au8; 256 << 10];
+                    for _ in 0..(VSOCK_MIB << 20) / chunk.len() {
+                        if (&w).write_all(&chunk).is_err() {
+                            return;
+                        }
+                    }
+                    let _ = w.shutdown(std::net::Shutdown::Write);
+                });
+                let mut buf = vec![0u8; 256 << 10];
+                let mut got = 0u64;
+                loop {
+                    match (&s).read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => got += n as u64,
+                        Err(e) => return Err(format!("read after {got} bytes: {e}")),
+                    }
+                }
+                let _ = writer.join();
+                Ok(got)
+            }));
+        } else if line.contains("vsockbench: rx ") {
+            let cpu = vmm_cpu_ns(pid);
+            if let [b, us] = numbers_after(&line, "vsockbench: rx ")[..] {
+                rx = Some((b, us / 1e6, cpu.saturating_sub(cpu0) as f64 / 1e9));
+            }
+            cpu0 = cpu;
+        } else if line.contains("vsockbench: tx ") {
+            let cpu = vmm_cpu_ns(pid);
+            if let [b, us] = numbers_after(&line, "vsockbench: tx ")[..] {
+                tx = Some((b, us / 1e6, cpu.saturating_sub(cpu0) as f64 / 1e9));
+            }
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    done.store(true, Ordering::SeqCst);
+    let _ = guard.join();
+    let err = err_reader.join().unwrap_or_default();
+    let host = host.map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())));
+    let _ = std::fs::remove_file(&uds);
+    match (rx, tx, host) {
+        (Some(rx), Some(tx), Some(Ok(got))) if status.success() && got as f64 == tx.0 => {
+            Ok((rx, tx))
+        }
+        (_, _, host) => Err(format!(
+            "vsockbench: {status}; host side: {host:?}; stdout tail: {}; stderr tail: {}",
+            tail(&out),
+            tail(&err)
+        )),
+    }
+}
+
+/// Scenario 9 (only with `--only vsock`): bulk transfer over one vsock stream connection,
+/// host -> guest then guest -> host, VSOCK_MIB MiB each way, through the hybrid Unix-socket
+/// backend: Gbit/s of payload and the VMM threads' CPU time per Gbit.
+fn vsock(vmm: &Vmm, report: &mut Report) {
+    let dir = tmpdir("vsock");
+    settle();
+    match guest_vsockbench(vmm, &dir) {
+        Ok((rx, tx)) => {
+            for (what, (bytes, secs, cpu)) in [("host -> guest", rx), ("guest -> host", tx)] {
+                let gbit = bytes * 8.0 / 1e9;
+                report.add(
+                    VSOCK_SCENARIO,
+                    &format!("{what}, throughput"),
+                    "Gbit/s",
+                    &vmm.name,
+                    gbit / secs,
+                );
+                if gbit > 0.0 {
+                    report.add(
+                        VSOCK_SCENARIO,
+                        &format!("{what}, VMM CPU per Gbit"),
+                        "ms",
+                        &vmm.name,
+                        cpu * 1e3 / gbit,
+                    );
+                }
+            }
+        }
+        Err(e) => report.notes.push(format!("{}: {e}", vmm.name)),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 type Scenario<'a> = Box<dyn Fn(&Vmm, &mut Report) + 'a>;
 
 fn main() {
@@ -1145,6 +1705,43 @@ fn main() {
              is served from the page cache, as are most of the guest's reads"
                 .into(),
         );
+    }
+    let asked = |s: &str| o.only.as_ref().is_some_and(|l| l.iter().any(|x| x == s));
+    // Scenario 8 only when asked for by name: it needs root (a network namespace, a TAP).
+    if asked("net") {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("!!! 8. net needs root (network namespaces, TAP devices): not run");
+            report.notes.push("8. net: not run (needs root)".into());
+        } else {
+            for _ in 0..o.runs {
+                for v in &vmms {
+                    net(v, &mut report);
+                }
+            }
+            report.notes.push(format!(
+                "8. net: the guest keeps its TX ring (up to 64 frames, EVENT_IDX) full for 1 s; \
+                 the host injects frames into the TAP with an AF_PACKET socket for {} s, at most \
+                 {NET_WINDOW} waiting in the TAP; Gbit/s counts Ethernet frame bytes; VMM CPU \
+                 is the on-CPU time of the VMM's threads other than the vCPUs (whose guest spins \
+                 on its rings); 64 KiB frames are jumbo frames (TAP MTU 65521, its maximum), not GSO",
+                NET_SEND.as_secs()
+            ));
+        }
+    }
+    // Scenario 9 only when asked for by name.
+    if asked("vsock") {
+        for _ in 0..o.runs {
+            for v in &vmms {
+                vsock(v, &mut report);
+            }
+        }
+        report.notes.push(format!(
+            "9. vsock: one stream connection, {VSOCK_MIB} MiB host -> guest (the guest counts \
+             it, crediting 1 MiB), then {VSOCK_MIB} MiB guest -> host in packets of up to 64 KiB \
+             within the device's credit; timed by the guest from the first to the last RW \
+             (host -> guest) and until the device reported every byte forwarded (guest -> host)"
+        ));
     }
     if want("launch") {
         for &n in &o.launch {

@@ -12,15 +12,18 @@ pub mod blkbench;
 pub mod cmdline;
 pub mod evil;
 pub mod evildev;
+pub mod flood;
 pub mod hello;
 pub mod initrd;
 pub mod mem;
 pub mod net;
+pub mod netbench;
 pub mod panic;
 pub mod rng;
 pub mod smp;
 pub mod ticks;
 pub mod vsock;
+pub mod vsockbench;
 pub mod wild;
 
 pub struct Scenario {
@@ -86,6 +89,14 @@ pub const ALL: &[Scenario] = &[
         run: vsock::run,
     },
     Scenario {
+        name: "netbench=",
+        run: netbench::run,
+    },
+    Scenario {
+        name: "vsockbench=",
+        run: vsockbench::run,
+    },
+    Scenario {
         name: "evil",
         run: evil::run,
     },
@@ -96,6 +107,10 @@ pub const ALL: &[Scenario] = &[
     Scenario {
         name: "evilvsock",
         run: evildev::vsock,
+    },
+    Scenario {
+        name: "flood=",
+        run: flood::run,
     },
 ];
 
