@@ -12,7 +12,7 @@ use crate::arch::{self, BootConfig, LoadedKernel};
 use crate::config::{ConfigError, VmConfig, CMDLINE_MAX_SIZE};
 use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_SIZE};
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_SIZE};
-use crate::devices::legacy::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_GSI, COM1_SIZE};
+use crate::devices::legacy::serial::{ConsoleSink, SerialDevice, COM1_BASE, COM1_GSI, COM1_SIZE};
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{
@@ -288,7 +288,7 @@ pub fn build_microvm(
     cfg: &VmConfig,
     kernel: KernelImage,
     start: Timestamp,
-    serial_out: SerialOut,
+    console: ConsoleSink,
     exit: Arc<ExitSignal>,
     seccomp: &Filters,
     prep: Option<KvmPrep>,
@@ -362,11 +362,14 @@ pub fn build_microvm(
     let serial_irq = EventFdTrigger::new().map_err(device_err)?;
     vm.register_irqfd(&serial_irq, COM1_GSI)?;
     let serial_buffer_ready = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        serial_irq,
-        serial_buffer_ready.try_clone().map_err(device_err)?,
-        serial_out,
-    )));
+    let serial = Arc::new(Mutex::new(
+        SerialDevice::new(
+            serial_irq,
+            serial_buffer_ready.try_clone().map_err(device_err)?,
+            console.out,
+        )
+        .with_rate_limiter(console.limiter),
+    ));
     pio.insert(serial.clone(), COM1_BASE, COM1_SIZE)
         .map_err(device_err)?;
     let kbd_irq = EventFdTrigger::new().map_err(device_err)?;

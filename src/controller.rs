@@ -18,7 +18,8 @@ use crate::api::{ApiResponse, SerialConfig, VmmAction};
 use crate::builder::{build_microvm, KernelImage, KvmPrep, Microvm, StartError};
 use crate::config::VmConfig;
 use crate::devices::bus::lock;
-use crate::devices::legacy::serial::SerialOut;
+use crate::devices::legacy::serial::{ConsoleSink, SerialOut};
+use crate::devices::rate_limiter::{now_ns, TokenBucket};
 use crate::metrics::METRICS;
 use crate::seccomp::Filters;
 use crate::time::Timestamp;
@@ -119,12 +120,20 @@ impl Controller {
     /// Builds and starts the microVM from the current configuration. `start` is the moment
     /// the boot timer counts from.
     pub fn start(&mut self, kernel: KernelImage, start: Timestamp) -> Result<(), StartError> {
-        let out = self.serial_out()?;
+        let console = ConsoleSink {
+            out: self.serial_out()?,
+            // The console's bucket starts full when the VM is built.
+            limiter: self
+                .serial_config
+                .rate_limiter
+                .as_ref()
+                .and_then(|b| TokenBucket::new(b, now_ns())),
+        };
         let vm = build_microvm(
             &self.config,
             kernel,
             start,
-            out,
+            console,
             self.exit.clone(),
             &self.seccomp,
             self.prep.take(),
@@ -270,11 +279,6 @@ impl Controller {
             }
             PutSerial(s) => {
                 self.before_start()?;
-                if s.rate_limiter.is_some() {
-                    return Err(ApiResponse::not_supported(
-                        "Rate limiting of the serial console",
-                    ));
-                }
                 self.serial_config = s;
                 ApiResponse::NoContent
             }

@@ -94,6 +94,7 @@ metrics_group!(UartMetrics {
     missed_write_count: IncMetric,
     read_count: IncMetric,
     write_count: IncMetric,
+    rate_limiter_dropped_bytes: IncMetric,
 });
 
 metrics_group!(I8042Metrics {

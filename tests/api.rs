@@ -400,3 +400,86 @@ fn config_file_boot_keeps_serving_the_api() {
     );
     assert_eq!(vm.terminate(), 0);
 }
+
+/// Boots the `flood=<lines>` guest through the API with its console in a file and the given
+/// `PUT /serial` body fields; returns the console file's bytes and the metrics text.
+fn flood_to_file(lines: u64, rate_limiter: Option<&str>) -> (Vec<u8>, String) {
+    let mut vm = ApiVm::start(&[]);
+    let mut c = vm.client();
+    let console = vm.dir.path("console.log");
+    let metrics = vm.dir.path("metrics.json");
+    let r = c.put(
+        "/metrics",
+        &format!(r#"{{"metrics_path": "{}"}}"#, metrics.display()),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let limiter = rate_limiter
+        .map(|l| format!(r#", "rate_limiter": {l}"#))
+        .unwrap_or_default();
+    let r = c.put(
+        "/serial",
+        &format!(r#"{{"serial_out_path": "{}"{limiter}}}"#, console.display()),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    api_boot(&mut c, &format!("flood={lines}"), 1);
+    assert_eq!(vm.wait_exit(), 0, "{}", vm.output());
+    (
+        std::fs::read(&console).unwrap_or_default(),
+        std::fs::read_to_string(&metrics).unwrap_or_default(),
+    )
+}
+
+fn uart_dropped(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["uart"]["rate_limiter_dropped_bytes"].as_u64())
+        .sum()
+}
+
+#[test]
+fn serial_rate_limiter_drops_console_output_over_the_limit() {
+    if !require_kvm() {
+        return;
+    }
+    const LINES: u64 = 2000;
+    let flood = (LINES * 64) as usize;
+
+    // Without a limiter every line arrives and nothing is dropped.
+    let (all, m) = flood_to_file(LINES, None);
+    let text = String::from_utf8_lossy(&all);
+    assert!(
+        text.contains(&format!("flood: printed {LINES} lines, {flood} bytes")),
+        "{text}"
+    );
+    assert!(all.len() > flood, "{} bytes", all.len());
+    assert_eq!(uart_dropped(&m), 0, "metrics:\n{m}");
+
+    // 4 KiB now, then 4 KiB a second: most of the flood is dropped, not queued, and the VM
+    // still runs to its end and exits cleanly.
+    let (some, m) = flood_to_file(
+        LINES,
+        Some(r#"{"size": 4096, "one_time_burst": 1024, "refill_time": 1000}"#),
+    );
+    let dropped = uart_dropped(&m);
+    assert!(
+        some.len() < flood / 4,
+        "{} of {} bytes went through the limiter",
+        some.len(),
+        all.len()
+    );
+    assert!(
+        some.starts_with(b"ember-guest: cmdline"),
+        "the full bucket did not let the first line through: {:?}",
+        String::from_utf8_lossy(&some[..some.len().min(200)])
+    );
+    assert!(dropped > 0, "no dropped bytes counted; metrics:\n{m}");
+    // Every byte the guest wrote either reached the file or was counted as dropped.
+    assert_eq!(
+        some.len() as u64 + dropped,
+        all.len() as u64,
+        "written {} + dropped {dropped} != {} unlimited; metrics:\n{m}",
+        some.len(),
+        all.len()
+    );
+}

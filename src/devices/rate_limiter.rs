@@ -91,6 +91,18 @@ impl TokenBucket {
         }
     }
 
+    /// Takes `n` tokens (the one-time burst first) if the bucket holds them now, after a
+    /// refill; never goes into debt. For output that is dropped rather than delayed when over
+    /// the limit (the serial console).
+    pub fn try_take(&mut self, n: u64, now: u64) -> bool {
+        self.refill(now);
+        let ok = n <= self.burst || i128::from(n - self.burst) <= self.budget;
+        if ok {
+            self.take(n);
+        }
+        ok
+    }
+
     /// Tokens available now, burst included (negative: in debt).
     pub fn available(&mut self, now: u64) -> i128 {
         self.refill(now);
@@ -366,6 +378,26 @@ mod tests {
 
     fn limiter(bw: Option<BucketConfig>, ops: Option<BucketConfig>) -> RateLimiter {
         RateLimiter::new(&RateLimiterConfig { bandwidth: bw, ops }, 0)
+    }
+
+    #[test]
+    fn try_take_spends_the_burst_first_and_never_goes_into_debt() {
+        // 100 tokens per 100 ms, a one-time burst of 10.
+        let mut b = TokenBucket::new(&bucket(100, 100, Some(10)), 0).unwrap();
+        assert!(b.try_take(60, 0));
+        assert!(b.try_take(50, 0));
+        // 10 + 100 - 110 = 0 left: one more is refused, and refusing takes nothing.
+        assert!(!b.try_take(1, 0));
+        assert_eq!(b.available(0), 0);
+        // More than the bucket holds is never taken, not even when full.
+        assert!(!b.try_take(101, 10 * MS * 100));
+        assert_eq!(b.available(10 * MS * 100), 100);
+        // Refill is continuous: 1 token per ms.
+        let mut b = TokenBucket::new(&bucket(100, 100, None), 0).unwrap();
+        assert!(b.try_take(100, 0));
+        assert!(!b.try_take(5, 4 * MS));
+        assert!(b.try_take(5, 5 * MS));
+        assert!(!b.try_take(1, 5 * MS));
     }
 
     #[test]
