@@ -66,6 +66,7 @@ fn tree(thread: &str, filter: &Value) -> Result<Option<BpfProgram>, String> {
     let mut prologue: Option<Vec<sock_filter>> = None;
     let mut blocks: Vec<(u32, Vec<sock_filter>)> = Vec::with_capacity(by_syscall.len());
     for (name, rules) in by_syscall {
+        let word_set = one_word_set(&rules);
         // The same filter, with only this syscall's rules.
         let mut one = filter.clone();
         if let Some(o) = one.as_object_mut() {
@@ -95,7 +96,10 @@ fn tree(thread: &str, filter: &Value) -> Result<Option<BpfProgram>, String> {
             }
             Some(_) => {}
         }
-        blocks.push((prog[PROLOGUE].k, prog[PROLOGUE..].to_vec()));
+        let nr = prog[PROLOGUE].k;
+        let block = &prog[PROLOGUE..];
+        let compact = word_set.and_then(|(index, vals)| word_set_block(nr, index, &vals, block));
+        blocks.push((nr, compact.unwrap_or_else(|| block.to_vec())));
     }
     let Some(mut out) = prologue else {
         return Ok(None);
@@ -106,6 +110,55 @@ fn tree(thread: &str, filter: &Value) -> Result<Option<BpfProgram>, String> {
         return Err(format!("{thread}: {} instructions is too long", out.len()));
     }
     Ok(Some(out))
+}
+
+/// The argument and its values when every rule of a syscall is one `dword` `eq` test of the
+/// same argument (the ioctl request lists); `None` for anything else.
+fn one_word_set(rules: &[Value]) -> Option<(u32, Vec<u32>)> {
+    let mut index = None;
+    let mut vals = Vec::with_capacity(rules.len());
+    for r in rules {
+        let [a] = r.get("args")?.as_array()?.as_slice() else {
+            return None;
+        };
+        if a.get("type")?.as_str()? != "dword" || a.get("op")?.as_str()? != "eq" {
+            return None;
+        }
+        let i = u32::try_from(a.get("index")?.as_u64()?).ok()?;
+        if *index.get_or_insert(i) != i {
+            return None;
+        }
+        vals.push(u32::try_from(a.get("val")?.as_u64()?).ok()?);
+    }
+    Some((index?, vals))
+}
+
+/// seccompiler spends five instructions per rule (two jumps, a load, a compare, a return);
+/// a set of values of one argument needs a load and a compare each:
+/// `[JEQ nr; LD arg; JEQ v1 .. JEQ vn; RET mismatch; RET match]`. The actions are taken from
+/// seccompiler's `block` (its last instruction is the default action).
+fn word_set_block(
+    nr: u32,
+    index: u32,
+    vals: &[u32],
+    block: &[sock_filter],
+) -> Option<Vec<sock_filter>> {
+    const RET_K: u16 = 0x06;
+    const SECCOMP_DATA_ARGS: u32 = 16;
+    let n = vals.len();
+    let miss = block.last()?.k;
+    let hit = block.iter().find(|i| i.code == RET_K && i.k != miss)?.k;
+    let nr_miss = u8::try_from(n + 1).ok()?;
+    let mut b = Vec::with_capacity(n + 4);
+    b.push(insn(JMP_JEQ_K, nr, 0, nr_miss));
+    // The low half of the argument (x86-64 is little-endian), as seccompiler's `dword`.
+    b.push(insn(LD_W_ABS, SECCOMP_DATA_ARGS + 8 * index, 0, 0));
+    for (i, &v) in vals.iter().enumerate() {
+        b.push(insn(JMP_JEQ_K, v, (n - i) as u8, 0));
+    }
+    b.push(insn(RET_K, miss, 0, 0));
+    b.push(insn(RET_K, hit, 0, 0));
+    Some(b)
 }
 
 fn same(a: &[sock_filter], b: &[sock_filter]) -> bool {
@@ -230,8 +283,9 @@ mod tests {
         }
     }
 
-    /// Every syscall number (native and x32), with argument values taken from the constants
-    /// of the program (and their neighbours), gets the same action from both programs.
+    /// Every syscall number (native and x32) with all arguments equal to constants of the
+    /// program (and their neighbours), and the syscalls the program names with each such value
+    /// in one argument at a time, get the same action from both programs.
     fn equivalent(linear: &BpfProgram, tree: &BpfProgram) -> (usize, usize) {
         let mut vals: Vec<u64> = vec![0, u64::MAX];
         for i in linear {
@@ -240,20 +294,36 @@ mod tests {
         }
         vals.sort_unstable();
         vals.dedup();
+        let named: Vec<u32> = linear.iter().map(|i| i.k).filter(|&k| k < 1024).collect();
         let (mut steps_l, mut steps_t) = (0, 0);
+        let mut check = |d: Data| {
+            let (l, sl) = run(linear, &d);
+            let (t, st) = run(tree, &d);
+            assert_eq!(l, t, "nr {} arch {:#x} args {:x?}", d.nr, d.arch, d.args);
+            steps_l += sl;
+            steps_t += st;
+        };
         for arch in [0xc000_003e, 0x4000_0003] {
             for nr in (0..520).chain(0x4000_0000..0x4000_0208) {
                 for &v in &vals {
-                    let d = Data {
+                    check(Data {
                         nr,
                         arch,
                         args: [v; 6],
-                    };
-                    let (l, sl) = run(linear, &d);
-                    let (t, st) = run(tree, &d);
-                    assert_eq!(l, t, "nr {nr} arch {arch:#x} args {v:#x}");
-                    steps_l += sl;
-                    steps_t += st;
+                    });
+                }
+            }
+        }
+        for &nr in &named {
+            for &v in &vals {
+                for j in 0..6 {
+                    let mut args = [0; 6];
+                    args[j] = v;
+                    check(Data {
+                        nr,
+                        arch: 0xc000_003e,
+                        args,
+                    });
                 }
             }
         }
@@ -286,6 +356,18 @@ mod tests {
                 {"syscall": "ioctl", "args": [
                     {"index": 1, "type": "dword", "op": "eq", "val": 0x4008_ae9a_u32},
                     {"index": 0, "type": "qword", "op": {"masked_eq": 0xff}, "val": 7}]},
+                {"syscall": "fcntl", "args": [
+                    {"index": 1, "type": "dword", "op": "eq", "val": 1}]},
+                {"syscall": "fcntl", "args": [
+                    {"index": 1, "type": "dword", "op": "eq", "val": 1030}]},
+                {"syscall": "prctl", "args": [
+                    {"index": 0, "type": "dword", "op": "eq", "val": 38}]},
+                {"syscall": "prctl", "args": [
+                    {"index": 1, "type": "dword", "op": "eq", "val": 15}]},
+                {"syscall": "kill", "args": [
+                    {"index": 1, "type": "qword", "op": "eq", "val": 9}]},
+                {"syscall": "dup", "args": [
+                    {"index": 0, "type": "dword", "op": "ne", "val": 3}]},
                 {"syscall": "futex", "args": [
                     {"index": 1, "type": "dword", "op": "ge", "val": 3},
                     {"index": 2, "type": "qword", "op": "lt", "val": 9}]}]},
