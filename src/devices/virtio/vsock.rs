@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use super::{collect_chain, DeviceError, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::metrics::METRICS;
@@ -832,22 +832,7 @@ impl Vsock {
                 break;
             };
             let hdr = h.to_bytes();
-            let payload = &self.rx_buf[..h.len as usize];
-            let mut src = hdr.iter().chain(payload.iter()).copied();
-            let mut written = 0u32;
-            let mut chunk = Vec::new();
-            for d in &descs {
-                chunk.clear();
-                chunk.extend(src.by_ref().take(d.len() as usize));
-                if chunk.is_empty() {
-                    // A zero-length descriptor holds nothing; the rest of the chain still does.
-                    continue;
-                }
-                if mem.write_slice(&chunk, d.addr()).is_err() {
-                    break;
-                }
-                written += chunk.len() as u32;
-            }
+            let written = scatter(mem, &descs, [&hdr, &self.rx_buf[..h.len as usize]]);
             METRICS.vsock.rx_packets_count.inc();
             q.add_used(mem, head, written)
                 .map_err(|e| DeviceError::UsedRing(e.to_string()))?;
@@ -951,6 +936,40 @@ impl VirtioDevice for Vsock {
         self.ctrl.clear();
         self.pending.clear();
     }
+}
+
+/// Writes `parts` one after the other into the chain's buffers, in order, slice by slice (a
+/// zero-length buffer holds nothing; the rest of the chain still does). Returns the bytes
+/// written, short when a buffer cannot be written.
+fn scatter(mem: &GuestMemoryMmap, descs: &[Descriptor], parts: [&[u8]; 2]) -> u32 {
+    let mut parts = parts.into_iter();
+    let mut cur: &[u8] = &[];
+    let mut written = 0u32;
+    for d in descs {
+        let mut off = 0usize;
+        while off < d.len() as usize {
+            if cur.is_empty() {
+                match parts.next() {
+                    Some(p) => {
+                        cur = p;
+                        continue;
+                    }
+                    None => return written,
+                }
+            }
+            let n = (d.len() as usize - off).min(cur.len());
+            let Some(at) = d.addr().checked_add(off as u64) else {
+                return written;
+            };
+            if mem.write_slice(&cur[..n], at).is_err() {
+                return written;
+            }
+            written += n as u32;
+            cur = &cur[n..];
+            off += n;
+        }
+    }
+    written
 }
 
 impl Drop for Vsock {
@@ -1366,5 +1385,43 @@ mod tests {
         }
         assert!(reset);
         assert!(h.dev.conns.is_empty());
+    }
+
+    #[test]
+    fn scatter_spreads_header_and_payload_over_odd_buffers() {
+        let mem = super::super::test_util::memory();
+        let hdr = [0xabu8; HDR_LEN];
+        let payload: Vec<u8> = (0..100u8).collect();
+        let want: Vec<u8> = hdr.iter().chain(payload.iter()).copied().collect();
+        // The header split over two buffers, an empty one, the payload split, room to spare.
+        let layout = [
+            (0x8000u64, 10u32),
+            (0x9000, 40),
+            (0xa000, 0),
+            (0xb000, 60),
+            (0xc000, 200),
+        ];
+        let descs: Vec<Descriptor> = layout
+            .iter()
+            .map(|&(a, l)| Descriptor::new(a, l, 2, 0))
+            .collect();
+        assert_eq!(scatter(&mem, &descs, [&hdr, &payload]), want.len() as u32);
+        let mut got = Vec::new();
+        for &(a, l) in &layout {
+            let mut b = vec![0u8; l as usize];
+            mem.read_slice(&mut b, GuestAddress(a)).unwrap();
+            got.extend_from_slice(&b);
+        }
+        assert_eq!(&got[..want.len()], &want[..]);
+        assert!(got[want.len()..].iter().all(|&b| b == 0));
+        // Too little room: what fits is written; a header-only packet needs no payload part.
+        assert_eq!(scatter(&mem, &descs[..2], [&hdr, &payload]), 50);
+        assert_eq!(scatter(&mem, &descs, [&hdr, &[]]), HDR_LEN as u32);
+        // A buffer outside guest memory stops the copy there.
+        let bad = [
+            Descriptor::new(0x8000, 8, 2, 0),
+            Descriptor::new(u64::MAX - 4, 64, 2, 0),
+        ];
+        assert_eq!(scatter(&mem, &bad, [&hdr, &payload]), 8);
     }
 }
