@@ -153,6 +153,8 @@ struct Conn {
     guest_rcv_done: bool,
     /// When the guest's answer (RESPONSE or RST) is overdue.
     deadline: Option<Instant>,
+    /// The poller also watches the socket for room to write (`tx_pending` is not empty).
+    out_armed: bool,
 }
 
 impl Conn {
@@ -170,6 +172,7 @@ impl Conn {
             guest_send_done: false,
             guest_rcv_done: false,
             deadline: None,
+            out_armed: false,
         }
     }
 
@@ -257,14 +260,29 @@ impl Poller {
         Ok(p)
     }
 
+    /// Watches `fd` for input (and hang-ups), not for room to write: see [`Poller::watch_out`].
     fn add(&self, fd: RawFd) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, false)
+    }
+
+    /// Also wakes the device when `fd` has room to write (`out`), or no longer. Only a
+    /// connection with guest data still to write needs that: watched always, a host socket
+    /// that its reader drains wakes the VMM thread at every read.
+    fn watch_out(&self, fd: RawFd, out: bool) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, out)
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, out: bool) -> io::Result<()> {
+        let mut events = libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET;
+        if out {
+            events |= libc::EPOLLOUT;
+        }
         let mut ev = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            events: events as u32,
             u64: fd as u64,
         };
         // SAFETY: valid fds and a valid event.
-        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0
-        {
+        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut ev) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
@@ -704,7 +722,8 @@ impl Vsock {
     }
 
     /// Flushes guest data still pending for the host; a guest that freed our buffer
-    /// enough hears about it.
+    /// enough hears about it. Connections with data left wake the device when they can take
+    /// more; the others do not.
     fn flush_all(&mut self) {
         let mut broken = Vec::new();
         for (k, c) in self.conns.iter_mut() {
@@ -737,6 +756,12 @@ impl Vsock {
                 .any(|p| p.key == k && p.op == OP_CREDIT_UPDATE)
             {
                 self.push_ctrl(k, OP_CREDIT_UPDATE, 0);
+            }
+        }
+        for c in self.conns.values_mut() {
+            let want = !c.tx_pending.is_empty();
+            if want != c.out_armed && self.poller.watch_out(c.stream.as_raw_fd(), want).is_ok() {
+                c.out_armed = want;
             }
         }
     }
@@ -1423,5 +1448,33 @@ mod tests {
             Descriptor::new(u64::MAX - 4, 64, 2, 0),
         ];
         assert_eq!(scatter(&mem, &bad, [&hdr, &payload]), 8);
+    }
+
+    #[test]
+    fn sockets_wake_the_device_for_room_to_write_only_while_data_waits() {
+        let p = Poller::new().unwrap();
+        let ready = |p: &Poller| {
+            let mut ev = [libc::epoll_event { events: 0, u64: 0 }; 4];
+            // SAFETY: the buffer holds 4 events.
+            unsafe { libc::epoll_wait(p.epoll.as_raw_fd(), ev.as_mut_ptr(), 4, 0) > 0 }
+        };
+        let (ours, host) = UnixStream::pair().unwrap();
+        p.add(ours.as_raw_fd()).unwrap();
+        let mut b = [0u8; 8];
+        // The host reading what we wrote frees room: no wake-up for that.
+        (&ours).write_all(b"data").unwrap();
+        assert_eq!((&host).read(&mut b).unwrap(), 4);
+        assert!(!ready(&p));
+        // With guest data waiting, room to write is news (at once, the socket has room).
+        p.watch_out(ours.as_raw_fd(), true).unwrap();
+        assert!(ready(&p));
+        p.drain();
+        p.watch_out(ours.as_raw_fd(), false).unwrap();
+        (&ours).write_all(b"more").unwrap();
+        assert_eq!((&host).read(&mut b).unwrap(), 4);
+        assert!(!ready(&p));
+        // Input from the host always wakes it.
+        (&host).write_all(b"in").unwrap();
+        assert!(ready(&p));
     }
 }
