@@ -4,12 +4,13 @@
 mod uring;
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
@@ -174,7 +175,7 @@ impl Block {
             },
         };
         let ring = self.uring.as_mut()?;
-        match ring.submit(mem, head, req.status, op, pos, &req.data) {
+        match ring.push(mem, head, req.status, op, pos, &req.data) {
             Ok(()) => None,
             Err(e) => Some(Self::finish(
                 &self.metrics,
@@ -187,8 +188,34 @@ impl Block {
     }
 
     /// Pops chains while the rate limiter allows (and, for `Async`, while the ring has room);
-    /// a throttled request goes back to the queue and the timer is armed.
+    /// a throttled request goes back to the queue and the timer is armed. `Async` requests
+    /// reach the kernel together, in one `io_uring_enter` at the end, and those it completed
+    /// at once are used right away.
     fn process_chains(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+    ) -> Result<bool, DeviceError> {
+        let mut used_any = false;
+        loop {
+            let res = self.pop_and_start(mem, queue);
+            let submitted = self.uring.as_mut().is_some_and(|u| u.submit());
+            used_any |= res?;
+            // Requests the kernel finished within io_uring_enter (buffered reads from the page
+            // cache, mostly) go back to the guest now, not after a trip through the event
+            // loop; the slots they free may take more chains.
+            if !submitted || !self.reap(mem, queue)? {
+                return Ok(used_any);
+            }
+            used_any = true;
+        }
+    }
+
+    /// [`Block::process_chains`] up to the submission. While `Async` requests are in flight
+    /// an empty queue does not re-arm the driver's notifications: their completions bring
+    /// the device back to the queue anyway, so with EVENT_IDX the driver can add requests
+    /// meanwhile without an exit; the last completion re-arms them.
+    fn pop_and_start(
         &mut self,
         mem: &GuestMemoryMmap,
         queue: &mut Queue,
@@ -202,7 +229,8 @@ impl Block {
             if self.uring.as_ref().is_some_and(|u| !u.has_room()) {
                 break;
             }
-            let Some(chain) = super::pop_chain(mem, queue)? else {
+            let busy = self.uring.as_ref().is_some_and(|u| u.in_flight() > 0);
+            let Some(chain) = super::pop_chain_rearm(mem, queue, !busy)? else {
                 break;
             };
             let head = chain.head_index();
@@ -236,6 +264,42 @@ impl Block {
                     .map_err(|e| DeviceError::UsedRing(e.to_string()))?;
                 used_any = true;
             }
+        }
+        Ok(used_any)
+    }
+
+    /// Gives the guest every request the io_uring completed: status byte, used element.
+    /// Returns whether any was used.
+    fn reap(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> Result<bool, DeviceError> {
+        let m = Arc::clone(&self.metrics);
+        let Some(u) = self.uring.as_mut() else {
+            return Ok(false);
+        };
+        let mut used_any = false;
+        for (p, outcome) in u.completions() {
+            let (res, written) = match outcome {
+                Ok(n) => {
+                    match p.op {
+                        uring::Op::Read => {
+                            bump(&m, |b| &b.read_count, 1);
+                            bump(&m, |b| &b.read_bytes, n);
+                        }
+                        uring::Op::Write => {
+                            bump(&m, |b| &b.write_count, 1);
+                            bump(&m, |b| &b.write_bytes, n);
+                        }
+                        uring::Op::Flush => bump(&m, |b| &b.flush_count, 1),
+                    }
+                    let w = if p.op == uring::Op::Read { n as u32 } else { 0 };
+                    (Ok(()), w)
+                }
+                Err(e) => (Err(RequestError::Io(e)), 0),
+            };
+            let len = Self::finish(&m, mem, p.status, res, written);
+            queue
+                .add_used(mem, p.head, len)
+                .map_err(|e| DeviceError::UsedRing(e.to_string()))?;
+            used_any = true;
         }
         Ok(used_any)
     }
@@ -418,6 +482,57 @@ impl Block {
         }
     }
 
+    /// Moves `len` bytes between guest memory at `addr` and the file at `pos` with pread64 /
+    /// pwrite64 right on guest memory (no bounce buffer); None when the buffer is not inside
+    /// one memory region (the caller then copies through `buf`).
+    fn direct_io(
+        &self,
+        mem: &GuestMemoryMmap,
+        addr: GuestAddress,
+        len: u32,
+        pos: u64,
+        write: bool,
+    ) -> Option<Result<(), String>> {
+        let len = len as usize;
+        // Range-checked by vm-memory: fails unless the whole buffer is inside one region.
+        let slice = mem.get_slice(addr, len).ok()?;
+        let guard = slice.ptr_guard_mut();
+        let base = guard.as_ptr();
+        let fd = self.file.as_raw_fd();
+        let mut done = 0usize;
+        while done < len {
+            let at = pos + done as u64;
+            let Ok(off) = i64::try_from(at) else {
+                return Some(Err(format!("offset {at:#x} out of range")));
+            };
+            let n = len - done;
+            // SAFETY: `base..base + len` is guest memory (checked above), mapped as long as
+            // `mem` lives, which outlives this call; the kernel reads or writes at most `n`
+            // bytes from `base + done`, inside it. Guest memory is shared with the guest
+            // anyway: nothing in the VMM holds a reference into it.
+            let r = unsafe {
+                if write {
+                    libc::pwrite64(fd, base.add(done).cast(), n, off)
+                } else {
+                    libc::pread64(fd, base.add(done).cast(), n, off)
+                }
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                let what = if write { "write" } else { "read" };
+                return Some(Err(format!("{what} at {at:#x}: {e}")));
+            }
+            if r == 0 {
+                return Some(Err(format!("end of file at {at:#x}")));
+            }
+            done += r as usize;
+        }
+        Some(Ok(()))
+    }
+
     fn read_to_guest(
         &mut self,
         mem: &GuestMemoryMmap,
@@ -425,6 +540,9 @@ impl Block {
         len: u32,
         pos: u64,
     ) -> Result<(), String> {
+        if let Some(r) = self.direct_io(mem, addr, len, pos, false) {
+            return r;
+        }
         let mut done = 0usize;
         let len = len as usize;
         while done < len {
@@ -447,6 +565,9 @@ impl Block {
         len: u32,
         pos: u64,
     ) -> Result<(), String> {
+        if let Some(r) = self.direct_io(mem, addr, len, pos, true) {
+            return r;
+        }
         let mut done = 0usize;
         let len = len as usize;
         while done < len {
@@ -509,39 +630,10 @@ impl VirtioDevice for Block {
         mem: &GuestMemoryMmap,
         queues: &mut [Queue],
     ) -> Result<bool, DeviceError> {
-        let m = Arc::clone(&self.metrics);
-        let Some(u) = self.uring.as_mut() else {
-            return Ok(false);
-        };
         let Some(queue) = queues.first_mut() else {
             return Ok(false);
         };
-        let mut used_any = false;
-        for (p, outcome) in u.completions() {
-            let (res, written) = match outcome {
-                Ok(n) => {
-                    match p.op {
-                        uring::Op::Read => {
-                            bump(&m, |b| &b.read_count, 1);
-                            bump(&m, |b| &b.read_bytes, n);
-                        }
-                        uring::Op::Write => {
-                            bump(&m, |b| &b.write_count, 1);
-                            bump(&m, |b| &b.write_bytes, n);
-                        }
-                        uring::Op::Flush => bump(&m, |b| &b.flush_count, 1),
-                    }
-                    let w = if p.op == uring::Op::Read { n as u32 } else { 0 };
-                    (Ok(()), w)
-                }
-                Err(e) => (Err(RequestError::Io(e)), 0),
-            };
-            let len = Self::finish(&m, mem, p.status, res, written);
-            queue
-                .add_used(mem, p.head, len)
-                .map_err(|e| DeviceError::UsedRing(e.to_string()))?;
-            used_any = true;
-        }
+        let mut used_any = self.reap(mem, queue)?;
         if used_any {
             used_any |= self.process_chains(mem, queue)?;
         }
@@ -772,13 +864,16 @@ mod tests {
         let mut blk = Block::new_async(f, false, true).unwrap();
         let evt = blk.completion_event().unwrap();
 
-        // Read sectors 2 and 3: nothing used until the completion is processed.
+        // Read sectors 2 and 3: used at once if the kernel finished it within the submission
+        // (from the page cache), else when the completion is processed.
         header(&mem, VIRTIO_BLK_T_IN, 2);
         request(&mem, 0, 1024, WRITE);
-        assert!(!blk.process_chains(&mem, &mut qs[0]).unwrap());
-        assert_eq!(used_idx(&mem), 0);
-        let mut used = false;
+        let mut used = blk.process_chains(&mem, &mut qs[0]).unwrap();
+        assert_eq!(used_idx(&mem), u16::from(used));
         for _ in 0..1000 {
+            if used {
+                break;
+            }
             if evt.read().is_ok() && blk.process_backend(&mem, &mut qs).unwrap() {
                 used = true;
                 break;
@@ -812,6 +907,76 @@ mod tests {
         assert_eq!(blk.config_space(), 16u64.to_le_bytes().to_vec());
         std::fs::remove_file(path).unwrap();
         std::fs::remove_file(bigger).unwrap();
+    }
+
+    #[test]
+    fn async_engine_batches_and_re_arms_notifications_only_when_idle() {
+        let mem = memory();
+        let mut qs = [queue(&mem, 16)];
+        qs[0].set_event_idx(true);
+        let (sync, path) = disk(8, false, true);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        drop(sync);
+        let mut blk = Block::new_async(f, false, true).unwrap();
+        let evt = blk.completion_event().unwrap();
+        let avail_event = GuestAddress(USED + 4 + 8 * 16);
+        mem.write_obj(0xabcdu16, avail_event).unwrap();
+
+        // Two reads of sector 3 made available at once, into two buffers.
+        header(&mem, VIRTIO_BLK_T_IN, 3);
+        request(&mem, 0, 512, WRITE);
+        write_desc(&mem, 3, HDR, 16, NEXT, 4);
+        write_desc(&mem, 4, DATA + 0x800, 512, WRITE | NEXT, 5);
+        write_desc(&mem, 5, STATUS + 1, 1, WRITE, 0);
+        make_avail(&mem, 1, 3);
+        blk.process_chains(&mem, &mut qs[0]).unwrap();
+        // Both went to the kernel in one batch. While any is in flight the device does not ask
+        // for notifications (their completions bring it back to the queue); once none is, it
+        // does (avail_event = the next index).
+        // Processes completions until none is in flight, checking that after every step.
+        let until_idle = |blk: &mut Block, qs: &mut [Queue], next: u16| {
+            for _ in 0..1000 {
+                let in_flight = blk.uring.as_ref().unwrap().in_flight();
+                let ev = mem.read_obj::<u16>(avail_event).unwrap();
+                assert_eq!(
+                    in_flight == 0,
+                    ev == next,
+                    "{in_flight} in flight, avail_event {ev}"
+                );
+                if in_flight == 0 {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                if evt.read().is_ok() {
+                    blk.process_backend(&mem, qs).unwrap();
+                }
+            }
+            panic!("requests still in flight");
+        };
+        until_idle(&mut blk, &mut qs, 2);
+        let used = used_idx(&mem);
+        assert_eq!(used, 2, "both requests complete");
+        for (slot, data) in [(0, DATA), (1, DATA + 0x800)] {
+            assert_eq!(used_elem(&mem, slot).1, 513);
+            let mut got = [0u8; 512];
+            mem.read_slice(&mut got, GuestAddress(data)).unwrap();
+            assert!(got.iter().all(|&b| b == 3));
+        }
+        // Now a FLUSH, which the kernel always completes later (io-wq): the same holds.
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        write_desc(&mem, 6, HDR, 16, NEXT, 7);
+        write_desc(&mem, 7, STATUS, 1, WRITE, 0);
+        make_avail(&mem, 2, 6);
+        mem.write_obj(0xabcdu16, avail_event).unwrap();
+        blk.process_chains(&mem, &mut qs[0]).unwrap();
+        until_idle(&mut blk, &mut qs, 3);
+        assert_eq!(used_idx(&mem), 3);
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]

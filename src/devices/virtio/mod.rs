@@ -157,6 +157,19 @@ pub fn pop_chain<'a>(
     mem: &'a GuestMemoryMmap,
     queue: &mut Queue,
 ) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, DeviceError> {
+    pop_chain_rearm(mem, queue, true)
+}
+
+/// Like [`pop_chain`]; `rearm` false leaves notifications as they are when the queue is
+/// empty. For a device with requests still in flight, which looks at the queue again when
+/// they complete: with EVENT_IDX the driver then does not notify for chains it adds
+/// meanwhile (`avail_event` stays behind), and the device picks them up with the
+/// completions. Once nothing is in flight the device must pop with `rearm` true.
+pub fn pop_chain_rearm<'a>(
+    mem: &'a GuestMemoryMmap,
+    queue: &mut Queue,
+    rearm: bool,
+) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, DeviceError> {
     // A guest flipping its avail index back and forth could keep the re-check going: after a
     // few rounds give up; `avail_event` is set, so the driver notifies for its next chain.
     let size = queue.size();
@@ -174,7 +187,7 @@ pub fn pop_chain<'a>(
                 "head index {head} beyond the queue of {size}"
             )));
         }
-        if next.is_some() || !queue.event_idx_enabled() {
+        if next.is_some() || !queue.event_idx_enabled() || !rearm {
             return Ok(next);
         }
         match queue.enable_notification(mem) {

@@ -9,6 +9,7 @@ use crate::Ctx;
 
 pub mod blk;
 pub mod blkbench;
+pub mod blkq;
 pub mod cmdline;
 pub mod evil;
 pub mod evildev;
@@ -74,6 +75,14 @@ pub const ALL: &[Scenario] = &[
     },
     Scenario {
         name: "blkbench",
+        run: blkbench::run,
+    },
+    Scenario {
+        name: "blk=",
+        run: blkq::run,
+    },
+    Scenario {
+        name: "blkbench=",
         run: blkbench::run,
     },
     Scenario {

@@ -2,6 +2,12 @@
 //! ring at 0x400, used ring at 0x800 (room for 64 entries; the driver uses
 //! at most `mmio::MAX_QUEUE`). One request is in flight at a time, so the
 //! drivers simply rebuild descriptors from index 0 for each request.
+//!
+//! [`Queue::big`] lays a queue of up to 256 entries out over four pages
+//! (descriptors at 0, available ring at 0x1000, used ring at 0x2000), for
+//! drivers that keep many requests in flight; with VIRTIO_RING_F_EVENT_IDX
+//! such a driver uses `used_event` / `avail_event` ([`Queue::set_used_event`],
+//! [`Queue::publish`]).
 
 use super::deadline;
 use crate::hw;
@@ -14,6 +20,9 @@ pub const DESC_F_WRITE: u16 = 2;
 const AVAIL: u64 = 0x400;
 const USED: u64 = 0x800;
 pub const PAGE: usize = 4096;
+/// The memory of a [`Queue::big`] queue.
+pub const BIG_BYTES: usize = 4 * PAGE;
+pub const BIG_MAX: u16 = 256;
 
 pub struct Queue {
     /// Page-aligned base of the rings.
@@ -23,6 +32,11 @@ pub struct Queue {
     pub next_avail: u16,
     /// The used index consumed so far (free-running).
     pub last_used: u16,
+    /// Offsets of the available and used rings from `mem`.
+    avail_off: u64,
+    used_off: u64,
+    /// Descriptor indexes are taken modulo this (the table's room).
+    desc_room: u16,
 }
 
 impl Queue {
@@ -36,6 +50,26 @@ impl Queue {
             size,
             next_avail: 0,
             last_used: 0,
+            avail_off: AVAIL,
+            used_off: USED,
+            desc_room: 64,
+        }
+    }
+
+    /// A queue of `size` (a power of two, at most `BIG_MAX`) entries on the
+    /// `BIG_BYTES` of page-aligned memory at `mem`, rings zeroed.
+    pub fn big(mem: u64, size: u16) -> Queue {
+        // SAFETY: `mem` is BIG_BYTES the caller owns; no device uses them now.
+        unsafe { core::ptr::write_bytes(mem as *mut u8, 0, BIG_BYTES) };
+        fence(Ordering::SeqCst);
+        Queue {
+            mem,
+            size: size.clamp(1, BIG_MAX),
+            next_avail: 0,
+            last_used: 0,
+            avail_off: 0x1000,
+            used_off: 0x2000,
+            desc_room: BIG_MAX,
         }
     }
 
@@ -43,10 +77,10 @@ impl Queue {
         self.mem
     }
     pub fn avail_addr(&self) -> u64 {
-        self.mem + AVAIL
+        self.mem + self.avail_off
     }
     pub fn used_addr(&self) -> u64 {
-        self.mem + USED
+        self.mem + self.used_off
     }
 
     fn w16(a: u64, v: u16) {
@@ -64,7 +98,7 @@ impl Queue {
 
     /// Writes descriptor `i` (any index below 64, even past `size`).
     pub fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let d = self.mem + 16 * (i as u64 % 64);
+        let d = self.mem + 16 * (i % self.desc_room) as u64;
         // SAFETY: inside the descriptor table.
         unsafe {
             write_volatile(d as *mut u64, addr);
@@ -94,6 +128,42 @@ impl Queue {
         self.put_avail(self.next_avail, head);
         self.next_avail = self.next_avail.wrapping_add(1);
         self.set_avail_idx(self.next_avail);
+    }
+
+    /// EVENT_IDX: the driver's `used_event` (after the available ring): the
+    /// device interrupts when its used index moves past it.
+    pub fn set_used_event(&self, v: u16) {
+        Self::w16(self.avail_addr() + 4 + 2 * self.size as u64, v);
+        fence(Ordering::SeqCst);
+    }
+
+    /// EVENT_IDX: the device's `avail_event` (after the used ring): it wants a
+    /// notification when the available index moves past it.
+    pub fn avail_event(&self) -> u16 {
+        Self::r16(self.used_addr() + 4 + 8 * self.size as u64)
+    }
+
+    /// Publishes the entries put since the last publication (`put_avail` at
+    /// slots `next_avail..next_avail + n`); returns whether the device must
+    /// be notified. With `event_idx`, only when the new entries move the
+    /// available index past the device's `avail_event` (the virtio spec's
+    /// `vring_need_event`); without it, unless the device set
+    /// VIRTQ_USED_F_NO_NOTIFY.
+    pub fn publish(&mut self, n: u16, event_idx: bool) -> bool {
+        if n == 0 {
+            return false;
+        }
+        let old = self.next_avail;
+        self.next_avail = old.wrapping_add(n);
+        // set_avail_idx fences on both sides: the index is visible before
+        // avail_event or the used flags are read.
+        self.set_avail_idx(self.next_avail);
+        if event_idx {
+            let event = self.avail_event();
+            self.next_avail.wrapping_sub(event).wrapping_sub(1) < self.next_avail.wrapping_sub(old)
+        } else {
+            Self::r16(self.used_addr()) & 1 == 0
+        }
     }
 
     pub fn used_idx(&self) -> u16 {

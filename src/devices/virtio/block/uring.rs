@@ -1,6 +1,8 @@
 //! The `Async` io_engine: one io_uring per drive (128 entries), the backing file registered
 //! as fixed file 0, the ring restricted to READV, WRITEV and FSYNC on fixed files, its
-//! completions signalled on an eventfd that the VMM thread watches.
+//! completions signalled on an eventfd that the VMM thread watches. Requests are queued with
+//! [`Uring::push`] and handed to the kernel together, one `io_uring_enter` per batch
+//! ([`Uring::submit`]).
 
 use std::fs::File;
 use std::io;
@@ -39,6 +41,8 @@ pub struct Uring {
     free: Vec<u16>,
     /// Keeps guest memory mapped while requests are in flight.
     mem: Option<GuestMemoryMmap>,
+    /// Entries pushed on the submission queue since the last `io_uring_enter`.
+    unsubmitted: usize,
 }
 
 impl Uring {
@@ -63,6 +67,7 @@ impl Uring {
             slots: (0..RING_ENTRIES).map(|_| None).collect(),
             free: (0..RING_ENTRIES as u16).rev().collect(),
             mem: None,
+            unsubmitted: 0,
         })
     }
 
@@ -83,10 +88,10 @@ impl Uring {
         !self.free.is_empty()
     }
 
-    /// Submits a READV/WRITEV at byte `pos` over `data`, or an FSYNC when `data` is None.
-    /// Every buffer must have been checked to lie inside `mem`; an error means nothing was
-    /// submitted.
-    pub fn submit(
+    /// Queues a READV/WRITEV at byte `pos` over `data`, or an FSYNC (`op` Flush); the kernel
+    /// sees it at the next [`Uring::submit`]. Every buffer must have been checked to lie
+    /// inside `mem`; an error means nothing was queued.
+    pub fn push(
         &mut self,
         mem: &GuestMemoryMmap,
         head: u16,
@@ -139,10 +144,27 @@ impl Uring {
             op,
             _iovecs: iovecs,
         });
-        if let Err(e) = self.ring.submit() {
-            log::warn!("virtio-blk: io_uring_enter: {e}");
-        }
+        self.unsubmitted += 1;
         Ok(())
+    }
+
+    /// Hands every pushed request to the kernel, in one `io_uring_enter`; whether there were
+    /// any.
+    pub fn submit(&mut self) -> bool {
+        if self.unsubmitted == 0 {
+            return false;
+        }
+        match self.ring.submit() {
+            Ok(_) => {
+                self.unsubmitted = 0;
+                true
+            }
+            // The entries stay queued: the next submit (or `drain`) hands them over.
+            Err(e) => {
+                log::warn!("virtio-blk: io_uring_enter: {e}");
+                false
+            }
+        }
     }
 
     /// The requests that completed: each with its outcome (the bytes moved, or an error).
@@ -168,7 +190,8 @@ impl Uring {
         done
     }
 
-    fn in_flight(&self) -> usize {
+    /// Requests pushed and not yet completed.
+    pub fn in_flight(&self) -> usize {
         RING_ENTRIES as usize - self.free.len()
     }
 }
@@ -180,6 +203,7 @@ impl Uring {
             if self.ring.submit_and_wait(1).is_err() {
                 break;
             }
+            self.unsubmitted = 0;
             let _ = self.completions();
         }
     }
