@@ -4,7 +4,7 @@
 //! polled. The TSC is calibrated against ember's boot timer (10 ms), then:
 //! sequential read of min(capacity, 64 MiB) in 64 KiB requests, sequential
 //! write of the same range in 64 KiB requests followed (once all are done) by
-//! a FLUSH (timed together), and 2000 random 4 KiB reads (xorshift64 over the
+//! a FLUSH (timed together), and 20000 random 4 KiB reads (xorshift64 over the
 //! capacity, 4 KiB aligned). Prints
 //! `blkbench: seqread <MB/s> MB/s, seqwrite <MB/s> MB/s, randread <IOPS> IOPS`
 //! (MB = 10^6 bytes), then
@@ -17,7 +17,7 @@ use crate::virtio::blk::{BlkQ, Completion, AREA, DATA_LEN, SECTOR, S_OK, T_FLUSH
 use crate::{hw, Ctx};
 
 const MAX_BYTES: u64 = 64 << 20;
-const RAND_READS: u32 = 2000;
+const RAND_READS: u32 = 20_000;
 const RAND_SECTORS: u64 = 4096 / SECTOR as u64;
 const DEFAULT_QD: usize = 16;
 

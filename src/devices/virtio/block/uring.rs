@@ -2,7 +2,8 @@
 //! as fixed file 0, the ring restricted to READV, WRITEV and FSYNC on fixed files, its
 //! completions signalled on an eventfd that the VMM thread watches. Requests are queued with
 //! [`Uring::push`] and handed to the kernel together, one `io_uring_enter` per batch
-//! ([`Uring::submit`]).
+//! ([`Uring::submit`]). One operation may carry several guest requests that are adjacent in
+//! the file ([`Part`]s): the block device merges sequential reads and writes.
 
 use std::fs::File;
 use std::io;
@@ -18,11 +19,19 @@ pub const RING_ENTRIES: u32 = 128;
 /// `IORING_REGISTER_FILES_UPDATE`: a PATCH of the drive swaps fixed file 0.
 const REGISTER_FILES_UPDATE: u8 = 6;
 
-/// A request in flight.
-pub struct Pending {
+/// One guest request of an operation.
+#[derive(Clone, Copy, Debug)]
+pub struct Part {
     /// The chain's head index, for the used ring.
     pub head: u16,
     pub status: GuestAddress,
+    /// Its data bytes.
+    pub len: u64,
+}
+
+/// An operation in flight: one or more guest requests.
+pub struct Pending {
+    pub parts: Vec<Part>,
     /// The bytes the operation must move (0 for FSYNC).
     pub expected: u64,
     pub op: Op,
@@ -43,6 +52,9 @@ pub struct Uring {
     mem: Option<GuestMemoryMmap>,
     /// Entries pushed on the submission queue since the last `io_uring_enter`.
     unsubmitted: usize,
+    /// Operations pushed so far (for tests).
+    #[cfg(test)]
+    pushed: u64,
 }
 
 impl Uring {
@@ -68,6 +80,8 @@ impl Uring {
             free: (0..RING_ENTRIES as u16).rev().collect(),
             mem: None,
             unsubmitted: 0,
+            #[cfg(test)]
+            pushed: 0,
         })
     }
 
@@ -84,22 +98,41 @@ impl Uring {
             .map(|_| ())
     }
 
-    pub fn has_room(&self) -> bool {
-        !self.free.is_empty()
+    /// Operations pushed so far (merged requests count once).
+    #[cfg(test)]
+    pub fn pushed(&self) -> u64 {
+        self.pushed
     }
 
-    /// Queues a READV/WRITEV at byte `pos` over `data`, or an FSYNC (`op` Flush); the kernel
-    /// sees it at the next [`Uring::submit`]. Every buffer must have been checked to lie
-    /// inside `mem`; an error means nothing was queued.
+    /// How many more operations the ring takes.
+    pub fn room(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Queues a READV/WRITEV at byte `pos` over `data` (the buffers of `parts`, in order), or
+    /// an FSYNC (`op` Flush); the kernel sees it at the next [`Uring::submit`]. Every buffer
+    /// must have been checked to lie inside `mem`; an error means nothing was queued (and
+    /// gives `parts` back).
     pub fn push(
         &mut self,
         mem: &GuestMemoryMmap,
-        head: u16,
-        status: GuestAddress,
+        parts: Vec<Part>,
         op: Op,
         pos: u64,
         data: &[Descriptor],
-    ) -> Result<(), String> {
+    ) -> Result<(), (Vec<Part>, String)> {
+        match self.iovecs(mem, data) {
+            Ok((iovecs, expected)) => self.push_iovecs(parts, op, pos, iovecs, expected, mem),
+            Err(e) => Err((parts, e)),
+        }
+    }
+
+    /// The iovecs of `data` (empty buffers left out) and their total length.
+    fn iovecs(
+        &self,
+        mem: &GuestMemoryMmap,
+        data: &[Descriptor],
+    ) -> Result<(Vec<libc::iovec>, u64), String> {
         let mut iovecs = Vec::with_capacity(data.len());
         let mut expected = 0u64;
         for d in data.iter().filter(|d| d.len() > 0) {
@@ -113,38 +146,57 @@ impl Uring {
             });
             expected += u64::from(d.len());
         }
+        Ok((iovecs, expected))
+    }
+
+    fn push_iovecs(
+        &mut self,
+        parts: Vec<Part>,
+        op: Op,
+        pos: u64,
+        iovecs: Vec<libc::iovec>,
+        expected: u64,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), (Vec<Part>, String)> {
+        let Ok(count) = u32::try_from(iovecs.len()) else {
+            return Err((parts, "too many buffers".into()));
+        };
         let Some(slot) = self.free.pop() else {
-            return Err("the ring is full".into());
+            return Err((parts, "the ring is full".into()));
         };
         let fd = types::Fixed(0);
         let entry = match op {
-            Op::Read => opcode::Readv::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
+            Op::Read => opcode::Readv::new(fd, iovecs.as_ptr(), count)
                 .offset(pos)
                 .build(),
-            Op::Write => opcode::Writev::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
+            Op::Write => opcode::Writev::new(fd, iovecs.as_ptr(), count)
                 .offset(pos)
                 .build(),
             Op::Flush => opcode::Fsync::new(fd).build(),
         }
         .user_data(u64::from(slot));
         // SAFETY: the iovecs are kept in `slots` until the request completes (and `Drop`
-        // waits for requests in flight); they point into guest memory, range-checked above,
+        // waits for requests in flight); they point into guest memory, range-checked by
+        // `iovecs` (this function's only source of them),
         // which stays mapped as long as `self.mem` (a clone of the VM's memory) lives, which
         // is at least until every request has completed.
         let pushed = unsafe { self.ring.submission().push(&entry) };
         if pushed.is_err() {
             self.free.push(slot);
-            return Err("the submission queue is full".into());
+            return Err((parts, "the submission queue is full".into()));
         }
         self.mem.get_or_insert_with(|| mem.clone());
         self.slots[usize::from(slot)] = Some(Pending {
-            head,
-            status,
+            parts,
             expected,
             op,
             _iovecs: iovecs,
         });
         self.unsubmitted += 1;
+        #[cfg(test)]
+        {
+            self.pushed += 1;
+        }
         Ok(())
     }
 
