@@ -6,8 +6,9 @@
 //! 1. Prints `netbench: tx start`, waits 100 ms, then keeps the TX ring full for 1 s and waits
 //!    for the last frame: `netbench: tx <frames> frames <bytes> bytes in <us> us`.
 //! 2. Posts every RX buffer, prints `netbench: rx ready`, counts the 0x88b5 frames that arrive
-//!    until none came for 500 ms: `netbench: rx <frames> frames <bytes> bytes in <us> us`, the
-//!    time from the first frame to the last (FAIL when none came within 20 s).
+//!    until none came for 500 ms (60 s at most):
+//!    `netbench: rx <frames> frames <bytes> bytes in <us> us`, the time from the first frame to
+//!    the last (FAIL when none came within 20 s).
 //!
 //! Times come from ember's boot timer (the TSC, calibrated against it, in between).
 
@@ -30,6 +31,8 @@ const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
 const TX_US: u64 = 1_000_000;
 const IDLE_US: u64 = 500_000;
 const FIRST_US: u64 = 20_000_000;
+/// RX ends after this even while frames keep coming.
+const RX_MAX_US: u64 = 60_000_000;
 const DRAIN_US: u64 = 5_000_000;
 
 /// A split queue of up to 64 entries driven with EVENT_IDX when negotiated.
@@ -236,6 +239,7 @@ pub fn run(ctx: &Ctx, arg: &[u8]) {
     let (mut frames, mut bytes) = (0u64, 0u64);
     let (mut first, mut last) = (0u64, 0u64);
     let give_up = deadline(FIRST_US);
+    let stop = deadline(RX_MAX_US);
     let idle = tsc_per_us() * IDLE_US;
     loop {
         let old = rx.q.next_avail;
@@ -266,7 +270,7 @@ pub fn run(ctx: &Ctx, arg: &[u8]) {
         if frames == 0 && now > give_up {
             fail!("netbench: no frame arrived within 20 s");
         }
-        if frames > 0 && now > last + idle {
+        if frames > 0 && (now > last + idle || now > stop) {
             break;
         }
         core::hint::spin_loop();
