@@ -57,7 +57,7 @@ struct Staged {
     op: uring::Op,
     /// Its first byte in the file (0 for a flush).
     pos: u64,
-    data: Vec<Descriptor>,
+    bufs: uring::Buffers,
 }
 
 /// A request the device answers with a status byte.
@@ -189,16 +189,22 @@ impl Block {
                 Err(e) => return Some(Self::finish(&self.metrics, mem, req.status, Err(e), 0)),
             },
         };
-        let len = req.data.iter().map(|d| u64::from(d.len())).sum();
+        let bufs = match uring::Buffers::new(mem, &req.data) {
+            Ok(b) => b,
+            Err(e) => {
+                let res = Err(RequestError::Io(e));
+                return Some(Self::finish(&self.metrics, mem, req.status, res, 0));
+            }
+        };
         self.staged.push(Staged {
             part: uring::Part {
                 head,
                 status: req.status,
-                len,
+                len: bufs.len(),
             },
             op,
             pos,
-            data: req.data,
+            bufs,
         });
         None
     }
@@ -223,18 +229,18 @@ impl Block {
             let (op, pos) = (first.op, first.pos);
             let mut end = pos.saturating_add(first.part.len);
             let mut parts = vec![first.part];
-            let mut data = first.data;
+            let mut bufs = first.bufs;
             while let Some(next) = iter.next_if(|n| {
                 op != uring::Op::Flush
                     && n.op == op
                     && n.pos == end
-                    && data.len() + n.data.len() <= MAX_MERGED_BUFFERS
+                    && bufs.count() + n.bufs.count() <= MAX_MERGED_BUFFERS
             }) {
                 end = end.saturating_add(next.part.len);
                 parts.push(next.part);
-                data.extend(next.data);
+                bufs.append(next.bufs);
             }
-            if let Err((parts, e)) = ring.push(mem, parts, op, pos, &data) {
+            if let Err((parts, e)) = ring.push(mem, parts, op, pos, bufs) {
                 refused.extend(parts.into_iter().map(|p| (p, e.clone())));
             }
         }
@@ -1145,6 +1151,65 @@ mod tests {
         let mut got = vec![0u8; 3 * 512];
         mem.read_slice(&mut got, GuestAddress(0x14000)).unwrap();
         assert_eq!(got, on_disk[4 * 512..7 * 512]);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn async_engine_fails_only_the_bad_request_of_adjacent_ones() {
+        let mem = memory();
+        let mut qs = [queue(&mem, 16)];
+        let (sync, path) = disk(8, false, true);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        drop(sync);
+        let mut blk = Block::new_async(f, false, true).unwrap();
+        let evt = blk.completion_event().unwrap();
+        // Writes of sectors 4, 5 and 6; 5's buffer is outside guest memory.
+        for i in 0..3u16 {
+            let i64 = u64::from(i);
+            let hdr = HDR + 0x10 * i64;
+            mem.write_obj(VIRTIO_BLK_T_OUT, GuestAddress(hdr)).unwrap();
+            mem.write_obj(0u32, GuestAddress(hdr + 4)).unwrap();
+            mem.write_obj(4 + i64, GuestAddress(hdr + 8)).unwrap();
+            mem.write_obj(0xffu8, GuestAddress(STATUS + i64)).unwrap();
+            let data = if i == 1 {
+                0x20_0000
+            } else {
+                0x10000 + 0x1000 * i64
+            };
+            if i != 1 {
+                mem.write_slice(&[0x70 + i as u8; 512], GuestAddress(data))
+                    .unwrap();
+            }
+            write_desc(&mem, 3 * i, hdr, 16, NEXT, 3 * i + 1);
+            write_desc(&mem, 3 * i + 1, data, 512, NEXT, 3 * i + 2);
+            write_desc(&mem, 3 * i + 2, STATUS + i64, 1, WRITE, 0);
+            make_avail(&mem, i, 3 * i);
+        }
+        blk.process_chains(&mem, &mut qs[0]).unwrap();
+        for _ in 0..1000 {
+            if used_idx(&mem) == 3 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            if evt.read().is_ok() {
+                blk.process_backend(&mem, &mut qs).unwrap();
+            }
+        }
+        assert_eq!(used_idx(&mem), 3);
+        let st = |i: u64| mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap();
+        assert_eq!(
+            [st(0), st(1), st(2)],
+            [VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK]
+        );
+        let on_disk = std::fs::read(&path).unwrap();
+        for (sector, byte) in [(4, 0x70), (5, 5), (6, 0x72)] {
+            let s = &on_disk[sector * 512..(sector + 1) * 512];
+            assert!(s.iter().all(|&b| b == byte), "sector {sector}");
+        }
         std::fs::remove_file(path).unwrap();
     }
 

@@ -43,6 +43,54 @@ pub struct Pending {
 // are only handed to the kernel.
 unsafe impl Send for Pending {}
 
+/// Guest buffers for one operation, each checked to lie inside guest memory.
+pub struct Buffers {
+    iovecs: Vec<libc::iovec>,
+    /// Their total length.
+    len: u64,
+}
+
+// SAFETY: the iovecs point into guest memory, which every thread of the VMM may access; they
+// are only handed to the kernel.
+unsafe impl Send for Buffers {}
+
+impl Buffers {
+    /// The buffers of `data` (empty ones left out); an error names one outside guest memory
+    /// (or across two of its regions).
+    pub fn new(mem: &GuestMemoryMmap, data: &[Descriptor]) -> Result<Buffers, String> {
+        let mut iovecs = Vec::with_capacity(data.len());
+        let mut len = 0u64;
+        for d in data.iter().filter(|d| d.len() > 0) {
+            // Range-checked by vm-memory: fails unless the whole buffer is inside one region.
+            let slice = mem
+                .get_slice(d.addr(), d.len() as usize)
+                .map_err(|e| format!("buffer {:#x}+{:#x}: {e}", d.addr().0, d.len()))?;
+            iovecs.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: d.len() as usize,
+            });
+            len += u64::from(d.len());
+        }
+        Ok(Buffers { iovecs, len })
+    }
+
+    /// How many buffers.
+    pub fn count(&self) -> usize {
+        self.iovecs.len()
+    }
+
+    /// Their total length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Appends `other`'s buffers.
+    pub fn append(&mut self, other: Buffers) {
+        self.iovecs.extend(other.iovecs);
+        self.len = self.len.saturating_add(other.len);
+    }
+}
+
 pub struct Uring {
     ring: IoUring,
     evt: EventFd,
@@ -109,55 +157,21 @@ impl Uring {
         self.free.len()
     }
 
-    /// Queues a READV/WRITEV at byte `pos` over `data` (the buffers of `parts`, in order), or
-    /// an FSYNC (`op` Flush); the kernel sees it at the next [`Uring::submit`]. Every buffer
-    /// must have been checked to lie inside `mem`; an error means nothing was queued (and
-    /// gives `parts` back).
+    /// Queues a READV/WRITEV at byte `pos` over `bufs` (the buffers of `parts`, in order),
+    /// or an FSYNC (`op` Flush); the kernel sees it at the next [`Uring::submit`]. An error
+    /// means nothing was queued (and gives `parts` back).
     pub fn push(
         &mut self,
         mem: &GuestMemoryMmap,
         parts: Vec<Part>,
         op: Op,
         pos: u64,
-        data: &[Descriptor],
+        bufs: Buffers,
     ) -> Result<(), (Vec<Part>, String)> {
-        match self.iovecs(mem, data) {
-            Ok((iovecs, expected)) => self.push_iovecs(parts, op, pos, iovecs, expected, mem),
-            Err(e) => Err((parts, e)),
-        }
-    }
-
-    /// The iovecs of `data` (empty buffers left out) and their total length.
-    fn iovecs(
-        &self,
-        mem: &GuestMemoryMmap,
-        data: &[Descriptor],
-    ) -> Result<(Vec<libc::iovec>, u64), String> {
-        let mut iovecs = Vec::with_capacity(data.len());
-        let mut expected = 0u64;
-        for d in data.iter().filter(|d| d.len() > 0) {
-            // Range-checked by vm-memory: fails unless the whole buffer is inside one region.
-            let slice = mem
-                .get_slice(d.addr(), d.len() as usize)
-                .map_err(|e| format!("buffer {:#x}+{:#x}: {e}", d.addr().0, d.len()))?;
-            iovecs.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: d.len() as usize,
-            });
-            expected += u64::from(d.len());
-        }
-        Ok((iovecs, expected))
-    }
-
-    fn push_iovecs(
-        &mut self,
-        parts: Vec<Part>,
-        op: Op,
-        pos: u64,
-        iovecs: Vec<libc::iovec>,
-        expected: u64,
-        mem: &GuestMemoryMmap,
-    ) -> Result<(), (Vec<Part>, String)> {
+        let Buffers {
+            iovecs,
+            len: expected,
+        } = bufs;
         let Ok(count) = u32::try_from(iovecs.len()) else {
             return Err((parts, "too many buffers".into()));
         };
@@ -177,9 +191,9 @@ impl Uring {
         .user_data(u64::from(slot));
         // SAFETY: the iovecs are kept in `slots` until the request completes (and `Drop`
         // waits for requests in flight); they point into guest memory, range-checked by
-        // `iovecs` (this function's only source of them),
-        // which stays mapped as long as `self.mem` (a clone of the VM's memory) lives, which
-        // is at least until every request has completed.
+        // `Buffers::new` (their only source), which stays mapped as long as `self.mem` (a
+        // clone of the VM's memory) lives, which is at least until every request has
+        // completed.
         let pushed = unsafe { self.ring.submission().push(&entry) };
         if pushed.is_err() {
             self.free.push(slot);
