@@ -3,7 +3,7 @@
 //! completions signalled on an eventfd that the VMM thread watches. Requests are queued with
 //! [`Uring::push`] and handed to the kernel together, one `io_uring_enter` per batch
 //! ([`Uring::submit`]). One operation may carry several guest requests that are adjacent in
-//! the file ([`Part`]s): the block device merges sequential reads and writes.
+//! the file ([`Part`]s): the block device merges sequential writes.
 
 use std::fs::File;
 use std::io;
