@@ -133,6 +133,13 @@ impl Uring {
         })
     }
 
+    /// Signals the completion eventfd: the VMM thread comes back to the device.
+    pub fn kick(&self) {
+        if let Err(e) = self.evt.write(1) {
+            log::warn!("virtio-blk: cannot signal the io_uring eventfd: {e}");
+        }
+    }
+
     /// A duplicate of the completion eventfd, for the VMM thread's event loop.
     pub fn event(&self) -> io::Result<EventFd> {
         self.evt.try_clone()
