@@ -596,3 +596,564 @@ fn netbench_sends_and_receives_through_a_tap() {
     assert!(count("netbench: tx ") > 0, "{text}");
     assert!(count("netbench: rx ") > 0, "{text}");
 }
+
+// ---- netgso: segmentation offloads and mergeable RX buffers, both ways ----
+
+/// `setsockopt(SOL_PACKET, PACKET_VNET_HDR)`: a `virtio_net_hdr` (10 bytes) in front of every
+/// frame sent and received.
+const PACKET_VNET_HDR: libc::c_int = 15;
+const ETH_P_IP: u16 = 0x0800;
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+const ETHTOOL_STXCSUM: u32 = 0x17;
+const ETHTOOL_STSO: u32 = 0x1f;
+const ETHTOOL_GTSO: u32 = 0x1e;
+/// What the `netgso` guest uses (resources/guest/src/scenarios/netgso.rs).
+const GSO_GUEST_PORT: u16 = 40000;
+const GSO_HOST_PORT: u16 = 5001;
+const GSO_GUEST_IP: [u8; 4] = [10, 0, 0, 2];
+const GSO_HOST_IP: [u8; 4] = [10, 0, 0, 1];
+const GSO_TX_PAYLOAD: usize = 40000;
+const GSO_TX_SEED: u8 = 0x5a;
+/// What this test sends to the guest: one 60 KiB TCP segment offloaded with MSS 1448.
+const GSO_RX_PAYLOAD: usize = 60 << 10;
+const GSO_RX_SEED: u8 = 0xc3;
+const GSO_RX_SEQ: u32 = 0x0bad_cafe;
+const GSO_MSS: u16 = 1448;
+
+/// Byte `k` of a test payload (the guest's `netgso::pattern`).
+fn gso_pattern(k: usize, seed: u8) -> u8 {
+    ((k as u32).wrapping_mul(2_654_435_761).rotate_right(13) as u8) ^ seed
+}
+
+/// The 16-bit one's complement sum of `b` added to `sum`, not folded.
+fn sum16(mut sum: u32, b: &[u8]) -> u32 {
+    for c in b.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// The TCP pseudo-header's sum for `tcp_len` bytes of TCP from `src` to `dst`.
+fn pseudo_sum(src: [u8; 4], dst: [u8; 4], tcp_len: usize) -> u32 {
+    sum16(sum16(6 + tcp_len as u32, &src), &dst)
+}
+
+/// An Ethernet/IPv4/TCP frame with a valid IP checksum and, as CHECKSUM_PARTIAL wants it, the
+/// pseudo-header's sum in the TCP checksum field.
+#[allow(clippy::too_many_arguments)]
+fn tcp_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    ports: (u16, u16),
+    seq: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let tcp_len = 20 + payload.len();
+    let mut f = dst_mac.to_vec();
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
+    ip[4..6].copy_from_slice(&0x4321u16.to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let c = !fold(sum16(0, &ip));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&ports.0.to_be_bytes());
+    tcp[2..4].copy_from_slice(&ports.1.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x18; // PSH, ACK
+    tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
+    tcp[16..18].copy_from_slice(&fold(pseudo_sum(src, dst, tcp_len)).to_be_bytes());
+    f.extend_from_slice(&tcp);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A virtio_net_hdr (10 bytes, little-endian as with VERSION_1) asking for TSO over TCP/IPv4.
+fn tso4_hdr(hdr_len: u16, mss: u16) -> [u8; 10] {
+    let mut h = [0u8; 10];
+    h[0] = 1; // NEEDS_CSUM
+    h[1] = 1; // GSO_TCPV4
+    h[2..4].copy_from_slice(&hdr_len.to_le_bytes());
+    h[4..6].copy_from_slice(&mss.to_le_bytes());
+    h[6..8].copy_from_slice(&34u16.to_le_bytes());
+    h[8..10].copy_from_slice(&16u16.to_le_bytes());
+    h
+}
+
+/// An AF_PACKET socket for every frame on `dev` (in the calling thread's namespace; ETH_P_ALL,
+/// so that it sees them before a bridge takes them), with a virtio_net_hdr in front of every
+/// frame when `vnet_hdr`.
+fn all_packet_socket(dev: &str, vnet_hdr: bool) -> (OwnedFd, libc::c_int) {
+    let proto = (libc::ETH_P_ALL as u16).to_be() as libc::c_int;
+    // SAFETY: plain socket creation.
+    let fd = check(
+        unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) },
+        "socket(AF_PACKET)",
+    );
+    // SAFETY: we own the new fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let set = |level, name, v: libc::c_int, what| {
+        // SAFETY: an int option.
+        check(
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    level,
+                    name,
+                    (&v as *const libc::c_int).cast(),
+                    4,
+                )
+            },
+            what,
+        );
+    };
+    if vnet_hdr {
+        set(libc::SOL_PACKET, PACKET_VNET_HDR, 1, "PACKET_VNET_HDR");
+    }
+    set(libc::SOL_SOCKET, libc::SO_RCVBUF, 4 << 20, "SO_RCVBUF");
+    let name = std::ffi::CString::new(dev).unwrap();
+    // SAFETY: a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as libc::c_int;
+    assert!(ifindex > 0, "no {dev}");
+    // SAFETY: zeroed sockaddr_ll is valid; filled below.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+    sll.sll_ifindex = ifindex;
+    // SAFETY: a valid sockaddr_ll of the given length.
+    check(
+        unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        },
+        "bind",
+    );
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 200_000,
+    };
+    // SAFETY: a valid timeval option.
+    check(
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        },
+        "SO_RCVTIMEO",
+    );
+    (fd, ifindex)
+}
+
+/// The next incoming (not outgoing) packet, whole, or None after the socket's timeout.
+fn recv_big(fd: &OwnedFd) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 1 << 17];
+    loop {
+        // SAFETY: zeroed sockaddr_ll is valid.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+        // SAFETY: live buffers of the given sizes.
+        let n = unsafe {
+            libc::recvfrom(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_TRUNC,
+                (&mut sll as *mut libc::sockaddr_ll).cast(),
+                &mut len,
+            )
+        };
+        if n < 0 {
+            return None;
+        }
+        assert!(n as usize <= buf.len(), "a {n}-byte packet was truncated");
+        if sll.sll_pkttype != libc::PACKET_OUTGOING {
+            buf.truncate(n as usize);
+            return Some(buf);
+        }
+    }
+}
+
+/// `ETHTOOL_S*` with a value on `dev` (the calling thread's namespace), or `ETHTOOL_G*`:
+/// returns the value.
+fn ethtool(dev: &str, cmd: u32, value: u32) -> u32 {
+    // struct ethtool_value { u32 cmd; u32 data; }
+    let mut v = [cmd, value];
+    // struct ifreq: the name, then ifr_data.
+    let mut ifr = [0u8; 40];
+    ifr[..dev.len()].copy_from_slice(dev.as_bytes());
+    ifr[16..24].copy_from_slice(&(v.as_mut_ptr() as u64).to_ne_bytes());
+    // SAFETY: plain socket creation.
+    let s = check(
+        unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) },
+        "socket(AF_INET)",
+    );
+    // SAFETY: we own the new fd.
+    let s = unsafe { OwnedFd::from_raw_fd(s) };
+    // SAFETY: a 40-byte ifreq whose ifr_data points at a live ethtool_value.
+    check(
+        unsafe { libc::ioctl(s.as_raw_fd(), SIOCETHTOOL, ifr.as_mut_ptr()) },
+        "SIOCETHTOOL",
+    );
+    v[1]
+}
+
+/// What the host side of `netgso` saw.
+struct GsoSeen {
+    /// The guest's frame on tap0: virtio_net_hdr and frame.
+    tso: Option<Vec<u8>>,
+    /// The frames the kernel made of it on their way through br0 to veth1 (TSO and checksum
+    /// offloads off there), seen on its peer veth2.
+    segments: Vec<Vec<u8>>,
+    /// tap0's TSO (ETHTOOL_GTSO) while the `netgso` driver runs, and once the `net` scenario
+    /// that follows has reset the device and negotiated no offloads.
+    tso_during: Option<u32>,
+    tso_after_reset: Option<u32>,
+}
+
+/// In the namespace: waits for `go`, injects the 60 KiB GSO packet for the guest on tap0, then
+/// captures the guest's TSO frame on tap0 and its segments on veth2.
+fn gso_host_side(ns: String, ready: mpsc::Sender<()>, go: mpsc::Receiver<()>) -> GsoSeen {
+    let nsf = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+    // SAFETY: a namespace fd; only this (test helper) thread changes namespace.
+    check(
+        unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) },
+        "setns",
+    );
+    // The kernel segments what br0 forwards to veth1 in software, checksums included.
+    ethtool("veth1", ETHTOOL_STXCSUM, 0);
+    ethtool("veth1", ETHTOOL_STSO, 0);
+    let (tap, ifindex) = all_packet_socket("tap0", true);
+    let (veth, _) = all_packet_socket("veth2", false);
+    ready.send(()).unwrap();
+    let mut seen = GsoSeen {
+        tso: None,
+        segments: Vec::new(),
+        tso_during: None,
+        tso_after_reset: None,
+    };
+    if go.recv_timeout(Duration::from_secs(60)).is_err() {
+        return seen;
+    }
+    seen.tso_during = Some(ethtool("tap0", ETHTOOL_GTSO, 0));
+
+    let payload: Vec<u8> = (0..GSO_RX_PAYLOAD)
+        .map(|k| gso_pattern(k, GSO_RX_SEED))
+        .collect();
+    let frame = tcp_frame(
+        GUEST_MAC,
+        HOST_MAC,
+        GSO_HOST_IP,
+        GSO_GUEST_IP,
+        (GSO_HOST_PORT, GSO_GUEST_PORT),
+        GSO_RX_SEQ,
+        &payload,
+    );
+    let mut pkt = tso4_hdr(54, GSO_MSS).to_vec();
+    pkt.extend_from_slice(&frame);
+    // SAFETY: zeroed sockaddr_ll is valid; filled below.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = ETH_P_IP.to_be();
+    sll.sll_ifindex = ifindex;
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&GUEST_MAC);
+    // SAFETY: live buffers of the given sizes.
+    let n = unsafe {
+        libc::sendto(
+            tap.as_raw_fd(),
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(
+        n,
+        pkt.len() as isize,
+        "sendto (GSO): {}",
+        std::io::Error::last_os_error()
+    );
+
+    let from_guest =
+        |f: &[u8]| f.len() >= 54 && f[6..12] == GUEST_MAC && f[12..14] == [8, 0] && f[23] == 6;
+    let until = Instant::now() + Duration::from_secs(30);
+    while seen.tso.is_none() && Instant::now() < until {
+        if let Some(p) = recv_big(&tap) {
+            if p.len() >= 10 && from_guest(&p[10..]) {
+                seen.tso = Some(p);
+            }
+        }
+    }
+    // The segments were made as the frame crossed br0: they are queued on veth2 already.
+    let want = GSO_TX_PAYLOAD.div_ceil(usize::from(GSO_MSS));
+    let until = Instant::now() + Duration::from_secs(5);
+    while seen.tso.is_some() && seen.segments.len() < want && Instant::now() < until {
+        if let Some(f) = recv_big(&veth) {
+            if from_guest(&f) {
+                seen.segments.push(f);
+            }
+        }
+    }
+    if go.recv_timeout(Duration::from_secs(30)).is_ok() {
+        seen.tso_after_reset = Some(ethtool("tap0", ETHTOOL_GTSO, 0));
+    }
+    seen
+}
+
+/// The `netgso` scenario: host -> guest, a 60 KiB TCP/IPv4 GSO packet injected on tap0 reaches
+/// the guest whole, as a GSO frame spread over 4 KiB mergeable RX buffers (TUNSETOFFLOAD from
+/// GUEST_CSUM + GUEST_TSO4); guest -> host, a 40 000-byte TSO frame leaves tap0 as one GSO
+/// packet, and the kernel's software segmentation (through a bridge to a veth without
+/// offloads) makes valid MSS-sized TCP segments of it. The `net` scenario then resets the
+/// device and negotiates no offloads: tap0's TSO goes off again.
+#[test]
+fn netgso_offloads_and_mergeable_buffers_work_both_ways() {
+    if !require_root() || !require_kvm() {
+        return;
+    }
+    let ns = Netns::new();
+    ns.exec(&["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"]);
+    ns.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
+    ns.exec(&[
+        "ip", "link", "add", "veth1", "type", "veth", "peer", "name", "veth2",
+    ]);
+    // No IPv6 chatter on the way (best effort: the guest ignores other frames anyway).
+    let _ = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "sysctl", "-qw"])
+        .arg("net.ipv6.conf.all.disable_ipv6=1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    ns.exec(&["ip", "link", "set", "tap0", "master", "br0"]);
+    ns.exec(&["ip", "link", "set", "veth1", "master", "br0"]);
+    for dev in ["tap0", "veth1", "veth2", "br0"] {
+        ns.exec(&["ip", "link", "set", dev, "up"]);
+    }
+
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel();
+    let name = ns.0.clone();
+    let helper = std::thread::spawn(move || gso_host_side(name, ready_tx, go_rx));
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the host helper did not start");
+
+    let dir = TempDir::new("netgso");
+    let metrics = dir.path("metrics.json");
+    let mut cfg = guest_config("netgso net", 1, 128);
+    cfg["network-interfaces"] = json!([{
+        "iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"
+    }]);
+    cfg["metrics"] = json!({"metrics_path": metrics.to_str().unwrap()});
+    let path = dir.write("vm.json", serde_json::to_vec(&cfg).unwrap());
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.0, EMBER, "--no-api", "--boot-timer"])
+        .arg("--config-file")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start ember in the namespace");
+    // Read the console as it comes: the packet goes in once the guest's buffers are posted.
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let console = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for l in std::io::BufReader::new(stdout).lines() {
+            let Ok(l) = l else { break };
+            // The packet goes in once the guest's buffers are posted; the TAP's offloads are
+            // looked at again once `net` has reset the device.
+            if l.contains("netgso: rx ready") || l.starts_with("net: mac") {
+                let _ = go_tx.send(());
+            }
+            all.push_str(&l);
+            all.push('\n');
+        }
+        all
+    });
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(90) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "ember hung for more than 90 s; killed. stdout:\n{}",
+                console.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let out = Outcome {
+        status,
+        stdout: console.join().expect("the console reader panicked"),
+        stderr: errors.join().expect("the stderr reader panicked"),
+    };
+    let seen = helper.join().expect("the host helper panicked");
+
+    out.expect_code(0)
+        .expect("netgso: negotiated csum guest_csum guest_tso4 host_tso4 mrg_rxbuf")
+        .expect("net: sent 8 frames")
+        .expect("ember-guest: done");
+    // TUNSETOFFLOAD follows the drivers: on with netgso's, off after the reset and net's.
+    assert_eq!(seen.tso_during, Some(1), "tap0's TSO under netgso");
+    assert_eq!(seen.tso_after_reset, Some(0), "tap0's TSO under net");
+
+    // Host -> guest: one frame of 54 + 61440 bytes; with its 12-byte header that is 16 buffers
+    // of 4 KiB, each full but the last.
+    let payload: Vec<u8> = (0..GSO_RX_PAYLOAD)
+        .map(|k| gso_pattern(k, GSO_RX_SEED))
+        .collect();
+    let len = 54 + GSO_RX_PAYLOAD;
+    out.expect(&format!(
+        "netgso: rx frame {len} bytes in {} buffers, all but the last full: yes",
+        (12 + len).div_ceil(4096)
+    ))
+    .expect(&format!(
+        "netgso: rx ipv4 tot_len {} tcp seq {GSO_RX_SEQ} payload {GSO_RX_PAYLOAD} bytes fnv1a64={:016x}",
+        len - 14,
+        fnv1a64(&payload)
+    ));
+    let hdr = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("netgso: rx hdr "))
+        .unwrap_or_else(|| panic!("no rx hdr line:\n{}", out.stdout));
+    let field = |name: &str| -> u64 {
+        let mut it = hdr.split_whitespace();
+        while let Some(w) = it.next() {
+            if w == name {
+                return it.next().and_then(|v| v.parse().ok()).unwrap_or(u64::MAX);
+            }
+        }
+        panic!("no {name} in {hdr:?}");
+    };
+    // NEEDS_CSUM over the TCP header and payload, GSO TCPV4 with the MSS the host asked for.
+    assert_eq!(field("flags") & 1, 1, "rx hdr: {hdr}");
+    assert_eq!(field("gso_type"), 1, "rx hdr: {hdr}");
+    assert_eq!(field("gso_size"), u64::from(GSO_MSS), "rx hdr: {hdr}");
+    assert_eq!(field("csum_start"), 34, "rx hdr: {hdr}");
+    assert_eq!(field("csum_offset"), 16, "rx hdr: {hdr}");
+    assert!(
+        (54..=len as u64).contains(&field("hdr_len")),
+        "rx hdr: {hdr}"
+    );
+
+    // Guest -> host: one GSO packet on tap0, as the guest built it.
+    let tx_payload: Vec<u8> = (0..GSO_TX_PAYLOAD)
+        .map(|k| gso_pattern(k, GSO_TX_SEED))
+        .collect();
+    out.expect(&format!(
+        "netgso: tx sent {} byte frame gso_size {GSO_MSS} payload fnv1a64={:016x}",
+        54 + GSO_TX_PAYLOAD,
+        fnv1a64(&tx_payload)
+    ));
+    let m = std::fs::read_to_string(&metrics).unwrap_or_default();
+    let pkt = seen.tso.unwrap_or_else(|| {
+        panic!(
+            "the guest's TSO frame never reached tap0; tx_fails {}; stdout:\n{}",
+            counter_sum(&m, "net", "tx_fails"),
+            out.stdout
+        )
+    });
+    let (h, f) = pkt.split_at(10);
+    assert_eq!(h[0] & 1, 1, "NEEDS_CSUM: {h:?}");
+    assert_eq!(h[1], 1, "gso_type TCPV4: {h:?}");
+    assert_eq!(u16::from_le_bytes([h[4], h[5]]), GSO_MSS, "gso_size: {h:?}");
+    assert_eq!(u16::from_le_bytes([h[6], h[7]]), 34, "csum_start: {h:?}");
+    assert_eq!(u16::from_le_bytes([h[8], h[9]]), 16, "csum_offset: {h:?}");
+    assert_eq!(f.len(), 54 + GSO_TX_PAYLOAD, "frame length");
+    assert_eq!(f[..6], [2, 0, 0, 0, 0, 0xaa], "destination");
+    assert_eq!(fold(sum16(0, &f[14..34])), 0xffff, "IPv4 header checksum");
+    assert_eq!(u16::from_be_bytes([f[34], f[35]]), GSO_GUEST_PORT);
+    assert_eq!(u16::from_be_bytes([f[36], f[37]]), GSO_HOST_PORT);
+    assert!(f[54..] == tx_payload[..], "the TSO frame's payload differs");
+    // Finishing the checksum as NEEDS_CSUM says (over csum_start..) gives a valid TCP checksum.
+    let mut done = f.to_vec();
+    let c = !fold(sum16(0, &done[34..]));
+    done[50..52].copy_from_slice(&c.to_be_bytes());
+    let tcp_len = done.len() - 34;
+    assert_eq!(
+        fold(sum16(
+            pseudo_sum(GSO_GUEST_IP, GSO_HOST_IP, tcp_len),
+            &done[34..]
+        )),
+        0xffff,
+        "the guest's partial TCP checksum is not the pseudo-header's sum"
+    );
+
+    // The kernel's segments: MSS-sized, consecutive sequence numbers, valid checksums, the
+    // payload in order.
+    let segs = &seen.segments;
+    assert_eq!(
+        segs.len(),
+        GSO_TX_PAYLOAD.div_ceil(usize::from(GSO_MSS)),
+        "segments seen on veth2"
+    );
+    let mut joined = Vec::new();
+    for (i, s) in segs.iter().enumerate() {
+        let ip_len = usize::from(u16::from_be_bytes([s[16], s[17]]));
+        assert!(s.len() >= 14 + ip_len, "segment {i}: short");
+        let s = &s[..14 + ip_len];
+        let data = &s[54..];
+        let want = (GSO_TX_PAYLOAD - i * usize::from(GSO_MSS)).min(usize::from(GSO_MSS));
+        assert_eq!(data.len(), want, "segment {i}: payload length");
+        assert_eq!(
+            fold(sum16(0, &s[14..34])),
+            0xffff,
+            "segment {i}: IPv4 checksum"
+        );
+        let seq = u32::from_be_bytes([s[38], s[39], s[40], s[41]]);
+        assert_eq!(
+            seq,
+            0x1000_0000 + (i * usize::from(GSO_MSS)) as u32,
+            "segment {i}: sequence number"
+        );
+        assert_eq!(
+            fold(sum16(
+                pseudo_sum(GSO_GUEST_IP, GSO_HOST_IP, s.len() - 34),
+                &s[34..]
+            )),
+            0xffff,
+            "segment {i}: TCP checksum"
+        );
+        joined.extend_from_slice(data);
+    }
+    assert!(joined == tx_payload, "the segments' payload differs");
+    assert_eq!(counter_sum(&m, "net", "tx_fails"), 0, "metrics:\n{m}");
+}

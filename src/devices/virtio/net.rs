@@ -1,7 +1,9 @@
 //! virtio-net: an RX queue (0) and a TX queue (1) over a TAP backend. Every frame carries the
 //! 12-byte `virtio_net_hdr_v1`, passed between the guest and the TAP as it is (the device only
 //! sets `num_buffers` on RX). Checksum and segmentation offloads are offered and passed to the
-//! TAP with `TUNSETOFFLOAD` from what the driver accepted. Without MRG_RXBUF each RX chain must
+//! TAP with `TUNSETOFFLOAD` from what the driver accepted (and turned off at a reset); a frame
+//! the TAP queued with more than the driver accepted (before a reset and a renegotiation) has
+//! its checksum completed here or, GSO, is dropped. Without MRG_RXBUF each RX chain must
 //! hold a whole frame and its header (`num_buffers` = 1); with it a frame spans as many chains
 //! as it needs, and `num_buffers` in the first one says how many.
 //!
@@ -76,6 +78,57 @@ pub fn tun_offloads(features: u64) -> u32 {
     f
 }
 
+/// `virtio_net_hdr.flags`: the checksum from `csum_start` on is still to be computed.
+const HDR_F_NEEDS_CSUM: u8 = 1;
+/// `virtio_net_hdr.gso_type`: none, TCP/IPv4, UDP (UFO), TCP/IPv6; the ECN bit.
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_UDP: u8 = 3;
+const GSO_TCPV6: u8 = 4;
+const GSO_ECN: u8 = 0x80;
+
+/// Whether a frame read from the TAP (header included) may go to a driver that accepted
+/// `features`, after making it fit them: a checksum left to the driver (NEEDS_CSUM) is
+/// computed here when the driver did not accept GUEST_CSUM; a GSO frame of a kind the driver
+/// did not accept cannot be made to fit (false). The TAP only makes such frames when its
+/// offloads are wider than what the driver accepted: frames it queued before a reset and a
+/// renegotiation with fewer features.
+fn fit_rx_header(frame: &mut [u8], features: u64) -> bool {
+    let gso = frame[1];
+    let accepted = match gso & !GSO_ECN {
+        GSO_NONE => true,
+        GSO_TCPV4 => features & VIRTIO_NET_F_GUEST_TSO4 != 0,
+        GSO_TCPV6 => features & VIRTIO_NET_F_GUEST_TSO6 != 0,
+        GSO_UDP => features & VIRTIO_NET_F_GUEST_UFO != 0,
+        _ => false,
+    };
+    // GUEST_ECN is never offered.
+    if !accepted || gso & GSO_ECN != 0 {
+        return false;
+    }
+    if frame[0] & HDR_F_NEEDS_CSUM == 0 || features & VIRTIO_NET_F_GUEST_CSUM != 0 {
+        return true;
+    }
+    let start = VNET_HDR_LEN + usize::from(u16::from_le_bytes([frame[6], frame[7]]));
+    let at = start + usize::from(u16::from_le_bytes([frame[8], frame[9]]));
+    if at + 2 > frame.len() {
+        return false;
+    }
+    let mut sum = 0u64;
+    for c in frame[start..].chunks(2) {
+        sum += u64::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]));
+    }
+    // The 64-bit sum of at most 64 Ki 16-bit words folds in two rounds; loop anyway.
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    // The field held the pseudo-header's sum: the sum over csum_start.. includes it.
+    let csum = !(sum as u16);
+    frame[at..at + 2].copy_from_slice(&csum.to_be_bytes());
+    frame[0] &= !HDR_F_NEEDS_CSUM;
+    true
+}
+
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 
@@ -111,6 +164,8 @@ pub struct Net<B: NetBackend> {
     mrg_rxbuf: bool,
     /// The TAP offloads last set (0 when the device was made).
     offloads: u32,
+    /// The features the driver accepted (0 before FEATURES_OK and after a reset).
+    acked: u64,
     /// The device's own group (`net_<iface_id>` once named by [`Net::with_metrics_id`]).
     metrics: Arc<NetMetrics>,
 }
@@ -155,6 +210,7 @@ impl<B: NetBackend> Net<B> {
             throttle: Throttle::default(),
             mrg_rxbuf: false,
             offloads: 0,
+            acked: 0,
             metrics: Arc::new(NetMetrics::new()),
         }
     }
@@ -370,6 +426,16 @@ impl<B: NetBackend> Net<B> {
         Ok(Merged::Delivered)
     }
 
+    /// `TUNSETOFFLOAD` when `offloads` differ from the TAP's.
+    fn set_tap_offloads(&mut self, offloads: u32) {
+        if offloads != self.offloads {
+            match self.backend.set_offload(offloads) {
+                Ok(()) => self.offloads = offloads,
+                Err(e) => log::warn!("virtio-net: cannot set the TAP offloads {offloads:#x}: {e}"),
+            }
+        }
+    }
+
     /// Counts an RX chain the device cannot use (given back with length 0, the frame kept).
     fn rx_malformed(&self, err: Option<ChainError>) {
         match err {
@@ -390,6 +456,11 @@ impl<B: NetBackend> Net<B> {
                 Some(n) => n,
                 None => match self.backend.recv(&mut self.rx_buf) {
                     Ok(n) if n < VNET_HDR_LEN + ETH_HLEN => {
+                        bump(&self.metrics, |m| &m.rx_dropped, 1);
+                        continue;
+                    }
+                    Ok(n) if !fit_rx_header(&mut self.rx_buf[..n], self.acked) => {
+                        log::debug!("virtio-net: an RX frame with offloads the driver refused");
                         bump(&self.metrics, |m| &m.rx_dropped, 1);
                         continue;
                     }
@@ -526,18 +597,16 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
 
     fn ack_features(&mut self, features: u64) {
         self.mrg_rxbuf = features & VIRTIO_NET_F_MRG_RXBUF != 0;
-        let offloads = tun_offloads(features);
-        if offloads != self.offloads {
-            match self.backend.set_offload(offloads) {
-                Ok(()) => self.offloads = offloads,
-                Err(e) => log::warn!("virtio-net: cannot set the TAP offloads {offloads:#x}: {e}"),
-            }
-        }
+        self.acked = features;
+        self.set_tap_offloads(tun_offloads(features));
     }
 
     fn reset(&mut self) {
         self.rx_pending = None;
         self.mrg_rxbuf = false;
+        self.acked = 0;
+        // No driver: the TAP stops making frames only the last one could take.
+        self.set_tap_offloads(0);
         self.throttle.release();
     }
 
@@ -903,5 +972,128 @@ mod tests {
         assert_eq!(tun_offloads(VIRTIO_NET_F_GUEST_CSUM), TUN_F_CSUM);
         n.ack_features(VIRTIO_F_VERSION_1);
         assert_eq!(fake.offloads.lock().unwrap().last(), Some(&0));
+        // A reset turns them off too: no driver takes the TAP's GSO frames any more.
+        n.ack_features(VIRTIO_F_VERSION_1 | VIRTIO_NET_F_GUEST_CSUM);
+        n.reset();
+        assert_eq!(
+            fake.offloads.lock().unwrap().as_slice(),
+            &[
+                TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_UFO,
+                0,
+                TUN_F_CSUM,
+                0
+            ]
+        );
+    }
+
+    /// A TCP/IPv4 frame (header included) whose header asks for NEEDS_CSUM (csum_start 34,
+    /// csum_offset 16, the pseudo-header's sum in the field) and GSO of `gso_type`.
+    fn partial_tcp_frame(gso_type: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f[0] = HDR_F_NEEDS_CSUM;
+        f[1] = gso_type;
+        f[4..6].copy_from_slice(&1448u16.to_le_bytes());
+        f[6..8].copy_from_slice(&34u16.to_le_bytes());
+        f[8..10].copy_from_slice(&16u16.to_le_bytes());
+        f.extend_from_slice(&MAC);
+        f.extend_from_slice(&[2; 6]);
+        f.extend_from_slice(&[8, 0]);
+        let tcp_len = 20 + payload.len();
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        ip[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        f.extend_from_slice(&ip);
+        let mut tcp = [0u8; 20];
+        tcp[0..4].copy_from_slice(&[0x13, 0x89, 0x9c, 0x40]);
+        tcp[12] = 5 << 4;
+        // 10.0.0.1 + 10.0.0.2 + protocol 6 + the TCP length, folded.
+        let pseudo = 0x0a00 + 0x0001 + 0x0a00 + 0x0002 + 6 + tcp_len as u32;
+        let pseudo = (pseudo & 0xffff) + (pseudo >> 16);
+        tcp[16..18].copy_from_slice(&(pseudo as u16).to_be_bytes());
+        f.extend_from_slice(&tcp);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Whether the TCP checksum of a frame (header included) built by `partial_tcp_frame` is
+    /// complete and right.
+    fn tcp_checksum_ok(f: &[u8]) -> bool {
+        let tcp = &f[VNET_HDR_LEN + 34..];
+        let mut sum: u32 = 0x0a00 + 0x0001 + 0x0a00 + 0x0002 + 6 + tcp.len() as u32;
+        for c in tcp.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        sum == 0xffff
+    }
+
+    #[test]
+    fn rx_frames_fit_what_the_driver_accepted() {
+        let mem = memory();
+        let fake = Fake::default();
+        let mut n = Net::new(fake.clone(), Some(MAC), None).with_metrics_id("unit_rx_fit");
+        let mut qs = [queue(&mem, 16), queue(&mem, 16)];
+        // A driver with GUEST_CSUM and GUEST_TSO4 gets the TAP's header as it is.
+        n.ack_features(VIRTIO_F_VERSION_1 | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4);
+        let gso = partial_tcp_frame(GSO_TCPV4, &[0x61; 301]);
+        fake.inbox.lock().unwrap().push_back(gso.clone());
+        write_desc(&mem, 0, 0x8000, 1024, WRITE, 0);
+        make_avail(&mem, 0, 0);
+        assert!(n.process_queues(RX_QUEUE, &mem, &mut qs).unwrap());
+        let mut got = vec![0u8; gso.len()];
+        mem.read_slice(&mut got, GuestAddress(0x8000)).unwrap();
+        let mut want = gso.clone();
+        want[10] = 1;
+        assert_eq!(got, want);
+
+        // After a reset, a driver without offloads: frames the TAP queued before are made to
+        // fit (the checksum computed here) or dropped (GSO it cannot take).
+        n.reset();
+        n.ack_features(VIRTIO_F_VERSION_1);
+        let partial = partial_tcp_frame(GSO_NONE, &[0x62; 101]);
+        assert!(!tcp_checksum_ok(&partial));
+        fake.inbox.lock().unwrap().extend([
+            gso.clone(),
+            partial_tcp_frame(GSO_TCPV6, &[1; 8]),
+            partial_tcp_frame(GSO_TCPV4 | GSO_ECN, &[1; 8]),
+            partial.clone(),
+        ]);
+        let dropped = n.metrics.rx_dropped.count();
+        write_desc(&mem, 1, 0x9000, 1024, WRITE, 0);
+        make_avail(&mem, 1, 1);
+        assert!(n.process_queues(RX_QUEUE, &mem, &mut qs).unwrap());
+        assert_eq!(used_idx(&mem), 2);
+        assert_eq!(used_elem(&mem, 1), (1, partial.len() as u32));
+        assert_eq!(n.metrics.rx_dropped.count(), dropped + 3);
+        let mut got = vec![0u8; partial.len()];
+        mem.read_slice(&mut got, GuestAddress(0x9000)).unwrap();
+        assert_eq!(got[0], 0, "NEEDS_CSUM cleared");
+        assert!(tcp_checksum_ok(&got), "the checksum completed");
+        assert_eq!(got[VNET_HDR_LEN + 54..], partial[VNET_HDR_LEN + 54..]);
+
+        // A checksum position past the frame: dropped.
+        let mut bad = partial_tcp_frame(GSO_NONE, &[]);
+        bad[8..10].copy_from_slice(&500u16.to_le_bytes());
+        assert!(!fit_rx_header(&mut bad, VIRTIO_F_VERSION_1));
+        // With MRG_RXBUF the same holds.
+        n.reset();
+        n.ack_features(VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF);
+        fake.inbox
+            .lock()
+            .unwrap()
+            .extend([gso.clone(), partial.clone()]);
+        write_desc(&mem, 2, 0xa000, 1024, WRITE, 0);
+        make_avail(&mem, 2, 2);
+        assert!(n.process_queues(RX_QUEUE, &mem, &mut qs).unwrap());
+        assert_eq!(used_elem(&mem, 2), (2, partial.len() as u32));
+        let mut got = vec![0u8; partial.len()];
+        mem.read_slice(&mut got, GuestAddress(0xa000)).unwrap();
+        assert!(got[0] == 0 && tcp_checksum_ok(&got));
     }
 }

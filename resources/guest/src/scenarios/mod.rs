@@ -19,6 +19,7 @@ pub mod initrd;
 pub mod mem;
 pub mod net;
 pub mod netbench;
+pub mod netgso;
 pub mod panic;
 pub mod rng;
 pub mod smp;
@@ -100,6 +101,10 @@ pub const ALL: &[Scenario] = &[
     Scenario {
         name: "netbench=",
         run: netbench::run,
+    },
+    Scenario {
+        name: "netgso",
+        run: netgso::run,
     },
     Scenario {
         name: "vsockbench=",

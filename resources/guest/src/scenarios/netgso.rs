@@ -1,0 +1,308 @@
+//! `netgso`: segmentation offloads and mergeable RX buffers on the first virtio net device,
+//! both ways. Negotiates VERSION_1, MAC, CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4 and MRG_RXBUF
+//! (FAIL when one is not offered) and prints `netgso: negotiated csum guest_csum guest_tso4
+//! host_tso4 mrg_rxbuf`. Rings of up to 64 entries, buffers in RAM at 16..40 MiB.
+//!
+//! 1. RX: posts one 4 KiB buffer per RX ring entry (fewer bytes each than a big frame needs),
+//!    prints `netgso: rx ready` and waits (30 s at most) for an IPv4 TCP frame to port
+//!    [`GUEST_PORT`], gathering its `num_buffers` buffers (other frames are counted and
+//!    ignored). Prints what it saw:
+//!    `netgso: rx frame <len> bytes in <n> buffers, all but the last full: <yes|no>`,
+//!    `netgso: rx hdr flags <f> gso_type <t> gso_size <s> hdr_len <h> csum_start <a>
+//!    csum_offset <b>`, `netgso: rx ipv4 tot_len <l> tcp seq <q> payload <p> bytes
+//!    fnv1a64=<hex>` and `netgso: rx ignored <k> other frames`.
+//! 2. TX: sends one TCP/IPv4 frame of [`TX_PAYLOAD`] payload bytes (pattern [`pattern`] with
+//!    seed [`TX_SEED`]) to 02:00:00:00:00:aa with a header asking for TSO (NEEDS_CSUM,
+//!    csum_start 34, csum_offset 16, GSO TCPV4, gso_size [`TX_MSS`], hdr_len 54), the TCP
+//!    checksum field holding the pseudo-header sum:
+//!    `netgso: tx sent <len> byte frame gso_size <s> payload fnv1a64=<hex>`.
+
+use super::initrd::fnv1a64;
+use super::netbench::{check_region, Ring, REGION};
+use crate::serial::Hex;
+use crate::virtio::mmio::{Transport, F_VERSION_1};
+use crate::virtio::net::{Net, F_MAC, HDR_LEN};
+use crate::virtio::queue::{DESC_F_WRITE, PAGE};
+use crate::virtio::{deadline, tsc_per_us};
+use crate::{hw, Ctx};
+
+const F_CSUM: u64 = 1 << 0;
+const F_GUEST_CSUM: u64 = 1 << 1;
+const F_GUEST_TSO4: u64 = 1 << 7;
+const F_HOST_TSO4: u64 = 1 << 11;
+const F_MRG_RXBUF: u64 = 1 << 15;
+
+const HDR_F_NEEDS_CSUM: u8 = 1;
+const GSO_TCPV4: u8 = 1;
+
+/// One RX buffer.
+const RX_BUF: usize = 4096;
+/// The TCP port the host sends to, and the guest's source port on TX.
+pub const GUEST_PORT: u16 = 40000;
+/// The host's TCP port.
+pub const HOST_PORT: u16 = 5001;
+pub const TX_PAYLOAD: usize = 40000;
+pub const TX_MSS: u16 = 1448;
+pub const TX_SEED: u8 = 0x5a;
+const GUEST_IP: [u8; 4] = [10, 0, 0, 2];
+const HOST_IP: [u8; 4] = [10, 0, 0, 1];
+const HOST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xaa];
+/// Ethernet + IPv4 + TCP headers, none with options.
+const HDRS: usize = 14 + 20 + 20;
+
+const RX_WAIT_US: u64 = 30_000_000;
+const PART_WAIT_US: u64 = 5_000_000;
+
+/// Byte `k` of a test payload (the host test computes the same).
+pub fn pattern(k: usize, seed: u8) -> u8 {
+    ((k as u32).wrapping_mul(2_654_435_761).rotate_right(13) as u8) ^ seed
+}
+
+/// The 16-bit one's complement sum of `b` added to `sum` (not folded).
+fn sum16(mut sum: u32, b: &[u8]) -> u32 {
+    let mut i = 0;
+    while i + 1 < b.len() {
+        sum += u16::from_be_bytes([b[i], b[i + 1]]) as u32;
+        i += 2;
+    }
+    if i < b.len() {
+        sum += (b[i] as u32) << 8;
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+/// The next used RX element within `us` microseconds, else FAIL with `what`.
+fn next_used(rx: &mut Ring, us: u64, what: &str) -> (u16, usize) {
+    let end = deadline(us);
+    loop {
+        if let Some((id, len)) = rx.q.poll() {
+            return ((id % rx.size() as u32) as u16, (len as usize).min(RX_BUF));
+        }
+        if hw::rdtsc() > end {
+            fail!("netgso: ", what);
+        }
+        core::hint::spin_loop();
+    }
+}
+
+pub fn run(ctx: &Ctx, _arg: &[u8]) {
+    check_region(ctx, "netgso");
+    let Some(base) = Net::find(ctx.bp.cmdline()) else {
+        fail!("netgso: no virtio net device on the command line");
+    };
+    let t = Transport::new(base);
+    let want = F_MAC | F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_HOST_TSO4 | F_MRG_RXBUF;
+    let offered = match t.begin(F_VERSION_1 | want) {
+        Ok(f) => f,
+        Err(e) => fail!("netgso: ", e),
+    };
+    if offered & want != want {
+        fail!(
+            "netgso: features missing from the offer: ",
+            Hex(want & !offered, 8)
+        );
+    }
+    let (mut rx, mut tx) = match (
+        Ring::setup(&t, 0, REGION, false),
+        Ring::setup(&t, 1, REGION + PAGE as u64, false),
+    ) {
+        (Ok(r), Ok(x)) => (r, x),
+        (Err(e), _) | (_, Err(e)) => fail!("netgso: ", e),
+    };
+    if let Err(e) = t.driver_ok() {
+        fail!("netgso: ", e);
+    }
+    say!("netgso: negotiated csum guest_csum guest_tso4 host_tso4 mrg_rxbuf");
+    let mut mac = [0u8; 6];
+    for (i, b) in mac.iter_mut().enumerate() {
+        *b = t.config8(i as u64);
+    }
+    tsc_per_us();
+
+    // Buffers: RX at +64 KiB (64 x 4 KiB), the reassembled frame at +1 MiB, TX at +2 MiB.
+    let rx_bufs = REGION + (64 << 10);
+    let whole = REGION + (1 << 20);
+    let tx_buf = REGION + (2 << 20);
+    let buf = |id: u16| rx_bufs + id as u64 * RX_BUF as u64;
+    for i in 0..rx.size() {
+        rx.q.set_desc(i, buf(i), RX_BUF as u32, DESC_F_WRITE, 0);
+        rx.q.push(i);
+    }
+    t.notify(0);
+    say!("netgso: rx ready");
+
+    // SAFETY: inside the region checked above, used by nothing else; the device never
+    // writes there (no descriptor points at it).
+    let asm = unsafe { core::slice::from_raw_parts_mut(whole as *mut u8, 256 << 10) };
+    let mut ignored = 0u32;
+    let (len, nbufs, all_full) = loop {
+        let (id, n) = next_used(
+            &mut rx,
+            RX_WAIT_US,
+            "no TCP frame for the guest within 30 s",
+        );
+        // SAFETY: buffer `id` is in the region and the device is done with it.
+        let first = unsafe { core::slice::from_raw_parts(buf(id) as *const u8, n) };
+        if n < HDR_LEN {
+            fail!(
+                "netgso: an RX buffer of ",
+                n,
+                " bytes, shorter than the header"
+            );
+        }
+        let nb = le16(first, 10) as usize;
+        if nb == 0 || nb > rx.size() as usize {
+            fail!("netgso: num_buffers ", nb, " with a ring of ", rx.size());
+        }
+        asm[..n].copy_from_slice(first);
+        let mut len = n;
+        let mut all_full = true;
+        let mut ids = [0u16; 64];
+        ids[0] = id;
+        for slot in ids.iter_mut().take(nb).skip(1) {
+            all_full &= len % RX_BUF == 0;
+            let (id, n) = next_used(&mut rx, PART_WAIT_US, "a frame's next buffer never came");
+            // SAFETY: as above.
+            let part = unsafe { core::slice::from_raw_parts(buf(id) as *const u8, n) };
+            asm[len..len + n].copy_from_slice(part);
+            len += n;
+            *slot = id;
+        }
+        for &id in ids.iter().take(nb) {
+            rx.q.push(id);
+        }
+        t.notify(0);
+        let f = &asm[HDR_LEN..len];
+        let mine = f.len() >= HDRS
+            && f[12..14] == [0x08, 0x00]
+            && f[14] == 0x45
+            && f[23] == 6
+            && be16(f, 36) == GUEST_PORT;
+        if mine {
+            break (len, nb, all_full);
+        }
+        ignored += 1;
+    };
+    let h = &asm[..HDR_LEN];
+    let f = &asm[HDR_LEN..len];
+    say!(
+        "netgso: rx frame ",
+        f.len(),
+        " bytes in ",
+        nbufs,
+        " buffers, all but the last full: ",
+        if all_full { "yes" } else { "no" }
+    );
+    say!(
+        "netgso: rx hdr flags ",
+        h[0],
+        " gso_type ",
+        h[1],
+        " gso_size ",
+        le16(h, 4),
+        " hdr_len ",
+        le16(h, 2),
+        " csum_start ",
+        le16(h, 6),
+        " csum_offset ",
+        le16(h, 8)
+    );
+    let seq = u32::from_be_bytes([f[38], f[39], f[40], f[41]]);
+    let payload = &f[HDRS..];
+    say!(
+        "netgso: rx ipv4 tot_len ",
+        be16(f, 16),
+        " tcp seq ",
+        seq,
+        " payload ",
+        payload.len(),
+        " bytes fnv1a64=",
+        Hex(fnv1a64(payload), 16)
+    );
+    say!("netgso: rx ignored ", ignored, " other frames");
+
+    // TX: one frame, TSO asked for.
+    let total = HDR_LEN + HDRS + TX_PAYLOAD;
+    // SAFETY: inside the region; the device has no TX buffer yet.
+    let b = unsafe { core::slice::from_raw_parts_mut(tx_buf as *mut u8, total) };
+    b.fill(0);
+    b[0] = HDR_F_NEEDS_CSUM;
+    b[1] = GSO_TCPV4;
+    b[2..4].copy_from_slice(&(HDRS as u16).to_le_bytes());
+    b[4..6].copy_from_slice(&TX_MSS.to_le_bytes());
+    b[6..8].copy_from_slice(&34u16.to_le_bytes());
+    b[8..10].copy_from_slice(&16u16.to_le_bytes());
+    let f = &mut b[HDR_LEN..];
+    f[..6].copy_from_slice(&HOST_MAC);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    let tcp_len = 20 + TX_PAYLOAD;
+    {
+        let ip = &mut f[14..34];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
+        ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        ip[6] = 0x40; // DF
+        ip[8] = 64;
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&GUEST_IP);
+        ip[16..20].copy_from_slice(&HOST_IP);
+        let c = !fold(sum16(0, ip));
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+    {
+        let tcp = &mut f[34..54];
+        tcp[0..2].copy_from_slice(&GUEST_PORT.to_be_bytes());
+        tcp[2..4].copy_from_slice(&HOST_PORT.to_be_bytes());
+        tcp[4..8].copy_from_slice(&0x1000_0000u32.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x18; // PSH, ACK
+        tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
+    }
+    // NEEDS_CSUM: the checksum field holds the pseudo-header's sum (whole TCP length), the
+    // device or the host finishes it over csum_start.. (each segment's, with TSO).
+    let mut pseudo = sum16(0, &GUEST_IP);
+    pseudo = sum16(pseudo, &HOST_IP);
+    pseudo += 6 + tcp_len as u32;
+    f[50..52].copy_from_slice(&fold(pseudo).to_be_bytes());
+    for (k, c) in f[HDRS..].iter_mut().enumerate() {
+        *c = pattern(k, TX_SEED);
+    }
+    let h = fnv1a64(&f[HDRS..]);
+    tx.q.set_desc(0, tx_buf, total as u32, 0, 0);
+    tx.q.push(0);
+    t.notify(1);
+    let end = deadline(PART_WAIT_US);
+    loop {
+        if tx.q.poll().is_some() {
+            break;
+        }
+        if hw::rdtsc() > end {
+            fail!("netgso: the TX frame was not used within 5 s");
+        }
+        core::hint::spin_loop();
+    }
+    say!(
+        "netgso: tx sent ",
+        total - HDR_LEN,
+        " byte frame gso_size ",
+        TX_MSS,
+        " payload fnv1a64=",
+        Hex(h, 16)
+    );
+}
