@@ -536,14 +536,19 @@ fn launch_rate(vmm: &Vmm, report: &mut Report, n: usize) -> f64 {
     if let Some(cg) = &cgroup {
         cg.enter();
     }
+    // Each VMM writes its console to a file of its own that the bench closes right after the
+    // spawn: with a pipe per VMM kept open here, every later spawn copied and closed all of
+    // them (the fd table is duplicated at fork and cleared at exec), a cost growing with N.
+    let outs: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("out-{i}"))).collect();
     let start = Instant::now();
     let mut children = Vec::with_capacity(n);
-    for _ in 0..n {
+    for out in &outs {
+        let file = std::fs::File::create(out).expect("create a console file");
         let mut cmd = vmm.command();
         cmd.args(["--no-api", "--config-file"])
             .arg(&cfg)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(file)
             .stderr(Stdio::inherit())
             .process_group(0);
         let c = cmd.spawn().expect("spawn");
@@ -552,12 +557,12 @@ fn launch_rate(vmm: &Vmm, report: &mut Report, n: usize) -> f64 {
     if let Some(cg) = &cgroup {
         cg.leave();
     }
+    let statuses: Vec<_> = children.iter_mut().map(|c| c.wait()).collect();
+    let secs = start.elapsed().as_secs_f64();
     let mut booted = 0;
     let mut failure = None;
-    for mut c in children {
-        let mut out = String::new();
-        let _ = c.stdout.take().unwrap().read_to_string(&mut out);
-        let status = c.wait();
+    for (status, path) in statuses.into_iter().zip(&outs) {
+        let out = std::fs::read_to_string(path).unwrap_or_default();
         let ok = status.as_ref().map(|s| s.success()).unwrap_or(false);
         if ok && out.contains(BOOT_MARK) {
             booted += 1;
@@ -566,7 +571,6 @@ fn launch_rate(vmm: &Vmm, report: &mut Report, n: usize) -> f64 {
             failure = Some(format!("{status:?}: {}", tail.join(" | ")));
         }
     }
-    let secs = start.elapsed().as_secs_f64();
     reap_all();
     let secs_all = start.elapsed().as_secs_f64();
     let peak_mib = cgroup.as_ref().and_then(MemCgroup::peak_bytes);
