@@ -436,7 +436,9 @@ fn patch_drive_swaps_the_file_and_signals_the_guest() {
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.fault().contains("before starting"), "{}", r.body);
 
-    api_boot(&mut c, "blkwait", 1);
+    // Two swaps: the guest stays up (waiting for the second) while the first is checked
+    // through the API; with one it could see the change, finish and stop ember first.
+    api_boot(&mut c, "blkwait=2", 1);
     vm.wait_for(&format!("blkwait: capacity {} sectors", MIB / SECTOR));
 
     // A rate limiter can be set after start: the bucket given is set, the other kept (none);
@@ -475,6 +477,13 @@ fn patch_drive_swaps_the_file_and_signals_the_guest() {
     vm.wait_for(&format!(
         "blk: capacity changed to {} sectors",
         2 * MIB / SECTOR
+    ));
+    let back = json!({"drive_id": "rootfs", "path_on_host": first.to_str().unwrap()});
+    let r = c.patch("/drives/rootfs", &back.to_string());
+    assert_eq!(r.status, 204, "{}", r.body);
+    vm.wait_for(&format!(
+        "blk: capacity changed to {} sectors",
+        MIB / SECTOR
     ));
 }
 

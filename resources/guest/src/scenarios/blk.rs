@@ -1,7 +1,8 @@
 //! `blk`: the first virtio block device: capacity, read, write + flush (or
 //! a refused write on a read-only drive), an out-of-range read, GET_ID.
-//! `blkwait`: waits (up to 30 s) for a configuration change of the first
-//! block device (the host swapped its file) and prints the new capacity.
+//! `blkwait` (or `blkwait=<n>`): waits (up to 30 s each) for one (or n)
+//! configuration changes of the first block device (the host swapped its file)
+//! and prints the new capacity after each.
 
 use super::initrd::fnv1a64;
 use crate::serial::Hex;
@@ -84,22 +85,30 @@ pub fn run(ctx: &Ctx, _arg: &[u8]) {
     say!("blk: id ", &text[..n]);
 }
 
-pub fn wait_config(ctx: &Ctx, _arg: &[u8]) {
+pub fn wait_config(ctx: &Ctx, arg: &[u8]) {
     use crate::virtio::mmio::{CONFIG_GENERATION, INTERRUPT_ACK, INTERRUPT_STATUS};
+    let changes = super::parse_dec(arg).unwrap_or(1);
     let b = open_first(ctx, "blkwait");
-    let gen = b.t.read(CONFIG_GENERATION);
+    let mut gen = b.t.read(CONFIG_GENERATION);
     say!("blkwait: capacity ", b.capacity, " sectors, generation ", gen);
-    let deadline = crate::hw::rdtsc() + super::ticks::tsc_per_us() * 30_000_000;
-    loop {
-        let st = b.t.read(INTERRUPT_STATUS);
-        if st & 2 != 0 || b.t.read(CONFIG_GENERATION) != gen {
-            b.t.write(INTERRUPT_ACK, st & 2);
-            break;
+    for _ in 0..changes {
+        let deadline = crate::hw::rdtsc() + super::ticks::tsc_per_us() * 30_000_000;
+        loop {
+            // The generation is the signal (ember moves it and raises the interrupt under one
+            // lock); the interrupt bit is only acknowledged, so a bit set by this change but
+            // read before it cannot count as the next one.
+            let now = b.t.read(CONFIG_GENERATION);
+            if now != gen {
+                let st = b.t.read(INTERRUPT_STATUS);
+                b.t.write(INTERRUPT_ACK, st & 2);
+                gen = now;
+                break;
+            }
+            if crate::hw::rdtsc() > deadline {
+                fail!("blkwait: no configuration change within 30 s");
+            }
+            core::hint::spin_loop();
         }
-        if crate::hw::rdtsc() > deadline {
-            fail!("blkwait: no configuration change within 30 s");
-        }
-        core::hint::spin_loop();
+        say!("blk: capacity changed to ", b.t.config64(0), " sectors");
     }
-    say!("blk: capacity changed to ", b.t.config64(0), " sectors");
 }

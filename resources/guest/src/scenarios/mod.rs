@@ -71,6 +71,10 @@ pub const ALL: &[Scenario] = &[
         run: blk::wait_config,
     },
     Scenario {
+        name: "blkwait=",
+        run: blk::wait_config,
+    },
+    Scenario {
         name: "blk",
         run: blk::run,
     },
