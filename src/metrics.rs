@@ -380,10 +380,25 @@ pub fn flush() {
     }
 }
 
-/// For signal handlers: flushes only if nobody holds the lock (never block in a handler), and
-/// serialises into a stack buffer (never allocate in a handler).
+/// For signal handlers: serialises into a stack buffer (never allocate in a handler) and never
+/// blocks on the lock: while another thread holds it (its flush takes microseconds, and its
+/// deltas must reach the file before this one) it retries for a bounded while, then gives up
+/// (the holder may be this very thread, interrupted).
 pub fn try_flush() {
-    if let Ok(sink) = SINK.try_lock() {
+    let mut sink = SINK.try_lock();
+    for _ in 0..1_000_000 {
+        if !matches!(sink, Err(TryLockError::WouldBlock)) {
+            break;
+        }
+        std::hint::spin_loop();
+        sink = SINK.try_lock();
+    }
+    let sink = match sink {
+        Ok(g) => Some(g),
+        Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    };
+    if let Some(sink) = sink {
         if let Some(f) = sink.as_ref() {
             let mut line = crate::logger::StackBuf::<32768>::new();
             if serde_json::to_writer(&mut line, &NonBlocking(&METRICS)).is_ok() {
