@@ -177,6 +177,42 @@ fn settle() {
     }
 }
 
+/// The host's (busy, total) jiffies from /proc/stat.
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = s
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    // idle and iowait
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// Between scenarios: waits (up to 10 s) until the host has been at least 95% idle for 200 ms,
+/// so that the deferred work of the last one (jail and cgroup removal, freeing big guests,
+/// writeback) does not land on the next one's figures.
+fn quiesce() {
+    reap_all();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        let Some((b0, t0)) = cpu_jiffies() else {
+            return;
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        let Some((b1, t1)) = cpu_jiffies() else {
+            return;
+        };
+        if t1 > t0 && (b1 - b0) * 20 <= t1 - t0 {
+            return;
+        }
+    }
+}
+
 /// Waits for every child (and orphan we inherited) to exit.
 fn reap_all() {
     loop {
@@ -1763,6 +1799,7 @@ fn main() {
         if !want(name) {
             continue;
         }
+        quiesce();
         for _ in 0..o.runs {
             for v in &vmms {
                 settle();
@@ -1773,6 +1810,7 @@ fn main() {
     // Launches before the device scenarios: their fsyncs and bulk transfers leave the host
     // busier (writeback, reclaim) for a while, which showed as a 20% lower launch rate.
     if want("launch") {
+        quiesce();
         for &n in &o.launch {
             let mut rates: Vec<Vec<f64>> = vec![Vec::new(); vmms.len()];
             for _ in 0..o.launch_runs {
@@ -1792,6 +1830,7 @@ fn main() {
         .as_ref()
         .is_some_and(|l| l.iter().any(|x| x == "devices"))
     {
+        quiesce();
         for _ in 0..o.runs {
             for (k, v) in vmms.iter().enumerate() {
                 settle();
@@ -1837,6 +1876,7 @@ fn main() {
     let asked = |s: &str| o.only.as_ref().is_some_and(|l| l.iter().any(|x| x == s));
     // Scenario 8 only when asked for by name: it needs root (a network namespace, a TAP).
     if asked("net") {
+        quiesce();
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             eprintln!("!!! 8. net needs root (network namespaces, TAP devices): not run");
@@ -1859,6 +1899,7 @@ fn main() {
     }
     // Scenario 9 only when asked for by name.
     if asked("vsock") {
+        quiesce();
         for _ in 0..o.runs {
             for v in &vmms {
                 vsock(v, &mut report);
