@@ -87,22 +87,53 @@ fn packet_socket(ns: &str, tap: &str) -> (OwnedFd, libc::c_int) {
         unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) },
         "setns",
     );
-    let proto = (ETHERTYPE).to_be() as libc::c_int;
+    bound_packet_socket(tap, ETHERTYPE, &[])
+}
+
+/// An AF_PACKET socket for `proto` frames bound to `dev` (in the calling thread's namespace),
+/// with the integer socket options `opts` (level, name, value, what) and a 200 ms receive
+/// timeout; the socket and the interface index.
+fn bound_packet_socket(
+    dev: &str,
+    proto: u16,
+    opts: &[(libc::c_int, libc::c_int, libc::c_int, &str)],
+) -> (OwnedFd, libc::c_int) {
     // SAFETY: plain socket creation.
     let fd = check(
-        unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) },
+        unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                proto.to_be() as libc::c_int,
+            )
+        },
         "socket(AF_PACKET)",
     );
     // SAFETY: we own the new fd.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let name = std::ffi::CString::new(tap).unwrap();
+    for &(level, name, v, what) in opts {
+        // SAFETY: an int option.
+        check(
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    level,
+                    name,
+                    (&v as *const libc::c_int).cast(),
+                    4,
+                )
+            },
+            what,
+        );
+    }
+    let name = std::ffi::CString::new(dev).unwrap();
     // SAFETY: a NUL-terminated name.
     let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as libc::c_int;
-    assert!(ifindex > 0, "no {tap} in {ns}");
+    assert!(ifindex > 0, "no {dev}");
     // SAFETY: zeroed sockaddr_ll is valid; filled below.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = ETHERTYPE.to_be();
+    sll.sll_protocol = proto.to_be();
     sll.sll_ifindex = ifindex;
     // SAFETY: a valid sockaddr_ll of the given length.
     check(
@@ -702,71 +733,10 @@ fn tso4_hdr(hdr_len: u16, mss: u16) -> [u8; 10] {
 /// so that it sees them before a bridge takes them), with a virtio_net_hdr in front of every
 /// frame when `vnet_hdr`.
 fn all_packet_socket(dev: &str, vnet_hdr: bool) -> (OwnedFd, libc::c_int) {
-    let proto = (libc::ETH_P_ALL as u16).to_be() as libc::c_int;
-    // SAFETY: plain socket creation.
-    let fd = check(
-        unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) },
-        "socket(AF_PACKET)",
-    );
-    // SAFETY: we own the new fd.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let set = |level, name, v: libc::c_int, what| {
-        // SAFETY: an int option.
-        check(
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    level,
-                    name,
-                    (&v as *const libc::c_int).cast(),
-                    4,
-                )
-            },
-            what,
-        );
-    };
-    if vnet_hdr {
-        set(libc::SOL_PACKET, PACKET_VNET_HDR, 1, "PACKET_VNET_HDR");
-    }
-    set(libc::SOL_SOCKET, libc::SO_RCVBUF, 4 << 20, "SO_RCVBUF");
-    let name = std::ffi::CString::new(dev).unwrap();
-    // SAFETY: a NUL-terminated name.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as libc::c_int;
-    assert!(ifindex > 0, "no {dev}");
-    // SAFETY: zeroed sockaddr_ll is valid; filled below.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-    sll.sll_ifindex = ifindex;
-    // SAFETY: a valid sockaddr_ll of the given length.
-    check(
-        unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        },
-        "bind",
-    );
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 200_000,
-    };
-    // SAFETY: a valid timeval option.
-    check(
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        },
-        "SO_RCVTIMEO",
-    );
-    (fd, ifindex)
+    let rcvbuf = (libc::SOL_SOCKET, libc::SO_RCVBUF, 4 << 20, "SO_RCVBUF");
+    let vnet = (libc::SOL_PACKET, PACKET_VNET_HDR, 1, "PACKET_VNET_HDR");
+    let opts: &[_] = if vnet_hdr { &[vnet, rcvbuf] } else { &[rcvbuf] };
+    bound_packet_socket(dev, libc::ETH_P_ALL as u16, opts)
 }
 
 /// The next incoming (not outgoing) packet, whole, or None after the socket's timeout.
