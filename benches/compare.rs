@@ -1064,29 +1064,14 @@ fn guest_blkbench(
         .spawn()
         .expect("spawn");
     // A hang guard: the guest's own requests time out after 5 s each.
-    let pid = child.id() as i32;
-    let done = Arc::new(AtomicBool::new(false));
-    let guard = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let t = Instant::now();
-            while !done.load(Ordering::SeqCst) {
-                if t.elapsed() > Duration::from_secs(300) {
-                    // SAFETY: signalling our own child, which has not been waited for yet.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
+    let pid = child.id();
+    let guard = HangGuard::new(pid, Duration::from_secs(300));
     let mut out = String::new();
     let _ = child.stdout.take().unwrap().read_to_string(&mut out);
     let mut err = String::new();
     let _ = child.stderr.take().unwrap().read_to_string(&mut err);
     let status = child.wait().expect("wait");
-    done.store(true, Ordering::SeqCst);
-    let _ = guard.join();
+    drop(guard);
     match parse_blkbench(&out) {
         Some(v) if status.success() => Ok(v),
         _ => Err(format!(
@@ -1094,6 +1079,44 @@ fn guest_blkbench(
             tail(&out),
             tail(&err)
         )),
+    }
+}
+
+/// Kills our child `pid` (not yet waited for) if it outlives `limit`: a hung guest must not
+/// hang the bench. Stops watching when dropped, which the caller does after waiting.
+struct HangGuard {
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HangGuard {
+    fn new(pid: u32, limit: Duration) -> HangGuard {
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let thread = std::thread::spawn(move || {
+            let t = Instant::now();
+            while !flag.load(Ordering::SeqCst) {
+                if t.elapsed() > limit {
+                    // SAFETY: signalling our own child, which has not been waited for yet.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        HangGuard {
+            done,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for HangGuard {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -1437,21 +1460,7 @@ fn guest_netbench(vmm: &Vmm, dir: &Path, len: usize) -> Result<NetRun, String> {
         .spawn()
         .map_err(|e| format!("spawn: {e}"))?;
     let pid = child.id();
-    let done = Arc::new(AtomicBool::new(false));
-    let guard = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let t = Instant::now();
-            while !done.load(Ordering::SeqCst) {
-                if t.elapsed() > Duration::from_secs(120) {
-                    // SAFETY: signalling our own child, which has not been waited for yet.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
+    let guard = HangGuard::new(pid, Duration::from_secs(120));
     let mut err = child.stderr.take().unwrap();
     let err_reader = std::thread::spawn(move || {
         let mut s = String::new();
@@ -1503,8 +1512,7 @@ fn guest_netbench(vmm: &Vmm, dir: &Path, len: usize) -> Result<NetRun, String> {
     }
     drop(go);
     let status = child.wait().map_err(|e| e.to_string())?;
-    done.store(true, Ordering::SeqCst);
-    let _ = guard.join();
+    drop(guard);
     let err = err_reader.join().unwrap_or_default();
     let offered = sender.join().unwrap_or(0);
     match (tx, rx) {
@@ -1611,21 +1619,7 @@ fn guest_vsockbench(vmm: &Vmm, dir: &Path) -> Result<VsockRun, String> {
         .spawn()
         .map_err(|e| format!("spawn: {e}"))?;
     let pid = child.id();
-    let done = Arc::new(AtomicBool::new(false));
-    let guard = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let t = Instant::now();
-            while !done.load(Ordering::SeqCst) {
-                if t.elapsed() > Duration::from_secs(180) {
-                    // SAFETY: signalling our own child, which has not been waited for yet.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
+    let guard = HangGuard::new(pid, Duration::from_secs(180));
     let mut err = child.stderr.take().unwrap();
     let err_reader = std::thread::spawn(move || {
         let mut s = String::new();
@@ -1695,8 +1689,7 @@ fn guest_vsockbench(vmm: &Vmm, dir: &Path) -> Result<VsockRun, String> {
         out.push('\n');
     }
     let status = child.wait().map_err(|e| e.to_string())?;
-    done.store(true, Ordering::SeqCst);
-    let _ = guard.join();
+    drop(guard);
     let err = err_reader.join().unwrap_or_default();
     let host = host.map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())));
     let _ = std::fs::remove_file(&uds);
