@@ -29,57 +29,98 @@ const PROLOGUE: usize = 4;
 
 /// Every thread's filter of the JSON policy `json`, as a binary-search program.
 pub fn compile(json: &[u8]) -> Result<HashMap<String, BpfProgram>, String> {
-    // seccompiler validates the whole policy first, so its errors read as they always do.
-    let linear =
-        seccompiler::compile_from_json(json, TargetArch::x86_64).map_err(|e| e.to_string())?;
+    // seccompiler's own compile of the whole policy: its errors read as they always do, and a
+    // thread with no syscalls is just its default action. Only needed in those cases.
+    let linear = || seccompiler::compile_from_json(json, TargetArch::x86_64);
     let doc: BTreeMap<String, Value> = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+
+    // One filter per (thread, syscall), all compiled by one seccompiler call: each call
+    // builds its syscall table anew, which per syscall cost milliseconds in all.
+    let mut parts: Vec<Part> = Vec::new();
+    let mut split = serde_json::Map::new();
+    for (thread, filter) in &doc {
+        let entries = filter
+            .get("filter")
+            .and_then(Value::as_array)
+            .ok_or_else(|| format!("{thread}: no \"filter\" list"))?;
+        // The rules of a syscall, in the policy's order (seccompiler merges them the same way).
+        let mut by_syscall: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
+        for e in entries {
+            let name = e
+                .get("syscall")
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("{thread}: a rule without \"syscall\""))?;
+            by_syscall.entry(name).or_default().push(e.clone());
+        }
+        for (name, rules) in by_syscall {
+            let word_set = one_word_set(&rules);
+            // The thread's filter (actions and all) with this syscall's rules only; cloned
+            // key by key, not with the whole rule list.
+            let mut one = serde_json::Map::new();
+            if let Some(o) = filter.as_object() {
+                for (k, v) in o.iter().filter(|(k, _)| k.as_str() != "filter") {
+                    one.insert(k.clone(), v.clone());
+                }
+            }
+            one.insert("filter".into(), Value::Array(rules));
+            split.insert(parts.len().to_string(), Value::Object(one));
+            parts.push(Part {
+                thread: thread.clone(),
+                name: name.to_string(),
+                word_set,
+            });
+        }
+    }
+    let bytes = serde_json::to_vec(&split).map_err(|e| e.to_string())?;
+    let mut compiled = match seccompiler::compile_from_json(bytes.as_slice(), TargetArch::x86_64) {
+        Ok(m) => m,
+        Err(e) => return Err(linear().err().unwrap_or(e).to_string()),
+    };
+
+    let mut trees: BTreeMap<&str, Tree> = BTreeMap::new();
+    for (i, part) in parts.iter().enumerate() {
+        let prog = compiled
+            .remove(&i.to_string())
+            .ok_or_else(|| format!("{}: {}: not compiled", part.thread, part.name))?;
+        trees
+            .entry(part.thread.as_str())
+            .or_default()
+            .add(part, prog)?;
+    }
     let mut out = HashMap::with_capacity(doc.len());
-    for (thread, filter) in doc {
-        let prog = match tree(&thread, &filter)? {
-            Some(p) => p,
+    for thread in doc.keys() {
+        let prog = match trees.remove(thread.as_str()) {
+            Some(t) => t.finish(thread)?,
             // No syscalls at all: the linear program is just the default action.
-            None => linear
-                .get(&thread)
-                .cloned()
+            None => linear()
+                .map_err(|e| e.to_string())?
+                .remove(thread)
                 .ok_or_else(|| format!("{thread}: not compiled"))?,
         };
-        out.insert(thread, prog);
+        out.insert(thread.clone(), prog);
     }
     Ok(out)
 }
 
-/// One thread's filter; `None` when it lists no syscalls.
-fn tree(thread: &str, filter: &Value) -> Result<Option<BpfProgram>, String> {
-    let entries = filter
-        .get("filter")
-        .and_then(Value::as_array)
-        .ok_or_else(|| format!("{thread}: no \"filter\" list"))?;
-    // The rules of a syscall, in the policy's order (seccompiler merges them the same way).
-    let mut by_syscall: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
-    for e in entries {
-        let name = e
-            .get("syscall")
-            .and_then(Value::as_str)
-            .ok_or_else(|| format!("{thread}: a rule without \"syscall\""))?;
-        by_syscall.entry(name).or_default().push(e.clone());
-    }
-    let mut prologue: Option<Vec<sock_filter>> = None;
-    let mut blocks: Vec<(u32, Vec<sock_filter>)> = Vec::with_capacity(by_syscall.len());
-    for (name, rules) in by_syscall {
-        let word_set = one_word_set(&rules);
-        // The same filter, with only this syscall's rules.
-        let mut one = filter.clone();
-        if let Some(o) = one.as_object_mut() {
-            o.insert("filter".into(), Value::Array(rules));
-        }
-        let doc = serde_json::json!({ "t": one });
-        let bytes = serde_json::to_vec(&doc).map_err(|e| e.to_string())?;
-        let mut map = seccompiler::compile_from_json(bytes.as_slice(), TargetArch::x86_64)
-            .map_err(|e| format!("{thread}: {name}: {e}"))?;
-        let prog = map
-            .remove("t")
-            .ok_or_else(|| format!("{thread}: {name}: not compiled"))?;
-        // [arch check (3), load nr, JEQ nr ... (the block), default action]
+/// One syscall's rules of one thread's filter.
+struct Part {
+    thread: String,
+    name: String,
+    word_set: Option<(u32, Vec<u32>)>,
+}
+
+/// A thread's filter being assembled: seccompiler's prologue and one block per syscall.
+#[derive(Default)]
+struct Tree {
+    prologue: Option<Vec<sock_filter>>,
+    blocks: Vec<(u32, Vec<sock_filter>)>,
+}
+
+impl Tree {
+    /// Adds the block of `prog`, seccompiler's filter for `part`'s rules alone:
+    /// [arch check (3), load nr, JEQ nr ... (the block), default action].
+    fn add(&mut self, part: &Part, prog: BpfProgram) -> Result<(), String> {
+        let (thread, name) = (&part.thread, &part.name);
         let well_formed = prog.len() > PROLOGUE + 1
             && prog[PROLOGUE - 1].code == LD_W_ABS
             && prog[PROLOGUE - 1].k == 0
@@ -89,8 +130,8 @@ fn tree(thread: &str, filter: &Value) -> Result<Option<BpfProgram>, String> {
                 "{thread}: {name}: unexpected seccompiler output layout"
             ));
         }
-        match &prologue {
-            None => prologue = Some(prog[..PROLOGUE].to_vec()),
+        match &self.prologue {
+            None => self.prologue = Some(prog[..PROLOGUE].to_vec()),
             Some(p) if !same(p, &prog[..PROLOGUE]) => {
                 return Err(format!("{thread}: {name}: differing prologues"))
             }
@@ -98,18 +139,26 @@ fn tree(thread: &str, filter: &Value) -> Result<Option<BpfProgram>, String> {
         }
         let nr = prog[PROLOGUE].k;
         let block = &prog[PROLOGUE..];
-        let compact = word_set.and_then(|(index, vals)| word_set_block(nr, index, &vals, block));
-        blocks.push((nr, compact.unwrap_or_else(|| block.to_vec())));
+        let compact = part
+            .word_set
+            .as_ref()
+            .and_then(|(index, vals)| word_set_block(nr, *index, vals, block));
+        self.blocks
+            .push((nr, compact.unwrap_or_else(|| block.to_vec())));
+        Ok(())
     }
-    let Some(mut out) = prologue else {
-        return Ok(None);
-    };
-    blocks.sort_by_key(|b| b.0);
-    out.extend(search(&blocks));
-    if out.len() >= MAX_INSNS {
-        return Err(format!("{thread}: {} instructions is too long", out.len()));
+
+    fn finish(mut self, thread: &str) -> Result<BpfProgram, String> {
+        let mut out = self
+            .prologue
+            .ok_or_else(|| format!("{thread}: no syscalls"))?;
+        self.blocks.sort_by_key(|b| b.0);
+        out.extend(search(&self.blocks));
+        if out.len() >= MAX_INSNS {
+            return Err(format!("{thread}: {} instructions is too long", out.len()));
+        }
+        Ok(out)
     }
-    Ok(Some(out))
 }
 
 /// The argument and its values when every rule of a syscall is one `dword` `eq` test of the
