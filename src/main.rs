@@ -387,12 +387,6 @@ fn main() {
     );
     metrics::flush();
 
-    // From here the VMM thread serves clients and the guest's console. Installing the filter
-    // before a config-file boot also keeps its cost (the kernel compiles it, with TLB
-    // shootdowns) off the CPU the new guest runs on.
-    if let Err(e) = filters.apply(ThreadKind::Vmm) {
-        fail(exit_code::GENERIC_ERROR, e);
-    }
     if let Some(kernel) = kernel {
         if let Err(e) = controller.start(kernel, start) {
             fail(start_error_code(&e), e);
@@ -401,6 +395,12 @@ fn main() {
         // The socket already accepts; use the wait for the client to make what InstanceStart
         // would otherwise make on its critical path.
         controller.prepare_kvm();
+    }
+    // The event loop is where this thread first reads what a client or the guest controls
+    // (API requests, device queues, the console), so its filter goes on here: for a
+    // config-file boot the kernel compiles it while the guest already runs on the other core.
+    if let Err(e) = filters.apply(ThreadKind::Vmm) {
+        fail(exit_code::GENERIC_ERROR, e);
     }
 
     let mut em = match vmm::Manager::new() {
