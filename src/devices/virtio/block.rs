@@ -790,6 +790,18 @@ mod tests {
     const DATA: u64 = 0x9000;
     const STATUS: u64 = 0xa000;
 
+    /// A writable Writeback drive of `sectors` on the `Async` engine.
+    fn async_disk(sectors: usize) -> (Block, std::path::PathBuf) {
+        let (sync, path) = disk(sectors, false, true);
+        drop(sync);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        (Block::new_async(f, false, true).unwrap(), path)
+    }
+
     fn disk(sectors: usize, read_only: bool, writeback: bool) -> (Block, std::path::PathBuf) {
         let path = std::env::temp_dir().join(format!(
             "ember-blk-{}-{}",
@@ -950,14 +962,7 @@ mod tests {
     fn async_engine_completes_through_the_eventfd_and_swaps_files() {
         let mem = memory();
         let mut qs = [queue(&mem, 16)];
-        let (sync, path) = disk(8, false, true);
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        drop(sync);
-        let mut blk = Block::new_async(f, false, true).unwrap();
+        let (mut blk, path) = async_disk(8);
         let evt = blk.completion_event().unwrap();
 
         // Read sectors 2 and 3: used at once if the kernel finished it within the submission
@@ -1010,14 +1015,7 @@ mod tests {
         let mem = memory();
         let mut qs = [queue(&mem, 16)];
         qs[0].set_event_idx(true);
-        let (sync, path) = disk(8, false, true);
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        drop(sync);
-        let mut blk = Block::new_async(f, false, true).unwrap();
+        let (mut blk, path) = async_disk(8);
         let evt = blk.completion_event().unwrap();
         let avail_event = GuestAddress(USED + 4 + 8 * 16);
         mem.write_obj(0xabcdu16, avail_event).unwrap();
@@ -1079,14 +1077,7 @@ mod tests {
     fn async_engine_merges_adjacent_requests() {
         let mem = memory();
         let mut qs = [queue(&mem, 16)];
-        let (sync, path) = disk(8, false, true);
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        drop(sync);
-        let mut blk = Block::new_async(f, false, true).unwrap();
+        let (mut blk, path) = async_disk(8);
         let evt = blk.completion_event().unwrap();
 
         // Writes of sectors 4, 5 and 6 (adjacent: one operation), then of sector 1 (not
@@ -1168,14 +1159,7 @@ mod tests {
     fn async_engine_fails_only_the_bad_request_of_adjacent_ones() {
         let mem = memory();
         let mut qs = [queue(&mem, 16)];
-        let (sync, path) = disk(8, false, true);
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        drop(sync);
-        let mut blk = Block::new_async(f, false, true).unwrap();
+        let (mut blk, path) = async_disk(8);
         let evt = blk.completion_event().unwrap();
         // Writes of sectors 4, 5 and 6; 5's buffer is outside guest memory.
         for i in 0..3u16 {
