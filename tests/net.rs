@@ -63,6 +63,28 @@ impl Netns {
         v.extend_from_slice(args);
         sh(&v);
     }
+
+    /// ember booting the config file `path` inside the namespace, console and log piped.
+    fn spawn_ember(&self, path: &std::path::Path) -> std::process::Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0, EMBER, "--no-api", "--boot-timer"])
+            .arg("--config-file")
+            .arg(path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start ember in the namespace")
+    }
+}
+
+/// The test guest running `boot_args` with eth0 on tap0 (MAC 06:00:ac:10:00:02).
+fn tap0_config(boot_args: &str) -> serde_json::Value {
+    let mut cfg = guest_config(boot_args, 1, 128);
+    cfg["network-interfaces"] = json!([{
+        "iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"
+    }]);
+    cfg
 }
 
 impl Drop for Netns {
@@ -282,28 +304,10 @@ fn net_frames_go_out_and_echo_back_through_a_tap() {
 
     let dir = TempDir::new("net");
     let metrics = dir.path("metrics.json");
-    let mut cfg = guest_config("net", 1, 128);
-    cfg["network-interfaces"] = json!([{
-        "iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"
-    }]);
+    let mut cfg = tap0_config("net");
     cfg["metrics"] = json!({"metrics_path": metrics.to_str().unwrap()});
     let path = dir.write("vm.json", serde_json::to_vec(&cfg).unwrap());
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.0,
-            EMBER,
-            "--no-api",
-            "--boot-timer",
-            "--config-file",
-        ])
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start ember in the namespace");
+    let child = ns.spawn_ember(&path);
     let out = wait_with_guard(child, Duration::from_secs(60));
     let seen = helper.join().expect("the capture helper panicked");
 
@@ -359,14 +363,7 @@ fn an_invalid_tap_is_a_configuration_error_with_or_without_rate_limiters() {
     let mut cfg = guest_config("net", 1, 128);
     cfg["network-interfaces"] = json!([{"iface_id": "eth0", "host_dev_name": "bad/name"}]);
     let path = dir.write("bad.json", serde_json::to_vec(&cfg).unwrap());
-    let child = Command::new("ip")
-        .args(["netns", "exec", &ns.0, EMBER, "--no-api", "--config-file"])
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = ns.spawn_ember(&path);
     wait_with_guard(child, Duration::from_secs(60))
         .expect_code(152)
         .expect("TAP device \"bad/name\"");
@@ -463,28 +460,10 @@ fn evil_guest_is_survived_and_counted() {
 
     let dir = TempDir::new("net-evil");
     let metrics = dir.path("metrics.json");
-    let mut cfg = guest_config("evilnet", 1, 128);
-    cfg["network-interfaces"] = json!([{
-        "iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"
-    }]);
+    let mut cfg = tap0_config("evilnet");
     cfg["metrics"] = json!({"metrics_path": metrics.to_str().unwrap()});
     let path = dir.write("vm.json", serde_json::to_vec(&cfg).unwrap());
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.0,
-            EMBER,
-            "--no-api",
-            "--boot-timer",
-            "--config-file",
-        ])
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start ember in the namespace");
+    let child = ns.spawn_ember(&path);
     let out = wait_with_guard(child, Duration::from_secs(60));
     // Frames still on their way out of the TAP.
     std::thread::sleep(Duration::from_millis(300));
@@ -590,20 +569,9 @@ fn netbench_sends_and_receives_through_a_tap() {
         .expect("the injector did not start");
 
     let dir = TempDir::new("netbench");
-    let mut cfg = guest_config("netbench=1514", 1, 128);
-    cfg["network-interfaces"] = json!([{
-        "iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"
-    }]);
+    let cfg = tap0_config("netbench=1514");
     let path = dir.write("vm.json", serde_json::to_vec(&cfg).unwrap());
-    let child = Command::new("ip")
-        .args(["netns", "exec", &ns.0, EMBER, "--no-api", "--boot-timer"])
-        .arg("--config-file")
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start ember in the namespace");
+    let child = ns.spawn_ember(&path);
     let out = wait_with_guard(child, Duration::from_secs(60));
     injector.join().expect("the injector panicked");
     out.expect_code(0)
@@ -936,21 +904,10 @@ fn netgso_offloads_and_mergeable_buffers_work_both_ways() {
 
     let dir = TempDir::new("netgso");
     let metrics = dir.path("metrics.json");
-    let mut cfg = guest_config("netgso net", 1, 128);
-    cfg["network-interfaces"] = json!([{
-        "iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"
-    }]);
+    let mut cfg = tap0_config("netgso net");
     cfg["metrics"] = json!({"metrics_path": metrics.to_str().unwrap()});
     let path = dir.write("vm.json", serde_json::to_vec(&cfg).unwrap());
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns.0, EMBER, "--no-api", "--boot-timer"])
-        .arg("--config-file")
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start ember in the namespace");
+    let mut child = ns.spawn_ember(&path);
     // Read the console as it comes: the packet goes in once the guest's buffers are posted.
     let stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
