@@ -10,6 +10,18 @@ pub fn outb(port: u16, v: u8) {
         asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
     }
 }
+/// `b.len()` byte writes to `port`, in order (DF is clear throughout the guest).
+pub fn outsb(port: u16, b: &[u8]) {
+    unsafe {
+        asm!(
+            "rep outsb",
+            in("dx") port,
+            inout("rsi") b.as_ptr() => _,
+            inout("rcx") b.len() => _,
+            options(nostack, readonly, preserves_flags)
+        )
+    }
+}
 pub fn outw(port: u16, v: u16) {
     unsafe {
         asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags))
