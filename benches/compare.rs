@@ -9,6 +9,8 @@
 //! cargo bench --bench compare -- [--peer PATH] [--runs N] [--only a,b] [--out DIR]
 //!                                [--jailer PATH] [--launch 10,50,200] [--launch-runs K]
 //!
+//! Scenario names for `--only`: `whole` (1), `warm` (1 with runs back to back), `socket` (2),
+//! `api` (3), `memory` (4), `launch` (5), `jailer` (6, with `--jailer`); these run by default.
 //! Device scenarios run only when named in `--only`: `devices` (7, block throughput), `net`
 //! (8, as root: guest -> TAP and TAP -> guest in a network namespace the bench creates and
 //! deletes, 1514- and 65535-byte frames, packets/s, Gbit/s, VMM CPU ms per Gbit) and `vsock`
@@ -851,7 +853,11 @@ fn markdown(report: &Report, vmms: &[Vmm], runs: usize, launch_runs: usize) -> S
     // By scenario number; rows of one scenario stay in the order they were first measured.
     let mut rows: Vec<&Row> = report.rows.iter().collect();
     rows.sort_by_key(|r| {
-        let n: String = r.scenario.chars().take_while(char::is_ascii_digit).collect();
+        let n: String = r
+            .scenario
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
         n.parse::<u32>().unwrap_or(u32::MAX)
     });
     for r in rows {
