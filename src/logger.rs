@@ -174,7 +174,9 @@ impl Log for Logger {
             "{} [{}:{}",
             local_timestamp(),
             st.instance_id,
-            thread.name().unwrap_or("?")
+            // Every thread ember starts has a name; the one without is the main thread (Rust's
+            // start-up, which would name it, is skipped: see main.rs).
+            thread.name().unwrap_or("main")
         );
         if st.show_level {
             line.push(':');

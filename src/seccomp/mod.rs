@@ -133,7 +133,11 @@ impl Filters {
         let name: &'static str = Box::leak(
             std::thread::current()
                 .name()
-                .unwrap_or(kind.name())
+                .unwrap_or(if kind == ThreadKind::Vmm {
+                    "main"
+                } else {
+                    kind.name()
+                })
                 .to_string()
                 .into_boxed_str(),
         );
