@@ -483,3 +483,48 @@ fn serial_rate_limiter_drops_console_output_over_the_limit() {
         all.len()
     );
 }
+
+#[test]
+fn closed_standard_fds_are_reopened_on_dev_null() {
+    // ember takes the C `main` itself, so Rust's start-up no longer does this for it: with
+    // fds 0-2 closed, the first file ember opened would become its stdout and receive its log.
+    let dir = TempDir::new("stdfds");
+    let sock = dir.path("api.sock");
+    let log = dir.path("ember.log");
+    let mut cmd = std::process::Command::new(EMBER);
+    cmd.args(["--api-sock", sock.to_str().unwrap()])
+        .args(["--log-path", log.to_str().unwrap()]);
+    // SAFETY: only async-signal-safe close() calls between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            for fd in 0..3 {
+                libc::close(fd);
+            }
+            Ok(())
+        });
+    }
+    std::fs::write(&log, b"").unwrap();
+    let mut child = cmd.spawn().expect("cannot start ember");
+    let start = Instant::now();
+    while Client::connect_opt(&sock).is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "ember never served"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for fd in 0..3 {
+        let target = std::fs::read_link(format!("/proc/{}/fd/{fd}", child.id())).unwrap();
+        assert_eq!(target, std::path::Path::new("/dev/null"), "fd {fd}");
+    }
+    let mut c = Client::connect(&sock);
+    assert_eq!(c.get("/").status, 200);
+    let _ = child.kill();
+    let _ = child.wait();
+    // The log went to its file, under the main thread's usual name.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("[anonymous-instance:main] Running ember"),
+        "{text}"
+    );
+}
