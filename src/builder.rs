@@ -83,18 +83,8 @@ impl From<VmError> for StartError {
 /// Lets KVM queue guest writes to COM1's data register instead of exiting for each byte.
 /// Without support, every byte simply exits as before.
 fn coalesce_com1(vm: &Vm, vcpu0: &kvm_ioctls::VcpuFd) -> Option<Arc<CoalescedRing>> {
-    let ring = match CoalescedRing::map(vcpu0) {
-        Ok(r) => r,
-        Err(e) => {
-            log::debug!("no coalesced I/O ring: {e}");
-            return None;
-        }
-    };
-    match vm
-        .fd()
-        .register_coalesced_mmio(IoEventAddress::Pio(COM1_BASE), 1)
-    {
-        Ok(()) => Some(Arc::new(ring)),
+    match CoalescedRing::new(vm.fd(), vcpu0, COM1_BASE as u16) {
+        Ok(r) => Some(Arc::new(r)),
         Err(e) => {
             log::debug!("cannot coalesce COM1 writes: {e}");
             None

@@ -51,8 +51,13 @@ pub struct Controller {
     api: Option<ApiLink>,
     serial_input: Option<SerialInput>,
     seccomp: Filters,
-    /// Drains coalesced console writes of a guest that stopped exiting.
+    /// Drains coalesced console writes of a guest that stopped exiting; armed only while
+    /// output flows (see `vstate::coalesced`).
     drain_timer: Option<TimerFd>,
+    /// The ring's drained-entries count at the last tick of `drain_timer`.
+    drained_at_tick: u64,
+    /// Ticks in a row that found no new console output.
+    quiet_ticks: u32,
     /// Flushes the metrics every minute.
     metrics_timer: Option<TimerFd>,
     /// KVM state made ahead of an API start.
@@ -63,6 +68,9 @@ const METRICS_PERIOD: Duration = Duration::from_secs(60);
 
 /// How long console output of a busy guest may sit in the coalesced ring.
 const DRAIN_PERIOD: Duration = Duration::from_millis(10);
+/// Drain ticks without new output before ember stops coalescing: a guest printing every tick
+/// or so should not flip it on and off.
+const QUIET_TICKS: u32 = 3;
 
 impl Controller {
     pub fn new(
@@ -82,6 +90,8 @@ impl Controller {
             serial_input: None,
             seccomp,
             drain_timer: None,
+            drained_at_tick: 0,
+            quiet_ticks: 0,
             metrics_timer: TimerFd::new()
                 .and_then(|mut t| t.reset(METRICS_PERIOD, Some(METRICS_PERIOD)).map(|_| t))
                 .map_err(|e| log::warn!("no periodic metrics flush: {e}"))
@@ -145,7 +155,7 @@ impl Controller {
         self.serial_input = Some(SerialInput::new(vm.serial.clone(), ready));
         if vm.vcpu_ctx.coalesced.is_some() {
             let mut t = TimerFd::new().map_err(|e| StartError::Device(e.to_string()))?;
-            t.reset(DRAIN_PERIOD, Some(DRAIN_PERIOD))
+            t.reset(DRAIN_PERIOD, None)
                 .map_err(|e| StartError::Device(e.to_string()))?;
             self.drain_timer = Some(t);
             lock(&vm.serial).set_line_buffered(true);
@@ -496,10 +506,15 @@ impl MutEventSubscriber for Controller {
             if let Some(t) = self.drain_timer.as_mut() {
                 let _ = t.wait();
             }
-            if let Some(vm) = &self.vm {
-                vm.vcpu_ctx.drain_coalesced();
-                lock(&vm.serial).flush_output();
-            }
+            self.console_tick();
+            return;
+        }
+        let wake_fd = self.vm.as_ref().and_then(|vm| {
+            let ring = vm.vcpu_ctx.coalesced.as_ref()?;
+            Some(ring.wake.as_raw_fd())
+        });
+        if Some(events.fd()) == wake_fd {
+            self.console_wake();
             return;
         }
         if Some(events.fd()) == api_fd {
@@ -559,6 +574,65 @@ fn merge_rate_limiter(
 }
 
 impl Controller {
+    /// The drain timer fired: hand queued console writes to the serial device, and keep
+    /// ticking while they keep coming. After `QUIET_TICKS` ticks without any, stop coalescing
+    /// instead, so that a quiet guest wakes this thread no more.
+    fn console_tick(&mut self) {
+        let Some(vm) = &self.vm else { return };
+        let Some(ring) = vm.vcpu_ctx.coalesced.as_ref() else {
+            return;
+        };
+        vm.vcpu_ctx.drain_coalesced();
+        let drained = ring.drained();
+        if drained == self.drained_at_tick {
+            self.quiet_ticks += 1;
+        } else {
+            self.quiet_ticks = 0;
+        }
+        self.drained_at_tick = drained;
+        let mut again = self.quiet_ticks < QUIET_TICKS;
+        if !again && ring.is_active() {
+            match ring.set_active(vm.vm.fd(), false) {
+                // Writes queued before KVM stopped queueing.
+                Ok(()) => vm.vcpu_ctx.drain_coalesced(),
+                Err(e) => {
+                    log::debug!("cannot stop coalescing console writes: {e}");
+                    again = true;
+                }
+            }
+        }
+        lock(&vm.serial).flush_output();
+        if again {
+            self.arm_drain_timer();
+        }
+    }
+
+    /// A vCPU wrote the console while it was not coalesced: coalesce again, and tick.
+    fn console_wake(&mut self) {
+        let Some(vm) = &self.vm else { return };
+        let Some(ring) = vm.vcpu_ctx.coalesced.as_ref() else {
+            return;
+        };
+        let _ = ring.wake.read();
+        if !ring.is_active() {
+            if let Err(e) = ring.set_active(vm.vm.fd(), true) {
+                log::debug!("cannot coalesce console writes again: {e}");
+                return;
+            }
+        }
+        self.drained_at_tick = ring.drained();
+        self.quiet_ticks = 0;
+        self.arm_drain_timer();
+    }
+
+    fn arm_drain_timer(&mut self) {
+        if let Some(t) = self.drain_timer.as_mut() {
+            if let Err(e) = t.reset(DRAIN_PERIOD, None) {
+                log::error!("cannot arm the console drain timer: {e}");
+            }
+        }
+    }
+
     fn watch_vm(&mut self, ops: &mut EventOps) {
         if let Some(input) = self.serial_input.as_mut() {
             input.init(ops);
@@ -566,6 +640,15 @@ impl Controller {
         if let Some(t) = &self.drain_timer {
             if let Err(e) = ops.add(Events::new(t, EventSet::IN)) {
                 log::error!("cannot watch the console drain timer: {e:?}");
+            }
+        }
+        if let Some(ring) = self
+            .vm
+            .as_ref()
+            .and_then(|vm| vm.vcpu_ctx.coalesced.as_ref())
+        {
+            if let Err(e) = ops.add(Events::new(&ring.wake, EventSet::IN)) {
+                log::error!("cannot watch the console wake-up: {e:?}");
             }
         }
         if let Some(vm) = self.vm.as_mut() {

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use std::time::Duration;
 
 fn hello(vcpus: u8) {
     if !require_kvm() {
@@ -192,4 +193,53 @@ fn command_line_flags() {
     run(&["--no-such-flag"]).expect_code(153);
     run(&["--id", "bad/id", "--no-api"]).expect_code(153);
     run(&["--no-api"]).expect_code(153).expect("--config-file");
+}
+
+/// Voluntary context switches of a process's main thread (ember's VMM thread) so far.
+fn vmm_thread_wakeups(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn console_output_of_a_quiet_guest_arrives_and_a_quiet_guest_costs_no_wakeups() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("quiet");
+    let cfg = dir.write(
+        "vm.json",
+        serde_json::to_vec(&guest_config("quiet=1500", 1, 128)).unwrap(),
+    );
+    let vm = ApiVm::start(&["--config-file", cfg.to_str().unwrap()]);
+    let pid = vm.child.as_ref().unwrap().id();
+    // The guest makes no exit after this line: only the VMM's drain of the coalesced
+    // console brings it out.
+    vm.wait_for("quiet: start");
+    let quiet_for = |what: &str| {
+        // A tick of the drain timer finds nothing new and stops it.
+        std::thread::sleep(Duration::from_millis(100));
+        let before = vmm_thread_wakeups(pid);
+        std::thread::sleep(Duration::from_millis(300));
+        let woke = vmm_thread_wakeups(pid) - before;
+        // A periodic 10 ms drain would wake it ~30 times.
+        assert!(
+            woke <= 3,
+            "{what}: the VMM thread woke {woke} times in 300 ms"
+        );
+    };
+    quiet_for("while the guest is quiet");
+    // Written while ember no longer coalesces: it comes out all the same, and ember goes
+    // back to sleep afterwards.
+    vm.wait_for("quiet: end");
+    quiet_for("after the last line");
+    assert!(
+        vm.output().contains("quiet: start\nquiet: end"),
+        "{}",
+        vm.output()
+    );
 }

@@ -6,13 +6,20 @@
 //! Every vCPU drains the ring before it handles an exit (so a write is always seen before a
 //! later access of the same guest), and the VMM thread drains it on a timer (so output of a
 //! guest that writes and then computes without exiting still appears).
+//!
+//! The timer runs only while output flows: once a tick finds nothing new, the VMM thread stops
+//! coalescing (the guest's next write exits to ember as usual) and lets the timer lapse, so a
+//! quiet guest costs no wake-ups at all. That next write has its vCPU ask the VMM thread,
+//! through `wake`, to coalesce again and restart the timer.
 
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
-use std::sync::atomic::{fence, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use kvm_bindings::{kvm_coalesced_mmio, kvm_coalesced_mmio_ring, KVM_COALESCED_MMIO_PAGE_OFFSET};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vmm_sys_util::eventfd::EventFd;
 
 /// The ring page shared with KVM.
 pub struct CoalescedRing {
@@ -20,6 +27,16 @@ pub struct CoalescedRing {
     page_size: usize,
     /// One consumer at a time: vCPU threads and the VMM thread all drain.
     lock: Mutex<()>,
+    /// The coalesced port (one byte wide).
+    port: u16,
+    /// Whether KVM currently queues writes to `port`.
+    active: AtomicBool,
+    /// Entries drained so far: the VMM thread's timer compares it between ticks.
+    drained: AtomicU64,
+    /// Set by the vCPU that asked for coalescing again, until the VMM thread acts on it.
+    wake_requested: AtomicBool,
+    /// Signalled by a vCPU that wrote `port` while not coalescing; the VMM thread polls it.
+    pub wake: EventFd,
 }
 
 // SAFETY: the mapping is process-wide and lives as long as this struct; every access to the
@@ -29,8 +46,14 @@ unsafe impl Send for CoalescedRing {}
 unsafe impl Sync for CoalescedRing {}
 
 impl CoalescedRing {
-    /// Maps the VM's ring through one of its vCPU fds.
-    pub fn map(vcpu_fd: &impl AsRawFd) -> std::io::Result<CoalescedRing> {
+    /// Maps the VM's ring through one of its vCPU fds and has KVM queue writes to `port`.
+    pub fn new(vm: &VmFd, vcpu_fd: &impl AsRawFd, port: u16) -> std::io::Result<CoalescedRing> {
+        let ring = CoalescedRing::map(vcpu_fd, port)?;
+        ring.set_active(vm, true)?;
+        Ok(ring)
+    }
+
+    fn map(vcpu_fd: &impl AsRawFd, port: u16) -> std::io::Result<CoalescedRing> {
         // SAFETY: sysconf has no preconditions.
         let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
         let offset = KVM_COALESCED_MMIO_PAGE_OFFSET as libc::off_t * page_size as libc::off_t;
@@ -55,7 +78,52 @@ impl CoalescedRing {
             ring,
             page_size,
             lock: Mutex::new(()),
+            port,
+            active: AtomicBool::new(false),
+            drained: AtomicU64::new(0),
+            wake_requested: AtomicBool::new(false),
+            wake: EventFd::new(libc::EFD_NONBLOCK)?,
         })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Entries drained so far.
+    pub fn drained(&self) -> u64 {
+        self.drained.load(Ordering::Relaxed)
+    }
+
+    /// Starts or stops KVM queueing writes to the port (VMM thread). Stopping marks the ring
+    /// inactive first, so that a vCPU exiting on a write in between asks for it back rather
+    /// than be ignored; the caller drains afterwards for writes queued before the stop.
+    pub fn set_active(&self, vm: &VmFd, on: bool) -> std::io::Result<()> {
+        let zone = IoEventAddress::Pio(u64::from(self.port));
+        if on {
+            self.wake_requested.store(false, Ordering::Release);
+            vm.register_coalesced_mmio(zone, 1)
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+            self.active.store(true, Ordering::Release);
+        } else {
+            self.active.store(false, Ordering::Release);
+            if let Err(e) = vm.unregister_coalesced_mmio(zone, 1) {
+                self.active.store(true, Ordering::Release);
+                return Err(std::io::Error::from_raw_os_error(e.errno()));
+            }
+        }
+        Ok(())
+    }
+
+    /// A vCPU wrote the port and it exited: asks the VMM thread, once, to coalesce again.
+    pub fn wrote_while_inactive(&self) {
+        if !self.is_active() && !self.wake_requested.swap(true, Ordering::AcqRel) {
+            let _ = self.wake.write(1);
+        }
     }
 
     fn capacity(&self) -> u32 {
@@ -63,20 +131,22 @@ impl CoalescedRing {
             / std::mem::size_of::<kvm_coalesced_mmio>()) as u32
     }
 
-    /// Hands every queued write, oldest first, to `f(port_or_addr, data, is_pio)`.
-    pub fn drain(&self, mut f: impl FnMut(u64, &[u8], bool)) {
+    /// Takes the consumer lock. Hold it until the drained writes have been handed on: a vCPU
+    /// that finds the ring empty and then hands on the write it exited for must not overtake
+    /// writes another thread took from the ring a moment earlier.
+    pub fn lock(&self) -> MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands every queued write, oldest first, to `f(port_or_addr, data, is_pio)`; the caller
+    /// holds `lock()`.
+    pub fn drain(&self, _held: &MutexGuard<'_, ()>, mut f: impl FnMut(u64, &[u8], bool)) {
         let base = self.ring.as_ptr();
         // SAFETY (for the raw accesses below): `base` is our live mapping of the ring page;
         // `first` is ours to write, `last` is KVM's; entries below `capacity` lie in the page.
         let last = |b: *mut kvm_coalesced_mmio_ring| unsafe {
             std::ptr::read_volatile(std::ptr::addr_of!((*b).last))
         };
-        // Cheap check without the lock: nothing queued is the common case on every exit.
-        let first_now = unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*base).first)) };
-        if first_now == last(base) {
-            return;
-        }
-        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let cap = self.capacity();
         let mut first = unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*base).first)) };
         loop {
@@ -95,6 +165,7 @@ impl CoalescedRing {
             let pio = unsafe { entry.__bindgen_anon_1.pio } != 0;
             let len = (entry.len as usize).min(entry.data.len());
             f(entry.phys_addr, &entry.data[..len], pio);
+            self.drained.fetch_add(1, Ordering::Relaxed);
             first = (first + 1) % cap;
             fence(Ordering::Release);
             unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*base).first), first) };

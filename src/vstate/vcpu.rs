@@ -128,7 +128,8 @@ impl VcpuContext {
                 bus.write_bytes_to(addr, bytes);
             }
         };
-        ring.drain(|addr, data, pio| {
+        let held = ring.lock();
+        ring.drain(&held, |addr, data, pio| {
             if data.len() == 1 && at == Some((addr, pio)) && len < run.len() {
                 run[len] = data[0];
                 len += 1;
@@ -147,6 +148,7 @@ impl VcpuContext {
             }
         });
         flush(at, &run[..len]);
+        drop(held);
     }
 }
 
@@ -380,6 +382,9 @@ fn handle_exit(index: u8, exit: VcpuExit, ctx: &VcpuContext) -> Next {
         }
         VcpuExit::IoOut(port, data) => {
             METRICS.vcpu.exit_io_out.inc();
+            if let Some(ring) = ctx.coalesced.as_ref().filter(|r| r.port() == port) {
+                ring.wrote_while_inactive();
+            }
             if !ctx.pio.write(u64::from(port), data) {
                 METRICS.vcpu.unhandled_io.inc();
                 log_guest!(

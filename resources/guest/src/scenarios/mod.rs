@@ -21,6 +21,7 @@ pub mod net;
 pub mod netbench;
 pub mod netgso;
 pub mod panic;
+pub mod quiet;
 pub mod rng;
 pub mod smp;
 pub mod ticks;
@@ -61,6 +62,10 @@ pub const ALL: &[Scenario] = &[
     Scenario {
         name: "ticks",
         run: ticks::run,
+    },
+    Scenario {
+        name: "quiet=",
+        run: quiet::run,
     },
     Scenario {
         name: "cmdline",
