@@ -105,10 +105,12 @@ impl CoalescedRing {
     pub fn set_active(&self, vm: &VmFd, on: bool) -> std::io::Result<()> {
         let zone = IoEventAddress::Pio(u64::from(self.port));
         if on {
-            self.wake_requested.store(false, Ordering::Release);
+            // On failure the request stays pending, so vCPUs stop asking: the console then
+            // simply exits for every byte.
             vm.register_coalesced_mmio(zone, 1)
                 .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
             self.active.store(true, Ordering::Release);
+            self.wake_requested.store(false, Ordering::Release);
         } else {
             self.active.store(false, Ordering::Release);
             if let Err(e) = vm.unregister_coalesced_mmio(zone, 1) {
