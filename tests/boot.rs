@@ -243,3 +243,26 @@ fn console_output_of_a_quiet_guest_arrives_and_a_quiet_guest_costs_no_wakeups() 
         vm.output()
     );
 }
+
+#[test]
+fn console_lines_stay_whole_and_in_order_as_coalescing_stops_and_resumes() {
+    if !require_kvm() {
+        return;
+    }
+    // 40 lines, each after 20-44 ms of silence: ember stops coalescing after 30 ms without
+    // output, so lines start before, at and after the switch.
+    let rounds = 40;
+    let dir = TempDir::new("quietrounds");
+    let cfg = dir.write(
+        "vm.json",
+        serde_json::to_vec(&guest_config(&format!("quiet=10,{rounds}"), 1, 128)).unwrap(),
+    );
+    let vm = ApiVm::start(&["--config-file", cfg.to_str().unwrap()]);
+    vm.wait_for("quiet: end");
+    let out = vm.output();
+    let got: Vec<&str> = out.lines().filter(|l| l.contains("quiet: round")).collect();
+    let want: Vec<String> = (0..rounds)
+        .map(|i| format!("quiet: round {i} abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUV"))
+        .collect();
+    assert_eq!(got, want, "{out}");
+}
