@@ -618,6 +618,12 @@ const GSO_RX_PAYLOAD: usize = 60 << 10;
 const GSO_RX_SEED: u8 = 0xc3;
 const GSO_RX_SEQ: u32 = 0x0bad_cafe;
 const GSO_MSS: u16 = 1448;
+/// The guest's TCP/IPv6 TSO frame: fd00::2 -> fd00::1, MSS 1440 (a 1500-byte MTU).
+const GSO6_GUEST_IP: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const GSO6_HOST_IP: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const GSO6_TX_PAYLOAD: usize = 30000;
+const GSO6_TX_SEED: u8 = 0xa6;
+const GSO6_MSS: u16 = 1440;
 
 /// Byte `k` of a test payload (the guest's `netgso::pattern`).
 fn gso_pattern(k: usize, seed: u8) -> u8 {
@@ -637,6 +643,11 @@ fn fold(mut sum: u32) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     sum as u16
+}
+
+/// The TCP/IPv6 pseudo-header's sum for `tcp_len` bytes of TCP from `src` to `dst`.
+fn pseudo_sum6(src: [u8; 16], dst: [u8; 16], tcp_len: usize) -> u32 {
+    sum16(sum16(6 + tcp_len as u32, &src), &dst)
 }
 
 /// The TCP pseudo-header's sum for `tcp_len` bytes of TCP from `src` to `dst`.
@@ -767,6 +778,9 @@ struct GsoSeen {
     /// The frames the kernel made of it on their way through br0 to veth1 (TSO and checksum
     /// offloads off there), seen on its peer veth2.
     segments: Vec<Vec<u8>>,
+    /// The same for the guest's TCP/IPv6 frame.
+    tso6: Option<Vec<u8>>,
+    segments6: Vec<Vec<u8>>,
     /// tap0's TSO (ETHTOOL_GTSO) while the `netgso` driver runs, and once the `net` scenario
     /// that follows has reset the device and negotiated no offloads.
     tso_during: Option<u32>,
@@ -791,6 +805,8 @@ fn gso_host_side(ns: String, ready: mpsc::Sender<()>, go: mpsc::Receiver<()>) ->
     let mut seen = GsoSeen {
         tso: None,
         segments: Vec::new(),
+        tso6: None,
+        segments6: Vec::new(),
         tso_during: None,
         tso_after_reset: None,
     };
@@ -848,13 +864,30 @@ fn gso_host_side(ns: String, ready: mpsc::Sender<()>, go: mpsc::Receiver<()>) ->
             }
         }
     }
-    // The segments were made as the frame crossed br0: they are queued on veth2 already.
+    let from_guest6 = |f: &[u8]| {
+        f.len() >= 74 && f[6..12] == GUEST_MAC && f[12..14] == [0x86, 0xdd] && f[20] == 6
+    };
+    let until = Instant::now() + Duration::from_secs(10);
+    while seen.tso.is_some() && seen.tso6.is_none() && Instant::now() < until {
+        if let Some(p) = recv_big(&tap) {
+            if p.len() >= 10 && from_guest6(&p[10..]) {
+                seen.tso6 = Some(p);
+            }
+        }
+    }
+    // The segments were made as the frames crossed br0: they are queued on veth2 already.
     let want = GSO_TX_PAYLOAD.div_ceil(usize::from(GSO_MSS));
+    let want6 = GSO6_TX_PAYLOAD.div_ceil(usize::from(GSO6_MSS));
     let until = Instant::now() + Duration::from_secs(5);
-    while seen.tso.is_some() && seen.segments.len() < want && Instant::now() < until {
+    while seen.tso.is_some()
+        && (seen.segments.len() < want || (seen.tso6.is_some() && seen.segments6.len() < want6))
+        && Instant::now() < until
+    {
         if let Some(f) = recv_big(&veth) {
             if from_guest(&f) {
                 seen.segments.push(f);
+            } else if from_guest6(&f) {
+                seen.segments6.push(f);
             }
         }
     }
@@ -866,9 +899,9 @@ fn gso_host_side(ns: String, ready: mpsc::Sender<()>, go: mpsc::Receiver<()>) ->
 
 /// The `netgso` scenario: host -> guest, a 60 KiB TCP/IPv4 GSO packet injected on tap0 reaches
 /// the guest whole, as a GSO frame spread over 4 KiB mergeable RX buffers (TUNSETOFFLOAD from
-/// GUEST_CSUM + GUEST_TSO4); guest -> host, a 40 000-byte TSO frame leaves tap0 as one GSO
-/// packet, and the kernel's software segmentation (through a bridge to a veth without
-/// offloads) makes valid MSS-sized TCP segments of it. The `net` scenario then resets the
+/// GUEST_CSUM + GUEST_TSO4); guest -> host, a 40 000-byte TSO frame (and a 30 000-byte one
+/// over IPv6, HOST_TSO6) leaves tap0 as one GSO packet, and the kernel's software segmentation
+/// (through a bridge to a veth without offloads) makes valid MSS-sized TCP segments of it. The `net` scenario then resets the
 /// device and negotiates no offloads: tap0's TSO goes off again.
 #[test]
 fn netgso_offloads_and_mergeable_buffers_work_both_ways() {
@@ -954,7 +987,7 @@ fn netgso_offloads_and_mergeable_buffers_work_both_ways() {
     let seen = helper.join().expect("the host helper panicked");
 
     out.expect_code(0)
-        .expect("netgso: negotiated csum guest_csum guest_tso4 host_tso4 mrg_rxbuf")
+        .expect("netgso: negotiated csum guest_csum guest_tso4 host_tso4 host_tso6 mrg_rxbuf")
         .expect("net: sent 8 frames")
         .expect("ember-guest: done");
     // TUNSETOFFLOAD follows the drivers: on with netgso's, off after the reset and net's.
@@ -1082,5 +1115,68 @@ fn netgso_offloads_and_mergeable_buffers_work_both_ways() {
         joined.extend_from_slice(data);
     }
     assert!(joined == tx_payload, "the segments' payload differs");
+
+    // Guest -> host over IPv6 (HOST_TSO6): the same, with the IPv6 pseudo-header.
+    let tx6_payload: Vec<u8> = (0..GSO6_TX_PAYLOAD)
+        .map(|k| gso_pattern(k, GSO6_TX_SEED))
+        .collect();
+    out.expect(&format!(
+        "netgso: tx6 sent {} byte frame gso_size {GSO6_MSS} payload fnv1a64={:016x}",
+        74 + GSO6_TX_PAYLOAD,
+        fnv1a64(&tx6_payload)
+    ));
+    let pkt = seen.tso6.unwrap_or_else(|| {
+        panic!(
+            "the guest's IPv6 TSO frame never reached tap0; tx_fails {}; stdout:\n{}",
+            counter_sum(&m, "net", "tx_fails"),
+            out.stdout
+        )
+    });
+    let (h, f) = pkt.split_at(10);
+    assert_eq!(h[0] & 1, 1, "NEEDS_CSUM: {h:?}");
+    assert_eq!(h[1], 4, "gso_type TCPV6: {h:?}");
+    assert_eq!(
+        u16::from_le_bytes([h[4], h[5]]),
+        GSO6_MSS,
+        "gso_size: {h:?}"
+    );
+    assert_eq!(u16::from_le_bytes([h[6], h[7]]), 54, "csum_start: {h:?}");
+    assert_eq!(u16::from_le_bytes([h[8], h[9]]), 16, "csum_offset: {h:?}");
+    assert_eq!(f.len(), 74 + GSO6_TX_PAYLOAD, "IPv6 frame length");
+    assert!(
+        f[74..] == tx6_payload[..],
+        "the IPv6 TSO frame's payload differs"
+    );
+    let segs = &seen.segments6;
+    assert_eq!(
+        segs.len(),
+        GSO6_TX_PAYLOAD.div_ceil(usize::from(GSO6_MSS)),
+        "IPv6 segments seen on veth2"
+    );
+    let mut joined = Vec::new();
+    for (i, s) in segs.iter().enumerate() {
+        let plen = usize::from(u16::from_be_bytes([s[18], s[19]]));
+        assert!(s.len() >= 54 + plen, "IPv6 segment {i}: short");
+        let s = &s[..54 + plen];
+        let data = &s[74..];
+        let want = (GSO6_TX_PAYLOAD - i * usize::from(GSO6_MSS)).min(usize::from(GSO6_MSS));
+        assert_eq!(data.len(), want, "IPv6 segment {i}: payload length");
+        let seq = u32::from_be_bytes([s[58], s[59], s[60], s[61]]);
+        assert_eq!(
+            seq,
+            0x2000_0000 + (i * usize::from(GSO6_MSS)) as u32,
+            "IPv6 segment {i}: sequence number"
+        );
+        assert_eq!(
+            fold(sum16(
+                pseudo_sum6(GSO6_GUEST_IP, GSO6_HOST_IP, s.len() - 54),
+                &s[54..]
+            )),
+            0xffff,
+            "IPv6 segment {i}: TCP checksum"
+        );
+        joined.extend_from_slice(data);
+    }
+    assert!(joined == tx6_payload, "the IPv6 segments' payload differs");
     assert_eq!(counter_sum(&m, "net", "tx_fails"), 0, "metrics:\n{m}");
 }

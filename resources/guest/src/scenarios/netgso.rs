@@ -1,7 +1,7 @@
 //! `netgso`: segmentation offloads and mergeable RX buffers on the first virtio net device,
-//! both ways. Negotiates VERSION_1, MAC, CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4 and MRG_RXBUF
-//! (FAIL when one is not offered) and prints `netgso: negotiated csum guest_csum guest_tso4
-//! host_tso4 mrg_rxbuf`. Rings of up to 64 entries, buffers in RAM at 16..40 MiB.
+//! both ways. Negotiates VERSION_1, MAC, CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4, HOST_TSO6 and
+//! MRG_RXBUF (FAIL when one is not offered) and prints `netgso: negotiated csum guest_csum
+//! guest_tso4 host_tso4 host_tso6 mrg_rxbuf`. Rings of up to 64 entries, buffers in RAM at 16..40 MiB.
 //!
 //! 1. RX: posts one 4 KiB buffer per RX ring entry (fewer bytes each than a big frame needs),
 //!    prints `netgso: rx ready` and waits (30 s at most) for an IPv4 TCP frame to port
@@ -16,6 +16,9 @@
 //!    csum_start 34, csum_offset 16, GSO TCPV4, gso_size [`TX_MSS`], hdr_len 54), the TCP
 //!    checksum field holding the pseudo-header sum:
 //!    `netgso: tx sent <len> byte frame gso_size <s> payload fnv1a64=<hex>`.
+//! 3. TX over IPv6: one TCP/IPv6 frame of [`TX6_PAYLOAD`] payload bytes (seed [`TX6_SEED`])
+//!    from fd00::2 to fd00::1, GSO TCPV6 with gso_size [`TX6_MSS`] (csum_start 54, hdr_len 74):
+//!    `netgso: tx6 sent <len> byte frame gso_size <s> payload fnv1a64=<hex>`.
 
 use super::initrd::fnv1a64;
 use super::netbench::{check_region, Ring, REGION};
@@ -30,10 +33,12 @@ const F_CSUM: u64 = 1 << 0;
 const F_GUEST_CSUM: u64 = 1 << 1;
 const F_GUEST_TSO4: u64 = 1 << 7;
 const F_HOST_TSO4: u64 = 1 << 11;
+const F_HOST_TSO6: u64 = 1 << 12;
 const F_MRG_RXBUF: u64 = 1 << 15;
 
 const HDR_F_NEEDS_CSUM: u8 = 1;
 const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
 
 /// One RX buffer.
 const RX_BUF: usize = 4096;
@@ -44,6 +49,14 @@ pub const HOST_PORT: u16 = 5001;
 pub const TX_PAYLOAD: usize = 40000;
 pub const TX_MSS: u16 = 1448;
 pub const TX_SEED: u8 = 0x5a;
+pub const TX6_PAYLOAD: usize = 30000;
+/// A 1500-byte MTU less the IPv6 and TCP headers.
+pub const TX6_MSS: u16 = 1440;
+pub const TX6_SEED: u8 = 0xa6;
+const GUEST_IP6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const HOST_IP6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+/// Ethernet + IPv6 + TCP headers, none with options or extensions.
+const HDRS6: usize = 14 + 40 + 20;
 const GUEST_IP: [u8; 4] = [10, 0, 0, 2];
 const HOST_IP: [u8; 4] = [10, 0, 0, 1];
 const HOST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xaa];
@@ -106,7 +119,8 @@ pub fn run(ctx: &Ctx, _arg: &[u8]) {
         fail!("netgso: no virtio net device on the command line");
     };
     let t = Transport::new(base);
-    let want = F_MAC | F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_HOST_TSO4 | F_MRG_RXBUF;
+    let want =
+        F_MAC | F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_HOST_TSO4 | F_HOST_TSO6 | F_MRG_RXBUF;
     let offered = match t.begin(F_VERSION_1 | want) {
         Ok(f) => f,
         Err(e) => fail!("netgso: ", e),
@@ -127,7 +141,7 @@ pub fn run(ctx: &Ctx, _arg: &[u8]) {
     if let Err(e) = t.driver_ok() {
         fail!("netgso: ", e);
     }
-    say!("netgso: negotiated csum guest_csum guest_tso4 host_tso4 mrg_rxbuf");
+    say!("netgso: negotiated csum guest_csum guest_tso4 host_tso4 host_tso6 mrg_rxbuf");
     let mut mac = [0u8; 6];
     for (i, b) in mac.iter_mut().enumerate() {
         *b = t.config8(i as u64);
@@ -302,6 +316,71 @@ pub fn run(ctx: &Ctx, _arg: &[u8]) {
         total - HDR_LEN,
         " byte frame gso_size ",
         TX_MSS,
+        " payload fnv1a64=",
+        Hex(h, 16)
+    );
+
+    // TX over IPv6, in the same buffer (the device is done with it).
+    let total = HDR_LEN + HDRS6 + TX6_PAYLOAD;
+    // SAFETY: inside the region; the device has used the previous frame.
+    let b = unsafe { core::slice::from_raw_parts_mut(tx_buf as *mut u8, total) };
+    b.fill(0);
+    b[0] = HDR_F_NEEDS_CSUM;
+    b[1] = GSO_TCPV6;
+    b[2..4].copy_from_slice(&(HDRS6 as u16).to_le_bytes());
+    b[4..6].copy_from_slice(&TX6_MSS.to_le_bytes());
+    b[6..8].copy_from_slice(&54u16.to_le_bytes());
+    b[8..10].copy_from_slice(&16u16.to_le_bytes());
+    let f = &mut b[HDR_LEN..];
+    f[..6].copy_from_slice(&HOST_MAC);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&[0x86, 0xdd]);
+    let tcp_len = 20 + TX6_PAYLOAD;
+    {
+        let ip = &mut f[14..54];
+        ip[0] = 0x60;
+        ip[4..6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
+        ip[6] = 6; // TCP
+        ip[7] = 64;
+        ip[8..24].copy_from_slice(&GUEST_IP6);
+        ip[24..40].copy_from_slice(&HOST_IP6);
+    }
+    {
+        let tcp = &mut f[54..74];
+        tcp[0..2].copy_from_slice(&GUEST_PORT.to_be_bytes());
+        tcp[2..4].copy_from_slice(&HOST_PORT.to_be_bytes());
+        tcp[4..8].copy_from_slice(&0x2000_0000u32.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x18; // PSH, ACK
+        tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
+    }
+    // The IPv6 pseudo-header: addresses, the 32-bit upper-layer length, the next header.
+    let mut pseudo = sum16(0, &GUEST_IP6);
+    pseudo = sum16(pseudo, &HOST_IP6);
+    pseudo += 6 + tcp_len as u32;
+    f[70..72].copy_from_slice(&fold(pseudo).to_be_bytes());
+    for (k, c) in f[HDRS6..].iter_mut().enumerate() {
+        *c = pattern(k, TX6_SEED);
+    }
+    let h = fnv1a64(&f[HDRS6..]);
+    tx.q.set_desc(0, tx_buf, total as u32, 0, 0);
+    tx.q.push(0);
+    t.notify(1);
+    let end = deadline(PART_WAIT_US);
+    loop {
+        if tx.q.poll().is_some() {
+            break;
+        }
+        if hw::rdtsc() > end {
+            fail!("netgso: the IPv6 TX frame was not used within 5 s");
+        }
+        core::hint::spin_loop();
+    }
+    say!(
+        "netgso: tx6 sent ",
+        total - HDR_LEN,
+        " byte frame gso_size ",
+        TX6_MSS,
         " payload fnv1a64=",
         Hex(h, 16)
     );
