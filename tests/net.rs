@@ -624,6 +624,10 @@ const GSO6_HOST_IP: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 
 const GSO6_TX_PAYLOAD: usize = 30000;
 const GSO6_TX_SEED: u8 = 0xa6;
 const GSO6_MSS: u16 = 1440;
+/// The guest's UFO datagram: UDP 10.0.0.2:40000 -> 10.0.0.1:5001, fragments of 1480 bytes.
+const UFO_PAYLOAD: usize = 20000;
+const UFO_SEED: u8 = 0x3c;
+const UFO_FRAG: usize = 1480;
 
 /// Byte `k` of a test payload (the guest's `netgso::pattern`).
 fn gso_pattern(k: usize, seed: u8) -> u8 {
@@ -781,6 +785,8 @@ struct GsoSeen {
     /// The same for the guest's TCP/IPv6 frame.
     tso6: Option<Vec<u8>>,
     segments6: Vec<Vec<u8>>,
+    /// The IPv4 fragments the kernel made of the guest's UFO datagram.
+    fragments: Vec<Vec<u8>>,
     /// tap0's TSO (ETHTOOL_GTSO) while the `netgso` driver runs, and once the `net` scenario
     /// that follows has reset the device and negotiated no offloads.
     tso_during: Option<u32>,
@@ -807,6 +813,7 @@ fn gso_host_side(ns: String, ready: mpsc::Sender<()>, go: mpsc::Receiver<()>) ->
         segments: Vec::new(),
         tso6: None,
         segments6: Vec::new(),
+        fragments: Vec::new(),
         tso_during: None,
         tso_after_reset: None,
     };
@@ -876,11 +883,16 @@ fn gso_host_side(ns: String, ready: mpsc::Sender<()>, go: mpsc::Receiver<()>) ->
         }
     }
     // The segments were made as the frames crossed br0: they are queued on veth2 already.
+    let from_guest_udp =
+        |f: &[u8]| f.len() >= 34 && f[6..12] == GUEST_MAC && f[12..14] == [8, 0] && f[23] == 17;
     let want = GSO_TX_PAYLOAD.div_ceil(usize::from(GSO_MSS));
     let want6 = GSO6_TX_PAYLOAD.div_ceil(usize::from(GSO6_MSS));
+    let want_frags = (8 + UFO_PAYLOAD).div_ceil(UFO_FRAG);
     let until = Instant::now() + Duration::from_secs(5);
     while seen.tso.is_some()
-        && (seen.segments.len() < want || (seen.tso6.is_some() && seen.segments6.len() < want6))
+        && (seen.segments.len() < want
+            || seen.segments6.len() < want6
+            || seen.fragments.len() < want_frags)
         && Instant::now() < until
     {
         if let Some(f) = recv_big(&veth) {
@@ -888,6 +900,8 @@ fn gso_host_side(ns: String, ready: mpsc::Sender<()>, go: mpsc::Receiver<()>) ->
                 seen.segments.push(f);
             } else if from_guest6(&f) {
                 seen.segments6.push(f);
+            } else if from_guest_udp(&f) {
+                seen.fragments.push(f);
             }
         }
     }
@@ -901,7 +915,8 @@ fn gso_host_side(ns: String, ready: mpsc::Sender<()>, go: mpsc::Receiver<()>) ->
 /// the guest whole, as a GSO frame spread over 4 KiB mergeable RX buffers (TUNSETOFFLOAD from
 /// GUEST_CSUM + GUEST_TSO4); guest -> host, a 40 000-byte TSO frame (and a 30 000-byte one
 /// over IPv6, HOST_TSO6) leaves tap0 as one GSO packet, and the kernel's software segmentation
-/// (through a bridge to a veth without offloads) makes valid MSS-sized TCP segments of it. The `net` scenario then resets the
+/// (through a bridge to a veth without offloads) makes valid MSS-sized TCP segments of it; a
+/// UDP datagram sent with UFO (HOST_UFO) becomes IPv4 fragments that reassemble into it. The `net` scenario then resets the
 /// device and negotiates no offloads: tap0's TSO goes off again.
 #[test]
 fn netgso_offloads_and_mergeable_buffers_work_both_ways() {
@@ -987,7 +1002,9 @@ fn netgso_offloads_and_mergeable_buffers_work_both_ways() {
     let seen = helper.join().expect("the host helper panicked");
 
     out.expect_code(0)
-        .expect("netgso: negotiated csum guest_csum guest_tso4 host_tso4 host_tso6 mrg_rxbuf")
+        .expect(
+            "netgso: negotiated csum guest_csum guest_tso4 host_tso4 host_tso6 host_ufo mrg_rxbuf",
+        )
         .expect("net: sent 8 frames")
         .expect("ember-guest: done");
     // TUNSETOFFLOAD follows the drivers: on with netgso's, off after the reset and net's.
@@ -1178,5 +1195,72 @@ fn netgso_offloads_and_mergeable_buffers_work_both_ways() {
         joined.extend_from_slice(data);
     }
     assert!(joined == tx6_payload, "the IPv6 segments' payload differs");
+
+    // Guest -> host with UFO (HOST_UFO): the datagram leaves as IPv4 fragments of 1480 bytes
+    // that reassemble into it, its UDP checksum completed.
+    let ufo_payload: Vec<u8> = (0..UFO_PAYLOAD).map(|k| gso_pattern(k, UFO_SEED)).collect();
+    out.expect(&format!(
+        "netgso: ufo sent {} byte frame gso_size {UFO_FRAG} payload fnv1a64={:016x}",
+        42 + UFO_PAYLOAD,
+        fnv1a64(&ufo_payload)
+    ));
+    let frags = &seen.fragments;
+    assert_eq!(
+        frags.len(),
+        (8 + UFO_PAYLOAD).div_ceil(UFO_FRAG),
+        "UFO fragments seen on veth2"
+    );
+    let mut datagram = vec![0u8; 8 + UFO_PAYLOAD];
+    let mut covered = 0;
+    for (i, f) in frags.iter().enumerate() {
+        let tot = usize::from(u16::from_be_bytes([f[16], f[17]]));
+        assert!(f.len() >= 14 + tot && tot > 20, "fragment {i}: short");
+        assert_eq!(
+            fold(sum16(0, &f[14..34])),
+            0xffff,
+            "fragment {i}: IPv4 checksum"
+        );
+        let flags_off = u16::from_be_bytes([f[20], f[21]]);
+        let off = usize::from(flags_off & 0x1fff) * 8;
+        let more = flags_off & 0x2000 != 0;
+        let data = &f[34..14 + tot];
+        assert!(
+            off + data.len() <= datagram.len(),
+            "fragment {i}: past the end"
+        );
+        assert_eq!(
+            more,
+            off + data.len() < datagram.len(),
+            "fragment {i}: MF flag"
+        );
+        datagram[off..off + data.len()].copy_from_slice(data);
+        covered += data.len();
+    }
+    assert_eq!(
+        covered,
+        datagram.len(),
+        "the fragments do not cover the datagram"
+    );
+    assert_eq!(
+        u16::from_be_bytes([datagram[4], datagram[5]]) as usize,
+        8 + UFO_PAYLOAD,
+        "UDP length"
+    );
+    assert!(
+        datagram[8..] == ufo_payload[..],
+        "the reassembled payload differs"
+    );
+    let udp_sum = sum16(
+        sum16(
+            sum16(17 + datagram.len() as u32, &GSO_GUEST_IP),
+            &GSO_HOST_IP,
+        ),
+        &datagram,
+    );
+    assert_eq!(
+        fold(udp_sum),
+        0xffff,
+        "UDP checksum of the reassembled datagram"
+    );
     assert_eq!(counter_sum(&m, "net", "tx_fails"), 0, "metrics:\n{m}");
 }

@@ -1,7 +1,7 @@
 //! `netgso`: segmentation offloads and mergeable RX buffers on the first virtio net device,
-//! both ways. Negotiates VERSION_1, MAC, CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4, HOST_TSO6 and
-//! MRG_RXBUF (FAIL when one is not offered) and prints `netgso: negotiated csum guest_csum
-//! guest_tso4 host_tso4 host_tso6 mrg_rxbuf`. Rings of up to 64 entries, buffers in RAM at 16..40 MiB.
+//! both ways. Negotiates VERSION_1, MAC, CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4, HOST_TSO6,
+//! HOST_UFO and MRG_RXBUF (FAIL when one is not offered) and prints `netgso: negotiated csum
+//! guest_csum guest_tso4 host_tso4 host_tso6 host_ufo mrg_rxbuf`. Rings of up to 64 entries, buffers in RAM at 16..40 MiB.
 //!
 //! 1. RX: posts one 4 KiB buffer per RX ring entry (fewer bytes each than a big frame needs),
 //!    prints `netgso: rx ready` and waits (30 s at most) for an IPv4 TCP frame to port
@@ -19,6 +19,10 @@
 //! 3. TX over IPv6: one TCP/IPv6 frame of [`TX6_PAYLOAD`] payload bytes (seed [`TX6_SEED`])
 //!    from fd00::2 to fd00::1, GSO TCPV6 with gso_size [`TX6_MSS`] (csum_start 54, hdr_len 74):
 //!    `netgso: tx6 sent <len> byte frame gso_size <s> payload fnv1a64=<hex>`.
+//! 4. TX with UFO: one UDP/IPv4 datagram of [`UFO_PAYLOAD`] payload bytes (seed [`UFO_SEED`])
+//!    to UDP port [`HOST_PORT`], GSO UDP with gso_size [`UFO_FRAG`] (csum_start 34,
+//!    csum_offset 6, the pseudo-header's sum in the checksum field), which the host fragments:
+//!    `netgso: ufo sent <len> byte frame gso_size <s> payload fnv1a64=<hex>`.
 
 use super::initrd::fnv1a64;
 use super::netbench::{check_region, Ring, REGION};
@@ -34,11 +38,13 @@ const F_GUEST_CSUM: u64 = 1 << 1;
 const F_GUEST_TSO4: u64 = 1 << 7;
 const F_HOST_TSO4: u64 = 1 << 11;
 const F_HOST_TSO6: u64 = 1 << 12;
+const F_HOST_UFO: u64 = 1 << 14;
 const F_MRG_RXBUF: u64 = 1 << 15;
 
 const HDR_F_NEEDS_CSUM: u8 = 1;
 const GSO_TCPV4: u8 = 1;
 const GSO_TCPV6: u8 = 4;
+const GSO_UDP: u8 = 3;
 
 /// One RX buffer.
 const RX_BUF: usize = 4096;
@@ -55,6 +61,10 @@ pub const TX6_MSS: u16 = 1440;
 pub const TX6_SEED: u8 = 0xa6;
 const GUEST_IP6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const HOST_IP6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+pub const UFO_PAYLOAD: usize = 20000;
+/// IP fragment payload: a 1500-byte MTU less the IPv4 header.
+pub const UFO_FRAG: u16 = 1480;
+pub const UFO_SEED: u8 = 0x3c;
 /// Ethernet + IPv6 + TCP headers, none with options or extensions.
 const HDRS6: usize = 14 + 40 + 20;
 const GUEST_IP: [u8; 4] = [10, 0, 0, 2];
@@ -120,7 +130,8 @@ pub fn run(ctx: &Ctx, _arg: &[u8]) {
     };
     let t = Transport::new(base);
     let want =
-        F_MAC | F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_HOST_TSO4 | F_HOST_TSO6 | F_MRG_RXBUF;
+        F_MAC | F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_HOST_TSO4 | F_HOST_TSO6 | F_HOST_UFO
+            | F_MRG_RXBUF;
     let offered = match t.begin(F_VERSION_1 | want) {
         Ok(f) => f,
         Err(e) => fail!("netgso: ", e),
@@ -141,7 +152,7 @@ pub fn run(ctx: &Ctx, _arg: &[u8]) {
     if let Err(e) = t.driver_ok() {
         fail!("netgso: ", e);
     }
-    say!("netgso: negotiated csum guest_csum guest_tso4 host_tso4 host_tso6 mrg_rxbuf");
+    say!("netgso: negotiated csum guest_csum guest_tso4 host_tso4 host_tso6 host_ufo mrg_rxbuf");
     let mut mac = [0u8; 6];
     for (i, b) in mac.iter_mut().enumerate() {
         *b = t.config8(i as u64);
@@ -381,6 +392,70 @@ pub fn run(ctx: &Ctx, _arg: &[u8]) {
         total - HDR_LEN,
         " byte frame gso_size ",
         TX6_MSS,
+        " payload fnv1a64=",
+        Hex(h, 16)
+    );
+
+    // TX with UFO: one UDP datagram too big for the MTU, for the host to fragment.
+    let total = HDR_LEN + 14 + 20 + 8 + UFO_PAYLOAD;
+    // SAFETY: inside the region; the device has used the previous frame.
+    let b = unsafe { core::slice::from_raw_parts_mut(tx_buf as *mut u8, total) };
+    b.fill(0);
+    b[0] = HDR_F_NEEDS_CSUM;
+    b[1] = GSO_UDP;
+    b[2..4].copy_from_slice(&42u16.to_le_bytes());
+    b[4..6].copy_from_slice(&UFO_FRAG.to_le_bytes());
+    b[6..8].copy_from_slice(&34u16.to_le_bytes());
+    b[8..10].copy_from_slice(&6u16.to_le_bytes());
+    let f = &mut b[HDR_LEN..];
+    f[..6].copy_from_slice(&HOST_MAC);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    let udp_len = 8 + UFO_PAYLOAD;
+    {
+        let ip = &mut f[14..34];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+        ip[4..6].copy_from_slice(&0x4321u16.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 17; // UDP
+        ip[12..16].copy_from_slice(&GUEST_IP);
+        ip[16..20].copy_from_slice(&HOST_IP);
+        let c = !fold(sum16(0, ip));
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+    {
+        let udp = &mut f[34..42];
+        udp[0..2].copy_from_slice(&GUEST_PORT.to_be_bytes());
+        udp[2..4].copy_from_slice(&HOST_PORT.to_be_bytes());
+        udp[4..6].copy_from_slice(&(udp_len as u16).to_be_bytes());
+    }
+    let mut pseudo = sum16(0, &GUEST_IP);
+    pseudo = sum16(pseudo, &HOST_IP);
+    pseudo += 17 + udp_len as u32;
+    f[40..42].copy_from_slice(&fold(pseudo).to_be_bytes());
+    for (k, c) in f[42..].iter_mut().enumerate() {
+        *c = pattern(k, UFO_SEED);
+    }
+    let h = fnv1a64(&f[42..]);
+    tx.q.set_desc(0, tx_buf, total as u32, 0, 0);
+    tx.q.push(0);
+    t.notify(1);
+    let end = deadline(PART_WAIT_US);
+    loop {
+        if tx.q.poll().is_some() {
+            break;
+        }
+        if hw::rdtsc() > end {
+            fail!("netgso: the UFO frame was not used within 5 s");
+        }
+        core::hint::spin_loop();
+    }
+    say!(
+        "netgso: ufo sent ",
+        total - HDR_LEN,
+        " byte frame gso_size ",
+        UFO_FRAG,
         " payload fnv1a64=",
         Hex(h, 16)
     );
