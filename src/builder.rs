@@ -250,10 +250,17 @@ pub struct KvmPrep {
     kvm: Kvm,
     vm_fd: kvm_ioctls::VmFd,
     supported_cpuid: kvm_bindings::CpuId,
+    /// vCPU threads for the vCPU count configured when this was made, filters installed; a
+    /// start with more makes the rest, one with fewer ends the extra ones.
+    vcpu_threads: Vec<PendingVcpu>,
 }
 
 impl KvmPrep {
-    pub fn new() -> Result<KvmPrep, StartError> {
+    pub fn new(
+        vcpus: u8,
+        seccomp: &Filters,
+        exit: &Arc<ExitSignal>,
+    ) -> Result<KvmPrep, StartError> {
         let kvm = Kvm::new().map_err(StartError::KvmOpen)?;
         let vm_fd = crate::vstate::vm::create_vm_fd(&kvm)?;
         let supported_cpuid = kvm
@@ -263,6 +270,7 @@ impl KvmPrep {
             kvm,
             vm_fd,
             supported_cpuid,
+            vcpu_threads: spawn_vcpu_threads(Vec::new(), vcpus, seccomp, exit)?,
         })
     }
 
@@ -271,6 +279,22 @@ impl KvmPrep {
         use std::os::fd::AsRawFd;
         self.vm_fd.as_raw_fd()
     }
+}
+
+/// `count` vCPU threads: those of `ready` first (the extra ones end when dropped), then new ones.
+fn spawn_vcpu_threads(
+    mut ready: Vec<PendingVcpu>,
+    count: u8,
+    seccomp: &Filters,
+    exit: &Arc<ExitSignal>,
+) -> Result<Vec<PendingVcpu>, StartError> {
+    ready.truncate(usize::from(count));
+    for i in ready.len() as u8..count {
+        let t = PendingVcpu::spawn(i, seccomp.clone(), exit.clone())
+            .map_err(|e| StartError::Vcpu(i, format!("cannot start its thread: {e}")))?;
+        ready.push(t);
+    }
+    Ok(ready)
 }
 
 /// Builds the VM described by `cfg` and starts its vCPUs; `prep` is made here when not given.
@@ -295,13 +319,14 @@ pub fn build_microvm(
     let cmdline = full_cmdline(cfg, &slots)?;
 
     phase("build start", &start);
-    // The vCPU threads get ready (seccomp filter) while this thread builds the VM.
-    let threads = (0..mc.vcpu_count)
-        .map(|i| {
-            PendingVcpu::spawn(i, seccomp.clone(), exit.clone())
-                .map_err(|e| StartError::Vcpu(i, format!("cannot start its thread: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut prep = prep;
+    let ready = prep
+        .as_mut()
+        .map(|p| std::mem::take(&mut p.vcpu_threads))
+        .unwrap_or_default();
+    // The vCPU threads get ready (seccomp filter) while this thread builds the VM, if they
+    // did not while the API waited.
+    let threads = spawn_vcpu_threads(ready, mc.vcpu_count, seccomp, &exit)?;
     let mem_size = (mc.mem_size_mib as u64) << 20;
     let (kvm, vm, supported) = match prep {
         // Made while the API waited; its grace periods are long over.

@@ -112,7 +112,8 @@ impl Controller {
     /// Makes the configuration-independent KVM state now, while waiting for the API; a
     /// failure is left for `InstanceStart` to report.
     pub fn prepare_kvm(&mut self) {
-        match KvmPrep::new() {
+        let vcpus = self.config.machine_config.vcpu_count;
+        match KvmPrep::new(vcpus, &self.seccomp, &self.exit) {
             Ok(p) => self.prep = Some(p),
             Err(e) => log::debug!("no KVM state made ahead of the start: {e}"),
         }
