@@ -602,6 +602,7 @@ fn netbench_sends_and_receives_through_a_tap() {
 /// frame sent and received.
 const PACKET_VNET_HDR: libc::c_int = 15;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const SIOCETHTOOL: libc::c_ulong = 0x8946;
 const ETHTOOL_STXCSUM: u32 = 0x17;
 const ETHTOOL_STSO: u32 = 0x1f;
@@ -624,6 +625,10 @@ const GSO6_HOST_IP: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 
 const GSO6_TX_PAYLOAD: usize = 30000;
 const GSO6_TX_SEED: u8 = 0xa6;
 const GSO6_MSS: u16 = 1440;
+/// What this test sends to the guest over IPv6: 48 KiB offloaded with MSS 1440.
+const GSO6_RX_PAYLOAD: usize = 48 << 10;
+const GSO6_RX_SEED: u8 = 0x96;
+const GSO6_RX_SEQ: u32 = 0x0600_d00d;
 /// The guest's UFO datagram: UDP 10.0.0.2:40000 -> 10.0.0.1:5001, fragments of 1480 bytes.
 const UFO_PAYLOAD: usize = 20000;
 const UFO_SEED: u8 = 0x3c;
@@ -695,6 +700,42 @@ fn tcp_frame(
     tcp[13] = 0x18; // PSH, ACK
     tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
     tcp[16..18].copy_from_slice(&fold(pseudo_sum(src, dst, tcp_len)).to_be_bytes());
+    f.extend_from_slice(&tcp);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An Ethernet/IPv6/TCP frame with, as CHECKSUM_PARTIAL wants it, the pseudo-header's sum in
+/// the TCP checksum field.
+fn tcp6_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    ports: (u16, u16),
+    seq: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let tcp_len = 20 + payload.len();
+    let mut f = dst_mac.to_vec();
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
+    let mut ip = [0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
+    ip[6] = 6;
+    ip[7] = 64;
+    ip[8..24].copy_from_slice(&src);
+    ip[24..40].copy_from_slice(&dst);
+    f.extend_from_slice(&ip);
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&ports.0.to_be_bytes());
+    tcp[2..4].copy_from_slice(&ports.1.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x18; // PSH, ACK
+    tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
+    tcp[16..18].copy_from_slice(&fold(pseudo_sum6(src, dst, tcp_len)).to_be_bytes());
     f.extend_from_slice(&tcp);
     f.extend_from_slice(payload);
     f
@@ -860,6 +901,42 @@ fn gso_host_side(ns: String, ready: mpsc::Sender<()>, go: mpsc::Receiver<()>) ->
         "sendto (GSO): {}",
         std::io::Error::last_os_error()
     );
+    // The same over IPv6, for GUEST_TSO6.
+    let payload6: Vec<u8> = (0..GSO6_RX_PAYLOAD)
+        .map(|k| gso_pattern(k, GSO6_RX_SEED))
+        .collect();
+    let frame6 = tcp6_frame(
+        GUEST_MAC,
+        HOST_MAC,
+        GSO6_HOST_IP,
+        GSO6_GUEST_IP,
+        (GSO_HOST_PORT, GSO_GUEST_PORT),
+        GSO6_RX_SEQ,
+        &payload6,
+    );
+    let mut h6 = tso4_hdr(74, GSO6_MSS);
+    h6[1] = 4; // GSO_TCPV6
+    h6[6..8].copy_from_slice(&54u16.to_le_bytes());
+    let mut pkt6 = h6.to_vec();
+    pkt6.extend_from_slice(&frame6);
+    sll.sll_protocol = ETH_P_IPV6.to_be();
+    // SAFETY: live buffers of the given sizes.
+    let n = unsafe {
+        libc::sendto(
+            tap.as_raw_fd(),
+            pkt6.as_ptr().cast(),
+            pkt6.len(),
+            0,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(
+        n,
+        pkt6.len() as isize,
+        "sendto (GSO, IPv6): {}",
+        std::io::Error::last_os_error()
+    );
 
     let from_guest =
         |f: &[u8]| f.len() >= 54 && f[6..12] == GUEST_MAC && f[12..14] == [8, 0] && f[23] == 6;
@@ -913,7 +990,7 @@ fn gso_host_side(ns: String, ready: mpsc::Sender<()>, go: mpsc::Receiver<()>) ->
 
 /// The `netgso` scenario: host -> guest, a 60 KiB TCP/IPv4 GSO packet injected on tap0 reaches
 /// the guest whole, as a GSO frame spread over 4 KiB mergeable RX buffers (TUNSETOFFLOAD from
-/// GUEST_CSUM + GUEST_TSO4); guest -> host, a 40 000-byte TSO frame (and a 30 000-byte one
+/// GUEST_CSUM + GUEST_TSO4), and so does a 48 KiB TCP/IPv6 one (GUEST_TSO6); guest -> host, a 40 000-byte TSO frame (and a 30 000-byte one
 /// over IPv6, HOST_TSO6) leaves tap0 as one GSO packet, and the kernel's software segmentation
 /// (through a bridge to a veth without offloads) makes valid MSS-sized TCP segments of it; a
 /// UDP datagram sent with UFO (HOST_UFO) becomes IPv4 fragments that reassemble into it. The `net` scenario then resets the
@@ -1003,7 +1080,8 @@ fn netgso_offloads_and_mergeable_buffers_work_both_ways() {
 
     out.expect_code(0)
         .expect(
-            "netgso: negotiated csum guest_csum guest_tso4 host_tso4 host_tso6 host_ufo mrg_rxbuf",
+            "netgso: negotiated csum guest_csum guest_tso4 guest_tso6 host_tso4 host_tso6 \
+             host_ufo mrg_rxbuf",
         )
         .expect("net: sent 8 frames")
         .expect("ember-guest: done");
@@ -1050,6 +1128,19 @@ fn netgso_offloads_and_mergeable_buffers_work_both_ways() {
         (54..=len as u64).contains(&field("hdr_len")),
         "rx hdr: {hdr}"
     );
+    // Host -> guest over IPv6 (GUEST_TSO6): whole, as one TCPV6 GSO frame.
+    let payload6: Vec<u8> = (0..GSO6_RX_PAYLOAD)
+        .map(|k| gso_pattern(k, GSO6_RX_SEED))
+        .collect();
+    let len6 = 74 + GSO6_RX_PAYLOAD;
+    out.expect(&format!(
+        "netgso: rx6 frame {len6} bytes in {} buffers, gso_type 4 gso_size {GSO6_MSS} \
+         csum_start 54 payload_len {} tcp seq {GSO6_RX_SEQ} payload {GSO6_RX_PAYLOAD} bytes \
+         fnv1a64={:016x}",
+        (12 + len6).div_ceil(4096),
+        20 + GSO6_RX_PAYLOAD,
+        fnv1a64(&payload6)
+    ));
 
     // Guest -> host: one GSO packet on tap0, as the guest built it.
     let tx_payload: Vec<u8> = (0..GSO_TX_PAYLOAD)

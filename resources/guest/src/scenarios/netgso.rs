@@ -1,7 +1,7 @@
 //! `netgso`: segmentation offloads and mergeable RX buffers on the first virtio net device,
-//! both ways. Negotiates VERSION_1, MAC, CSUM, GUEST_CSUM, GUEST_TSO4, HOST_TSO4, HOST_TSO6,
-//! HOST_UFO and MRG_RXBUF (FAIL when one is not offered) and prints `netgso: negotiated csum
-//! guest_csum guest_tso4 host_tso4 host_tso6 host_ufo mrg_rxbuf`. Rings of up to 64 entries, buffers in RAM at 16..40 MiB.
+//! both ways. Negotiates VERSION_1, MAC, CSUM, GUEST_CSUM, GUEST_TSO4, GUEST_TSO6, HOST_TSO4,
+//! HOST_TSO6, HOST_UFO and MRG_RXBUF (FAIL when one is not offered) and prints `netgso:
+//! negotiated csum guest_csum guest_tso4 guest_tso6 host_tso4 host_tso6 host_ufo mrg_rxbuf`. Rings of up to 64 entries, buffers in RAM at 16..40 MiB.
 //!
 //! 1. RX: posts one 4 KiB buffer per RX ring entry (fewer bytes each than a big frame needs),
 //!    prints `netgso: rx ready` and waits (30 s at most) for an IPv4 TCP frame to port
@@ -10,7 +10,10 @@
 //!    `netgso: rx frame <len> bytes in <n> buffers, all but the last full: <yes|no>`,
 //!    `netgso: rx hdr flags <f> gso_type <t> gso_size <s> hdr_len <h> csum_start <a>
 //!    csum_offset <b>`, `netgso: rx ipv4 tot_len <l> tcp seq <q> payload <p> bytes
-//!    fnv1a64=<hex>` and `netgso: rx ignored <k> other frames`.
+//!    fnv1a64=<hex>`; then the same for an IPv6 TCP frame to that port:
+//!    `netgso: rx6 frame <len> bytes in <n> buffers, gso_type <t> gso_size <s> csum_start <a>
+//!    payload_len <l> tcp seq <q> payload <p> bytes fnv1a64=<hex>`; and
+//!    `netgso: rx ignored <k> other frames`.
 //! 2. TX: sends one TCP/IPv4 frame of [`TX_PAYLOAD`] payload bytes (pattern [`pattern`] with
 //!    seed [`TX_SEED`]) to 02:00:00:00:00:aa with a header asking for TSO (NEEDS_CSUM,
 //!    csum_start 34, csum_offset 16, GSO TCPV4, gso_size [`TX_MSS`], hdr_len 54), the TCP
@@ -36,6 +39,7 @@ use crate::{hw, Ctx};
 const F_CSUM: u64 = 1 << 0;
 const F_GUEST_CSUM: u64 = 1 << 1;
 const F_GUEST_TSO4: u64 = 1 << 7;
+const F_GUEST_TSO6: u64 = 1 << 8;
 const F_HOST_TSO4: u64 = 1 << 11;
 const F_HOST_TSO6: u64 = 1 << 12;
 const F_HOST_UFO: u64 = 1 << 14;
@@ -123,6 +127,61 @@ fn next_used(rx: &mut Ring, us: u64, what: &str) -> (u16, usize) {
     }
 }
 
+/// Gathers frames over their `num_buffers` RX buffers into `asm` until one satisfies `mine`
+/// (the others are counted in `ignored`), recycling the buffers; its length (header
+/// included), its buffer count and whether every buffer but the last was full.
+fn gather(
+    rx: &mut Ring,
+    t: &Transport,
+    rx_bufs: u64,
+    asm: &mut [u8],
+    mine: &dyn Fn(&[u8]) -> bool,
+    ignored: &mut u32,
+) -> (usize, usize, bool) {
+    let buf = |id: u16| rx_bufs + id as u64 * RX_BUF as u64;
+    loop {
+        let (id, n) = next_used(rx, RX_WAIT_US, "no TCP frame for the guest within 30 s");
+        // SAFETY: buffer `id` is in the region and the device is done with it.
+        let first = unsafe { core::slice::from_raw_parts(buf(id) as *const u8, n) };
+        if n < HDR_LEN {
+            fail!(
+                "netgso: an RX buffer of ",
+                n,
+                " bytes, shorter than the header"
+            );
+        }
+        let nb = le16(first, 10) as usize;
+        if nb == 0 || nb > rx.size() as usize {
+            fail!("netgso: num_buffers ", nb, " with a ring of ", rx.size());
+        }
+        asm[..n].copy_from_slice(first);
+        let mut len = n;
+        let mut all_full = true;
+        let mut ids = [0u16; 64];
+        ids[0] = id;
+        for slot in ids.iter_mut().take(nb).skip(1) {
+            all_full &= len % RX_BUF == 0;
+            let (id, n) = next_used(rx, PART_WAIT_US, "a frame's next buffer never came");
+            if len + n > asm.len() {
+                fail!("netgso: a frame larger than ", asm.len(), " bytes");
+            }
+            // SAFETY: as above.
+            let part = unsafe { core::slice::from_raw_parts(buf(id) as *const u8, n) };
+            asm[len..len + n].copy_from_slice(part);
+            len += n;
+            *slot = id;
+        }
+        for &id in ids.iter().take(nb) {
+            rx.q.push(id);
+        }
+        t.notify(0);
+        if mine(&asm[HDR_LEN..len]) {
+            return (len, nb, all_full);
+        }
+        *ignored += 1;
+    }
+}
+
 pub fn run(ctx: &Ctx, _arg: &[u8]) {
     check_region(ctx, "netgso");
     let Some(base) = Net::find(ctx.bp.cmdline()) else {
@@ -130,8 +189,8 @@ pub fn run(ctx: &Ctx, _arg: &[u8]) {
     };
     let t = Transport::new(base);
     let want =
-        F_MAC | F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_HOST_TSO4 | F_HOST_TSO6 | F_HOST_UFO
-            | F_MRG_RXBUF;
+        F_MAC | F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6 | F_HOST_TSO4 | F_HOST_TSO6
+            | F_HOST_UFO | F_MRG_RXBUF;
     let offered = match t.begin(F_VERSION_1 | want) {
         Ok(f) => f,
         Err(e) => fail!("netgso: ", e),
@@ -152,7 +211,10 @@ pub fn run(ctx: &Ctx, _arg: &[u8]) {
     if let Err(e) = t.driver_ok() {
         fail!("netgso: ", e);
     }
-    say!("netgso: negotiated csum guest_csum guest_tso4 host_tso4 host_tso6 host_ufo mrg_rxbuf");
+    say!(
+        "netgso: negotiated csum guest_csum guest_tso4 guest_tso6 host_tso4 host_tso6 host_ufo \
+         mrg_rxbuf"
+    );
     let mut mac = [0u8; 6];
     for (i, b) in mac.iter_mut().enumerate() {
         *b = t.config8(i as u64);
@@ -175,54 +237,14 @@ pub fn run(ctx: &Ctx, _arg: &[u8]) {
     // writes there (no descriptor points at it).
     let asm = unsafe { core::slice::from_raw_parts_mut(whole as *mut u8, 256 << 10) };
     let mut ignored = 0u32;
-    let (len, nbufs, all_full) = loop {
-        let (id, n) = next_used(
-            &mut rx,
-            RX_WAIT_US,
-            "no TCP frame for the guest within 30 s",
-        );
-        // SAFETY: buffer `id` is in the region and the device is done with it.
-        let first = unsafe { core::slice::from_raw_parts(buf(id) as *const u8, n) };
-        if n < HDR_LEN {
-            fail!(
-                "netgso: an RX buffer of ",
-                n,
-                " bytes, shorter than the header"
-            );
-        }
-        let nb = le16(first, 10) as usize;
-        if nb == 0 || nb > rx.size() as usize {
-            fail!("netgso: num_buffers ", nb, " with a ring of ", rx.size());
-        }
-        asm[..n].copy_from_slice(first);
-        let mut len = n;
-        let mut all_full = true;
-        let mut ids = [0u16; 64];
-        ids[0] = id;
-        for slot in ids.iter_mut().take(nb).skip(1) {
-            all_full &= len % RX_BUF == 0;
-            let (id, n) = next_used(&mut rx, PART_WAIT_US, "a frame's next buffer never came");
-            // SAFETY: as above.
-            let part = unsafe { core::slice::from_raw_parts(buf(id) as *const u8, n) };
-            asm[len..len + n].copy_from_slice(part);
-            len += n;
-            *slot = id;
-        }
-        for &id in ids.iter().take(nb) {
-            rx.q.push(id);
-        }
-        t.notify(0);
-        let f = &asm[HDR_LEN..len];
-        let mine = f.len() >= HDRS
+    let is_mine4 = |f: &[u8]| {
+        f.len() >= HDRS
             && f[12..14] == [0x08, 0x00]
             && f[14] == 0x45
             && f[23] == 6
-            && be16(f, 36) == GUEST_PORT;
-        if mine {
-            break (len, nb, all_full);
-        }
-        ignored += 1;
+            && be16(f, 36) == GUEST_PORT
     };
+    let (len, nbufs, all_full) = gather(&mut rx, &t, rx_bufs, asm, &is_mine4, &mut ignored);
     let h = &asm[..HDR_LEN];
     let f = &asm[HDR_LEN..len];
     say!(
@@ -254,6 +276,39 @@ pub fn run(ctx: &Ctx, _arg: &[u8]) {
         be16(f, 16),
         " tcp seq ",
         seq,
+        " payload ",
+        payload.len(),
+        " bytes fnv1a64=",
+        Hex(fnv1a64(payload), 16)
+    );
+
+    // The same over IPv6 (GUEST_TSO6).
+    let is_mine6 = |f: &[u8]| {
+        f.len() >= HDRS6
+            && f[12..14] == [0x86, 0xdd]
+            && f[14] >> 4 == 6
+            && f[20] == 6
+            && be16(f, 56) == GUEST_PORT
+    };
+    let (len, nbufs, _) = gather(&mut rx, &t, rx_bufs, asm, &is_mine6, &mut ignored);
+    let h = &asm[..HDR_LEN];
+    let f = &asm[HDR_LEN..len];
+    let payload = &f[HDRS6..];
+    say!(
+        "netgso: rx6 frame ",
+        f.len(),
+        " bytes in ",
+        nbufs,
+        " buffers, gso_type ",
+        h[1],
+        " gso_size ",
+        le16(h, 4),
+        " csum_start ",
+        le16(h, 6),
+        " payload_len ",
+        be16(f, 18),
+        " tcp seq ",
+        u32::from_be_bytes([f[58], f[59], f[60], f[61]]),
         " payload ",
         payload.len(),
         " bytes fnv1a64=",
