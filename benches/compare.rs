@@ -216,24 +216,21 @@ fn quiesce() {
     }
 }
 
-/// Reaps the children (and orphans we inherited) that have exited, without waiting.
-fn reap_exited() {
-    loop {
-        let mut status = 0;
-        // SAFETY: plain waitpid on any child.
-        let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if r <= 0 {
-            break;
-        }
-    }
-}
-
 /// Waits for every child (and orphan we inherited) to exit.
 fn reap_all() {
+    reap(0);
+}
+
+/// Reaps the children (and orphans we inherited) that have exited, without waiting.
+fn reap_exited() {
+    reap(libc::WNOHANG);
+}
+
+fn reap(flags: libc::c_int) {
     loop {
         let mut status = 0;
         // SAFETY: plain waitpid on any child.
-        let r = unsafe { libc::waitpid(-1, &mut status, 0) };
+        let r = unsafe { libc::waitpid(-1, &mut status, flags) };
         if r <= 0 {
             break;
         }

@@ -154,6 +154,12 @@ pub fn local_timestamp() -> String {
     )
 }
 
+/// The name a thread goes by in logs. Every thread ember starts has one; the one without is
+/// the main thread (Rust's start-up, which would name it, is skipped: see main.rs).
+pub fn thread_name(t: &std::thread::Thread) -> &str {
+    t.name().unwrap_or("main")
+}
+
 impl Log for Logger {
     fn enabled(&self, m: &Metadata) -> bool {
         m.level() <= log::max_level()
@@ -169,14 +175,11 @@ impl Log for Logger {
                 return;
             }
         }
-        let thread = std::thread::current();
         let mut line = format!(
             "{} [{}:{}",
             local_timestamp(),
             st.instance_id,
-            // Every thread ember starts has a name; the one without is the main thread (Rust's
-            // start-up, which would name it, is skipped: see main.rs).
-            thread.name().unwrap_or("main")
+            thread_name(&std::thread::current())
         );
         if st.show_level {
             line.push(':');

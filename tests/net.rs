@@ -212,11 +212,13 @@ fn recv_frame(fd: &OwnedFd) -> Option<Vec<u8>> {
     Some(buf)
 }
 
-fn send_frame(fd: &OwnedFd, ifindex: libc::c_int, frame: &[u8]) {
+/// Sends `frame` (with a virtio_net_hdr in front if the socket asked for one) to the guest's
+/// MAC on `ifindex`, as an `ethertype` packet.
+fn send_frame(fd: &OwnedFd, ifindex: libc::c_int, ethertype: u16, frame: &[u8]) {
     // SAFETY: zeroed sockaddr_ll is valid; filled below.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = ETHERTYPE.to_be();
+    sll.sll_protocol = ethertype.to_be();
     sll.sll_ifindex = ifindex;
     sll.sll_halen = 6;
     sll.sll_addr[..6].copy_from_slice(&GUEST_MAC);
@@ -274,7 +276,7 @@ fn host_side(ns: String, ready: mpsc::Sender<()>) -> Seen {
         f.extend_from_slice(&HOST_MAC);
         f.extend_from_slice(&ETHERTYPE.to_be_bytes());
         f.extend_from_slice(&payload(&format!("host-echo {i}")));
-        send_frame(&fd, ifindex, &f);
+        send_frame(&fd, ifindex, ETHERTYPE, &f);
     }
     let until = Instant::now() + Duration::from_secs(10);
     while seen.echoes.len() < 5 && Instant::now() < until {
@@ -433,7 +435,7 @@ fn evil_guest_is_survived_and_counted() {
         f.extend_from_slice(&payload("host-inject"));
         let mut n = 0u32;
         while !stop2.load(Ordering::Relaxed) {
-            send_frame(&fd, ifindex, &f);
+            send_frame(&fd, ifindex, ETHERTYPE, &f);
             n += 1;
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -561,7 +563,7 @@ fn netbench_sends_and_receives_through_a_tap() {
         f.resize(1514, 0x42);
         let until = Instant::now() + Duration::from_secs(4);
         while Instant::now() < until {
-            send_frame(&fd, ifindex, &f);
+            send_frame(&fd, ifindex, ETHERTYPE, &f);
             std::thread::sleep(Duration::from_millis(1));
         }
     });
@@ -692,6 +694,13 @@ fn tcp_frame(
     let c = !fold(sum16(0, &ip));
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     f.extend_from_slice(&ip);
+    f.extend_from_slice(&tcp_header(ports, seq, pseudo_sum(src, dst, tcp_len)));
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A TCP header without options (PSH, ACK), its checksum field holding `pseudo` folded.
+fn tcp_header(ports: (u16, u16), seq: u32, pseudo: u32) -> [u8; 20] {
     let mut tcp = [0u8; 20];
     tcp[0..2].copy_from_slice(&ports.0.to_be_bytes());
     tcp[2..4].copy_from_slice(&ports.1.to_be_bytes());
@@ -699,10 +708,8 @@ fn tcp_frame(
     tcp[12] = 5 << 4;
     tcp[13] = 0x18; // PSH, ACK
     tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
-    tcp[16..18].copy_from_slice(&fold(pseudo_sum(src, dst, tcp_len)).to_be_bytes());
-    f.extend_from_slice(&tcp);
-    f.extend_from_slice(payload);
-    f
+    tcp[16..18].copy_from_slice(&fold(pseudo).to_be_bytes());
+    tcp
 }
 
 /// An Ethernet/IPv6/TCP frame with, as CHECKSUM_PARTIAL wants it, the pseudo-header's sum in
@@ -728,27 +735,24 @@ fn tcp6_frame(
     ip[8..24].copy_from_slice(&src);
     ip[24..40].copy_from_slice(&dst);
     f.extend_from_slice(&ip);
-    let mut tcp = [0u8; 20];
-    tcp[0..2].copy_from_slice(&ports.0.to_be_bytes());
-    tcp[2..4].copy_from_slice(&ports.1.to_be_bytes());
-    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = 0x18; // PSH, ACK
-    tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
-    tcp[16..18].copy_from_slice(&fold(pseudo_sum6(src, dst, tcp_len)).to_be_bytes());
-    f.extend_from_slice(&tcp);
+    f.extend_from_slice(&tcp_header(ports, seq, pseudo_sum6(src, dst, tcp_len)));
     f.extend_from_slice(payload);
     f
 }
 
-/// A virtio_net_hdr (10 bytes, little-endian as with VERSION_1) asking for TSO over TCP/IPv4.
-fn tso4_hdr(hdr_len: u16, mss: u16) -> [u8; 10] {
+/// `virtio_net_hdr.gso_type` for TCP over IPv4 and over IPv6.
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+
+/// A virtio_net_hdr (10 bytes, little-endian as with VERSION_1) asking for TSO of `gso_type`,
+/// the TCP checksum to be finished from `csum_start` (at offset 16 there).
+fn gso_hdr(gso_type: u8, csum_start: u16, hdr_len: u16, mss: u16) -> [u8; 10] {
     let mut h = [0u8; 10];
     h[0] = 1; // NEEDS_CSUM
-    h[1] = 1; // GSO_TCPV4
+    h[1] = gso_type;
     h[2..4].copy_from_slice(&hdr_len.to_le_bytes());
     h[4..6].copy_from_slice(&mss.to_le_bytes());
-    h[6..8].copy_from_slice(&34u16.to_le_bytes());
+    h[6..8].copy_from_slice(&csum_start.to_le_bytes());
     h[8..10].copy_from_slice(&16u16.to_le_bytes());
     h
 }
@@ -875,32 +879,9 @@ fn gso_host_side(ns: String, ready: mpsc::Sender<()>, go: mpsc::Receiver<()>) ->
         GSO_RX_SEQ,
         &payload,
     );
-    let mut pkt = tso4_hdr(54, GSO_MSS).to_vec();
+    let mut pkt = gso_hdr(GSO_TCPV4, 34, 54, GSO_MSS).to_vec();
     pkt.extend_from_slice(&frame);
-    // SAFETY: zeroed sockaddr_ll is valid; filled below.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = ETH_P_IP.to_be();
-    sll.sll_ifindex = ifindex;
-    sll.sll_halen = 6;
-    sll.sll_addr[..6].copy_from_slice(&GUEST_MAC);
-    // SAFETY: live buffers of the given sizes.
-    let n = unsafe {
-        libc::sendto(
-            tap.as_raw_fd(),
-            pkt.as_ptr().cast(),
-            pkt.len(),
-            0,
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(
-        n,
-        pkt.len() as isize,
-        "sendto (GSO): {}",
-        std::io::Error::last_os_error()
-    );
+    send_frame(&tap, ifindex, ETH_P_IP, &pkt);
     // The same over IPv6, for GUEST_TSO6.
     let payload6: Vec<u8> = (0..GSO6_RX_PAYLOAD)
         .map(|k| gso_pattern(k, GSO6_RX_SEED))
@@ -914,29 +895,9 @@ fn gso_host_side(ns: String, ready: mpsc::Sender<()>, go: mpsc::Receiver<()>) ->
         GSO6_RX_SEQ,
         &payload6,
     );
-    let mut h6 = tso4_hdr(74, GSO6_MSS);
-    h6[1] = 4; // GSO_TCPV6
-    h6[6..8].copy_from_slice(&54u16.to_le_bytes());
-    let mut pkt6 = h6.to_vec();
+    let mut pkt6 = gso_hdr(GSO_TCPV6, 54, 74, GSO6_MSS).to_vec();
     pkt6.extend_from_slice(&frame6);
-    sll.sll_protocol = ETH_P_IPV6.to_be();
-    // SAFETY: live buffers of the given sizes.
-    let n = unsafe {
-        libc::sendto(
-            tap.as_raw_fd(),
-            pkt6.as_ptr().cast(),
-            pkt6.len(),
-            0,
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(
-        n,
-        pkt6.len() as isize,
-        "sendto (GSO, IPv6): {}",
-        std::io::Error::last_os_error()
-    );
+    send_frame(&tap, ifindex, ETH_P_IPV6, &pkt6);
 
     let from_guest =
         |f: &[u8]| f.len() >= 54 && f[6..12] == GUEST_MAC && f[12..14] == [8, 0] && f[23] == 6;

@@ -131,13 +131,7 @@ impl Filters {
         // Leaked once per thread (a handful per VM) so the handler can name it without
         // allocating.
         let name: &'static str = Box::leak(
-            std::thread::current()
-                .name()
-                .unwrap_or(if kind == ThreadKind::Vmm {
-                    "main"
-                } else {
-                    kind.name()
-                })
+            crate::logger::thread_name(&std::thread::current())
                 .to_string()
                 .into_boxed_str(),
         );

@@ -151,6 +151,7 @@ impl CoalescedRing {
         };
         let cap = self.capacity();
         let mut first = unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*base).first)) };
+        let mut n = 0;
         loop {
             let end = last(base);
             // Entries up to `last` are fully written before KVM publishes `last`.
@@ -167,10 +168,13 @@ impl CoalescedRing {
             let pio = unsafe { entry.__bindgen_anon_1.pio } != 0;
             let len = (entry.len as usize).min(entry.data.len());
             f(entry.phys_addr, &entry.data[..len], pio);
-            self.drained.fetch_add(1, Ordering::Relaxed);
+            n += 1;
             first = (first + 1) % cap;
             fence(Ordering::Release);
             unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*base).first), first) };
+        }
+        if n > 0 {
+            self.drained.fetch_add(n, Ordering::Relaxed);
         }
     }
 }

@@ -316,201 +316,146 @@ pub fn run(ctx: &Ctx, _arg: &[u8]) {
     );
     say!("netgso: rx ignored ", ignored, " other frames");
 
-    // TX: one frame, TSO asked for.
-    let total = HDR_LEN + HDRS + TX_PAYLOAD;
-    // SAFETY: inside the region; the device has no TX buffer yet.
-    let b = unsafe { core::slice::from_raw_parts_mut(tx_buf as *mut u8, total) };
-    b.fill(0);
-    b[0] = HDR_F_NEEDS_CSUM;
-    b[1] = GSO_TCPV4;
-    b[2..4].copy_from_slice(&(HDRS as u16).to_le_bytes());
-    b[4..6].copy_from_slice(&TX_MSS.to_le_bytes());
-    b[6..8].copy_from_slice(&34u16.to_le_bytes());
-    b[8..10].copy_from_slice(&16u16.to_le_bytes());
-    let f = &mut b[HDR_LEN..];
-    f[..6].copy_from_slice(&HOST_MAC);
-    f[6..12].copy_from_slice(&mac);
-    f[12..14].copy_from_slice(&[0x08, 0x00]);
-    let tcp_len = 20 + TX_PAYLOAD;
-    {
-        let ip = &mut f[14..34];
-        ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
-        ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
-        ip[6] = 0x40; // DF
-        ip[8] = 64;
-        ip[9] = 6;
-        ip[12..16].copy_from_slice(&GUEST_IP);
-        ip[16..20].copy_from_slice(&HOST_IP);
-        let c = !fold(sum16(0, ip));
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
+    // TX: TSO over IPv4 and IPv6, then UFO, one frame after the other in the same buffer.
+    let tx_frames = [
+        TxFrame {
+            name: "tx",
+            ipv6: false,
+            udp: false,
+            gso_type: GSO_TCPV4,
+            gso_size: TX_MSS,
+            seq: 0x1000_0000,
+            payload: TX_PAYLOAD,
+            seed: TX_SEED,
+        },
+        TxFrame {
+            name: "tx6",
+            ipv6: true,
+            udp: false,
+            gso_type: GSO_TCPV6,
+            gso_size: TX6_MSS,
+            seq: 0x2000_0000,
+            payload: TX6_PAYLOAD,
+            seed: TX6_SEED,
+        },
+        TxFrame {
+            name: "ufo",
+            ipv6: false,
+            udp: true,
+            gso_type: GSO_UDP,
+            gso_size: UFO_FRAG,
+            seq: 0,
+            payload: UFO_PAYLOAD,
+            seed: UFO_SEED,
+        },
+    ];
+    for frame in &tx_frames {
+        send_offloaded(&mut tx, &t, tx_buf, &mac, frame);
     }
-    {
-        let tcp = &mut f[34..54];
-        tcp[0..2].copy_from_slice(&GUEST_PORT.to_be_bytes());
-        tcp[2..4].copy_from_slice(&HOST_PORT.to_be_bytes());
-        tcp[4..8].copy_from_slice(&0x1000_0000u32.to_be_bytes());
-        tcp[12] = 5 << 4;
-        tcp[13] = 0x18; // PSH, ACK
-        tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
-    }
-    // NEEDS_CSUM: the checksum field holds the pseudo-header's sum (whole TCP length), the
-    // device or the host finishes it over csum_start.. (each segment's, with TSO).
-    let mut pseudo = sum16(0, &GUEST_IP);
-    pseudo = sum16(pseudo, &HOST_IP);
-    pseudo += 6 + tcp_len as u32;
-    f[50..52].copy_from_slice(&fold(pseudo).to_be_bytes());
-    for (k, c) in f[HDRS..].iter_mut().enumerate() {
-        *c = pattern(k, TX_SEED);
-    }
-    let h = fnv1a64(&f[HDRS..]);
-    tx.q.set_desc(0, tx_buf, total as u32, 0, 0);
-    tx.q.push(0);
-    t.notify(1);
-    let end = deadline(PART_WAIT_US);
-    loop {
-        if tx.q.poll().is_some() {
-            break;
-        }
-        if hw::rdtsc() > end {
-            fail!("netgso: the TX frame was not used within 5 s");
-        }
-        core::hint::spin_loop();
-    }
-    say!(
-        "netgso: tx sent ",
-        total - HDR_LEN,
-        " byte frame gso_size ",
-        TX_MSS,
-        " payload fnv1a64=",
-        Hex(h, 16)
-    );
+}
 
-    // TX over IPv6, in the same buffer (the device is done with it).
-    let total = HDR_LEN + HDRS6 + TX6_PAYLOAD;
-    // SAFETY: inside the region; the device has used the previous frame.
+/// A frame the guest sends asking the device for an offload.
+struct TxFrame {
+    /// In the report: `netgso: <name> sent ...`.
+    name: &'static str,
+    ipv6: bool,
+    /// UDP rather than TCP.
+    udp: bool,
+    gso_type: u8,
+    gso_size: u16,
+    /// The TCP sequence number.
+    seq: u32,
+    payload: usize,
+    seed: u8,
+}
+
+/// Builds `fr` at `tx_buf` (virtio_net_hdr asking for NEEDS_CSUM and GSO, the checksum field
+/// holding the pseudo-header's sum over the whole length, which the device or the host
+/// finishes per segment), sends it, waits until the device used it, and reports
+/// `netgso: <name> sent <len> byte frame gso_size <s> payload fnv1a64=<hex>`.
+fn send_offloaded(tx: &mut Ring, t: &Transport, tx_buf: u64, mac: &[u8; 6], fr: &TxFrame) {
+    let l3 = if fr.ipv6 { 40 } else { 20 };
+    let l4 = if fr.udp { 8 } else { 20 };
+    let hdrs = 14 + l3 + l4;
+    let l4_len = l4 + fr.payload;
+    let total = HDR_LEN + hdrs + fr.payload;
+    // SAFETY: inside the region; the device has used any earlier frame in this buffer.
     let b = unsafe { core::slice::from_raw_parts_mut(tx_buf as *mut u8, total) };
     b.fill(0);
     b[0] = HDR_F_NEEDS_CSUM;
-    b[1] = GSO_TCPV6;
-    b[2..4].copy_from_slice(&(HDRS6 as u16).to_le_bytes());
-    b[4..6].copy_from_slice(&TX6_MSS.to_le_bytes());
-    b[6..8].copy_from_slice(&54u16.to_le_bytes());
-    b[8..10].copy_from_slice(&16u16.to_le_bytes());
+    b[1] = fr.gso_type;
+    b[2..4].copy_from_slice(&(hdrs as u16).to_le_bytes());
+    b[4..6].copy_from_slice(&fr.gso_size.to_le_bytes());
+    b[6..8].copy_from_slice(&((14 + l3) as u16).to_le_bytes());
+    let csum_offset: u16 = if fr.udp { 6 } else { 16 };
+    b[8..10].copy_from_slice(&csum_offset.to_le_bytes());
     let f = &mut b[HDR_LEN..];
     f[..6].copy_from_slice(&HOST_MAC);
-    f[6..12].copy_from_slice(&mac);
-    f[12..14].copy_from_slice(&[0x86, 0xdd]);
-    let tcp_len = 20 + TX6_PAYLOAD;
-    {
+    f[6..12].copy_from_slice(mac);
+    let proto: u8 = if fr.udp { 17 } else { 6 };
+    // The addresses' part of the pseudo-header's sum.
+    let addrs = if fr.ipv6 {
+        f[12..14].copy_from_slice(&[0x86, 0xdd]);
         let ip = &mut f[14..54];
         ip[0] = 0x60;
-        ip[4..6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
-        ip[6] = 6; // TCP
+        ip[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        ip[6] = proto;
         ip[7] = 64;
         ip[8..24].copy_from_slice(&GUEST_IP6);
         ip[24..40].copy_from_slice(&HOST_IP6);
-    }
-    {
-        let tcp = &mut f[54..74];
-        tcp[0..2].copy_from_slice(&GUEST_PORT.to_be_bytes());
-        tcp[2..4].copy_from_slice(&HOST_PORT.to_be_bytes());
-        tcp[4..8].copy_from_slice(&0x2000_0000u32.to_be_bytes());
-        tcp[12] = 5 << 4;
-        tcp[13] = 0x18; // PSH, ACK
-        tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
-    }
-    // The IPv6 pseudo-header: addresses, the 32-bit upper-layer length, the next header.
-    let mut pseudo = sum16(0, &GUEST_IP6);
-    pseudo = sum16(pseudo, &HOST_IP6);
-    pseudo += 6 + tcp_len as u32;
-    f[70..72].copy_from_slice(&fold(pseudo).to_be_bytes());
-    for (k, c) in f[HDRS6..].iter_mut().enumerate() {
-        *c = pattern(k, TX6_SEED);
-    }
-    let h = fnv1a64(&f[HDRS6..]);
-    tx.q.set_desc(0, tx_buf, total as u32, 0, 0);
-    tx.q.push(0);
-    t.notify(1);
-    let end = deadline(PART_WAIT_US);
-    loop {
-        if tx.q.poll().is_some() {
-            break;
-        }
-        if hw::rdtsc() > end {
-            fail!("netgso: the IPv6 TX frame was not used within 5 s");
-        }
-        core::hint::spin_loop();
-    }
-    say!(
-        "netgso: tx6 sent ",
-        total - HDR_LEN,
-        " byte frame gso_size ",
-        TX6_MSS,
-        " payload fnv1a64=",
-        Hex(h, 16)
-    );
-
-    // TX with UFO: one UDP datagram too big for the MTU, for the host to fragment.
-    let total = HDR_LEN + 14 + 20 + 8 + UFO_PAYLOAD;
-    // SAFETY: inside the region; the device has used the previous frame.
-    let b = unsafe { core::slice::from_raw_parts_mut(tx_buf as *mut u8, total) };
-    b.fill(0);
-    b[0] = HDR_F_NEEDS_CSUM;
-    b[1] = GSO_UDP;
-    b[2..4].copy_from_slice(&42u16.to_le_bytes());
-    b[4..6].copy_from_slice(&UFO_FRAG.to_le_bytes());
-    b[6..8].copy_from_slice(&34u16.to_le_bytes());
-    b[8..10].copy_from_slice(&6u16.to_le_bytes());
-    let f = &mut b[HDR_LEN..];
-    f[..6].copy_from_slice(&HOST_MAC);
-    f[6..12].copy_from_slice(&mac);
-    f[12..14].copy_from_slice(&[0x08, 0x00]);
-    let udp_len = 8 + UFO_PAYLOAD;
-    {
+        sum16(sum16(0, &GUEST_IP6), &HOST_IP6)
+    } else {
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
         let ip = &mut f[14..34];
         ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
-        ip[4..6].copy_from_slice(&0x4321u16.to_be_bytes());
+        ip[2..4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+        ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        if !fr.udp {
+            ip[6] = 0x40; // DF; UFO's datagram is to be fragmented
+        }
         ip[8] = 64;
-        ip[9] = 17; // UDP
+        ip[9] = proto;
         ip[12..16].copy_from_slice(&GUEST_IP);
         ip[16..20].copy_from_slice(&HOST_IP);
         let c = !fold(sum16(0, ip));
         ip[10..12].copy_from_slice(&c.to_be_bytes());
+        sum16(sum16(0, &GUEST_IP), &HOST_IP)
+    };
+    let l4h = &mut f[14 + l3..hdrs];
+    l4h[0..2].copy_from_slice(&GUEST_PORT.to_be_bytes());
+    l4h[2..4].copy_from_slice(&HOST_PORT.to_be_bytes());
+    if fr.udp {
+        l4h[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+    } else {
+        l4h[4..8].copy_from_slice(&fr.seq.to_be_bytes());
+        l4h[12] = 5 << 4;
+        l4h[13] = 0x18; // PSH, ACK
+        l4h[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
     }
-    {
-        let udp = &mut f[34..42];
-        udp[0..2].copy_from_slice(&GUEST_PORT.to_be_bytes());
-        udp[2..4].copy_from_slice(&HOST_PORT.to_be_bytes());
-        udp[4..6].copy_from_slice(&(udp_len as u16).to_be_bytes());
+    let pseudo = fold(addrs + proto as u32 + l4_len as u32);
+    let at = usize::from(csum_offset);
+    l4h[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
+    for (k, c) in f[hdrs..].iter_mut().enumerate() {
+        *c = pattern(k, fr.seed);
     }
-    let mut pseudo = sum16(0, &GUEST_IP);
-    pseudo = sum16(pseudo, &HOST_IP);
-    pseudo += 17 + udp_len as u32;
-    f[40..42].copy_from_slice(&fold(pseudo).to_be_bytes());
-    for (k, c) in f[42..].iter_mut().enumerate() {
-        *c = pattern(k, UFO_SEED);
-    }
-    let h = fnv1a64(&f[42..]);
+    let h = fnv1a64(&f[hdrs..]);
     tx.q.set_desc(0, tx_buf, total as u32, 0, 0);
     tx.q.push(0);
     t.notify(1);
     let end = deadline(PART_WAIT_US);
-    loop {
-        if tx.q.poll().is_some() {
-            break;
-        }
+    while tx.q.poll().is_none() {
         if hw::rdtsc() > end {
-            fail!("netgso: the UFO frame was not used within 5 s");
+            fail!("netgso: the ", fr.name, " frame was not used within 5 s");
         }
         core::hint::spin_loop();
     }
     say!(
-        "netgso: ufo sent ",
+        "netgso: ",
+        fr.name,
+        " sent ",
         total - HDR_LEN,
         " byte frame gso_size ",
-        UFO_FRAG,
+        fr.gso_size,
         " payload fnv1a64=",
         Hex(h, 16)
     );
