@@ -63,6 +63,11 @@ fn logger() -> &'static Logger {
     })
 }
 
+extern "C" {
+    // POSIX; the libc crate does not bind it.
+    fn tzset();
+}
+
 /// Installs the logger with the default level (Info) and the instance id.
 pub fn init(instance_id: &str, level: LevelFilter) {
     let l = logger();
@@ -71,6 +76,10 @@ pub fn init(instance_id: &str, level: LevelFilter) {
         let n = instance_id.len().min(id.len());
         id[..n].copy_from_slice(&instance_id.as_bytes()[..n]);
     }
+    // localtime_r reads the time zone on its first call; read it now, while opening
+    // /etc/localtime is still allowed, not on whichever thread logs first under its filter.
+    // SAFETY: tzset only initialises libc's time-zone state.
+    unsafe { tzset() };
     // A second init (tests) keeps the first logger; only the level changes.
     let _ = log::set_logger(l);
     log::set_max_level(level);
