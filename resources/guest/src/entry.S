@@ -18,27 +18,28 @@
 
 # ---------------------------------------------------------------------------
 # BSP entry: Linux 64-bit boot protocol. CPL 0, long mode, the VMM's identity
-# map of the first GiB, RSI = zero page, RSP = 0x8ff0, IF = 0.
+# map of the first GiB, RSI = zero page, RSP = 0x8ff0, IF = 0, CR0 = PE|PG|ET
+# (EM and TS clear), and an IDT of limit 7, which holds no vector: any exception
+# already ends in a triple fault, so the BSP keeps it. Every instruction here
+# is emulated on PVM hosts, so there are seven: CR4 (SSE), CR3, GDT, and an
+# iretq through a frame built by the assembler.
 # ---------------------------------------------------------------------------
 .section .text.entry, "ax"
 .code64
 .globl _start
 _start:
-    mov $EMBER_CR0, %eax
-    mov %rax, %cr0
     mov $EMBER_CR4, %eax
     mov %rax, %cr4
     mov $ember_pml4, %eax
     mov %rax, %cr3
     lgdt ember_gdt_ptr(%rip)
-    lidt ember_idt_ptr(%rip)
-    mov %rsi, %rdi                  # bsp_main(zero_page)
-    push $EMBER_USER_DS             # SS
-    push $ember_bsp_stack_top - 8   # RSP (ABI: rsp+8 16-byte aligned at entry)
-    push $EMBER_RFLAGS              # RFLAGS
-    push $EMBER_USER_CS             # CS
-    push $bsp_main                  # RIP
+    mov $ember_bsp_iret_frame, %esp
     iretq
+
+# First CPL-3 instructions (native from here): bsp_main(zero_page).
+ember_bsp_user:
+    mov %rsi, %rdi
+    jmp bsp_main
 
 # ---------------------------------------------------------------------------
 # AP long-mode entry, reached from the trampoline's far jump (CS = 0x08).
@@ -113,6 +114,14 @@ ember_gdt_ptr:
 ember_idt_ptr:
     .word 0
     .quad 0
+# iretq frame of the BSP's first entry to CPL 3.
+.balign 8
+ember_bsp_iret_frame:
+    .quad ember_bsp_user                # RIP
+    .quad EMBER_USER_CS                 # CS
+    .quad EMBER_RFLAGS                  # RFLAGS
+    .quad ember_bsp_stack_top - 8       # RSP (ABI: rsp+8 16-byte aligned at entry)
+    .quad EMBER_USER_DS                 # SS
 .balign 4
 ember_ap_next:
     .long 1
