@@ -172,12 +172,22 @@ impl Report {
 fn settle() {
     reap_all();
     // Let the kernel finish deferred work of the last teardown (RCU callbacks, workqueues).
-    // Spin rather than sleep: on a VM host an idle vCPU is descheduled, and waking it adds
-    // milliseconds to whatever starts next.
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_millis(50) {
-        std::hint::spin_loop();
-    }
+    // Spin rather than sleep, on every CPU: on a VM host an idle vCPU is descheduled, and
+    // whatever starts next on it runs slowly (with only the bench's CPU spinning, the boot
+    // that followed took ~0.2 ms more CPU: its vCPU thread lands on the other one).
+    let spin = || {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(50) {
+            std::hint::spin_loop();
+        }
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|s| {
+        for _ in 1..cpus {
+            s.spawn(spin);
+        }
+        spin();
+    });
 }
 
 /// The host's (busy, total) jiffies from /proc/stat.
@@ -283,7 +293,7 @@ fn boot_time_us(output: &str) -> Option<f64> {
     after.split_whitespace().next()?.parse().ok()
 }
 
-/// Scenario 1's row, runs separated by `settle()` (50 ms of the bench spinning).
+/// Scenario 1's row, runs separated by `settle()` (50 ms of the bench spinning on every CPU).
 const WHOLE: &str = "1. whole process (hello, 1 vCPU, 128 MiB)";
 /// Scenario 1 again with runs back to back, as a host starting VMs one after another sees it:
 /// caches and the kernel's allocators are warm, the last VM's teardown may still be running.
