@@ -8,6 +8,7 @@
 //!
 //! cargo bench --bench compare -- [--peer PATH] [--runs N] [--only a,b] [--out DIR]
 //!                                [--jailer PATH] [--launch 10,50,200] [--launch-runs K]
+//!                                [--idle-host]
 //!
 //! Scenario names for `--only`: `whole` (1), `warm` (1 with runs back to back), `socket` (2),
 //! `api` (3), `memory` (4), `launch` (5), `jailer` (6, with `--jailer`); these run by default.
@@ -42,6 +43,8 @@ struct Opts {
     out: PathBuf,
     launch: Vec<usize>,
     launch_runs: usize,
+    /// Run without the idle VM the bench otherwise holds (see `hold_host_vm`).
+    idle_host: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -54,6 +57,7 @@ fn parse_opts() -> Opts {
         out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/results"),
         launch: vec![10, 50, 200],
         launch_runs: 5,
+        idle_host: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -65,6 +69,7 @@ fn parse_opts() -> Opts {
             "--runs" => o.runs = val().parse().expect("--runs N"),
             "--only" => o.only = Some(val().split(',').map(String::from).collect()),
             "--out" => o.out = PathBuf::from(val()),
+            "--idle-host" => o.idle_host = true,
             "--launch-runs" => {
                 o.launch_runs = val().parse::<usize>().expect("--launch-runs K").max(1)
             }
@@ -1779,8 +1784,20 @@ fn vsock(vmm: &Vmm, report: &mut Report) {
 
 type Scenario<'a> = Box<dyn Fn(&Vmm, &mut Report) + 'a>;
 
+/// An idle KVM VM (no memory, no vCPU) held for the whole run. A host that runs VMs always
+/// has one; with none, KVM's first VM sets up host-wide state (it turns on the scheduler's
+/// preempt-notifier static key, patching kernel text on every CPU) and the last one takes it
+/// down again, ~0.2 ms of CPU per boot here that a busy host never pays. `--idle-host`
+/// measures that case.
+fn hold_host_vm() -> Option<(kvm_ioctls::Kvm, kvm_ioctls::VmFd)> {
+    let kvm = kvm_ioctls::Kvm::new().ok()?;
+    let vm = kvm.create_vm().ok()?;
+    Some((kvm, vm))
+}
+
 fn main() {
     let o = parse_opts();
+    let host_vm = (!o.idle_host).then(hold_host_vm).flatten();
     // Orphans of the VMMs we start (teardown helpers) become our children, so we can wait for
     // them and count them.
     // SAFETY: prctl on our own process.
@@ -1804,6 +1821,13 @@ fn main() {
         launch: Vec::new(),
         notes: Vec::new(),
     };
+    report.notes.push(if host_vm.is_some() {
+        "the bench holds one idle KVM VM for the whole run, as a host that runs VMs has one \
+         (--idle-host: without it, every VM is the host's first and pays KVM's host-wide set-up)"
+            .into()
+    } else {
+        "idle host: no other KVM VM exists while a measured VM starts (--idle-host)".into()
+    });
     // Scenario by scenario; within one, runs alternate between the VMMs (A, B, A, B, ...).
     let scenarios: Vec<(&str, Scenario)> = vec![
         (
