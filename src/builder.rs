@@ -332,12 +332,12 @@ pub fn build_microvm(
         // Made while the API waited; its grace periods are long over.
         Some(p) => (
             p.kvm,
-            Vm::with_memory(p.vm_fd, mem_size)?,
+            Vm::with_memory(p.vm_fd, mem_size, mc.huge_pages)?,
             p.supported_cpuid,
         ),
         None => {
             let kvm = Kvm::new().map_err(StartError::KvmOpen)?;
-            let vm = Vm::new(&kvm, mem_size)?;
+            let vm = Vm::new(&kvm, mem_size, mc.huge_pages)?;
             let supported = kvm
                 .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
                 .map_err(|e| StartError::Vcpu(0, format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;

@@ -98,6 +98,28 @@ fn endpoints_before_start() {
         (m["vcpu_count"].as_u64(), m["mem_size_mib"].as_u64()),
         (Some(2), Some(512))
     );
+    // huge_pages: 2M wants RAM in whole 2 MiB pages; None leaves it as it was.
+    let r = c.patch(
+        "/machine-config",
+        r#"{"mem_size_mib":513,"huge_pages":"2M"}"#,
+    );
+    assert_eq!(r.status, 400);
+    assert!(
+        r.fault().contains("multiple of the configured page size"),
+        "{}",
+        r.body
+    );
+    assert_eq!(c.get("/machine-config").json()["mem_size_mib"], 512);
+    assert_eq!(
+        c.patch("/machine-config", r#"{"huge_pages":"2M"}"#).status,
+        204
+    );
+    assert_eq!(c.get("/machine-config").json()["huge_pages"], "2M");
+    assert_eq!(
+        c.patch("/machine-config", r#"{"huge_pages":"None"}"#)
+            .status,
+        204
+    );
 
     // CPU template: a CPUID mask.
     let tpl = r#"{"cpuid_modifiers":[{"leaf":"0x1","subleaf":"0x0","flags":0,

@@ -271,3 +271,128 @@ fn console_lines_stay_whole_and_in_order_as_coalescing_stops_and_resumes() {
         .collect();
     assert_eq!(got, want, "{out}");
 }
+
+/// /proc/sys/vm/nr_hugepages raised for a test, put back when dropped.
+struct HugePagePool(String);
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+impl HugePagePool {
+    /// Adds `pages` 2 MiB pages to the host's pool.
+    fn grow(pages: u64) -> HugePagePool {
+        let old = std::fs::read_to_string(NR_HUGEPAGES).unwrap();
+        let want = old.trim().parse::<u64>().unwrap() + pages;
+        std::fs::write(NR_HUGEPAGES, want.to_string()).unwrap();
+        let pool = HugePagePool(old);
+        let got: u64 = std::fs::read_to_string(NR_HUGEPAGES)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            got, want,
+            "the kernel could not make {pages} more 2 MiB pages"
+        );
+        pool
+    }
+}
+
+impl Drop for HugePagePool {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, self.0.trim());
+    }
+}
+
+fn meminfo(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// The smaps block of `pid`'s mapping of exactly `size_kib`.
+fn smaps_block(pid: u32, size_kib: u64) -> Option<String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mut blocks = Vec::new();
+    for line in smaps.lines() {
+        // A mapping's block starts with its address range.
+        if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
+            blocks.push(String::new());
+        }
+        if let Some(b) = blocks.last_mut() {
+            b.push_str(line);
+            b.push('\n');
+        }
+    }
+    let size = format!("Size: {size_kib} kB");
+    blocks.into_iter().find(|b| {
+        b.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") == size)
+    })
+}
+
+/// One test for all of it: the host's huge page pool is global.
+#[test]
+fn huge_pages_back_guest_memory_with_2mib_pages() {
+    if !require_kvm() || !require_root("the host's pool of huge pages") {
+        return;
+    }
+    let _pool = HugePagePool::grow(130);
+    let dir = TempDir::new("hugepages");
+
+    // 256 MiB of guest RAM in 128 pages of 2 MiB, every page of it touched and verified by the
+    // guest, and seen from the host as hugetlb memory.
+    let mut cfg = guest_config("mem=256 quiet=100", 1, 256);
+    cfg["machine-config"]["huge_pages"] = "2M".into();
+    let path = dir.write("hp.json", serde_json::to_vec(&cfg).unwrap());
+    let free_before = meminfo("HugePages_Free:");
+    let mut vm = ApiVm::start(&["--config-file", path.to_str().unwrap()]);
+    let pid = vm.child.as_ref().unwrap().id();
+    vm.wait_for("mem: 256 MiB ok");
+    vm.wait_for("quiet: end");
+    let block = smaps_block(pid, 256 * 1024).expect("no 256 MiB mapping in the VMM");
+    let field = |name: &str| {
+        block
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    assert_eq!(field("KernelPageSize:"), "2048 kB", "{block}");
+    assert_eq!(field("Private_Hugetlb:"), "262144 kB", "{block}");
+    assert_eq!(free_before - meminfo("HugePages_Free:"), 128);
+    vm.terminate();
+    // The VM's teardown finishes in a helper process after ember exits; its pages return then.
+    let t = std::time::Instant::now();
+    while meminfo("HugePages_Free:") != free_before {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the guest's huge pages never came back"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    // A pool too small for the guest: a clear error before the guest runs, nothing left
+    // reserved.
+    let free = meminfo("HugePages_Free:");
+    let mut cfg = guest_config("hello", 1, ((free + 1) * 2) as usize);
+    cfg["machine-config"]["huge_pages"] = "2M".into();
+    boot(&cfg).expect_code(1).expect(&format!(
+        "huge_pages 2M needs {} free 2 MiB pages, the host has {free}",
+        free + 1
+    ));
+    assert_eq!(meminfo("HugePages_Rsvd:"), 0);
+
+    // Guest RAM must be a whole number of huge pages.
+    let mut cfg = guest_config("hello", 1, 129);
+    cfg["machine-config"]["huge_pages"] = "2M".into();
+    boot(&cfg)
+        .expect_code(152)
+        .expect("not a multiple of the configured page size");
+}

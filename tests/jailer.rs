@@ -40,21 +40,16 @@ const GUARD: Duration = Duration::from_secs(60);
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// Root tests fail loudly without root, unless EMBER_SKIP_ROOT_TESTS=1 (then they say so).
+/// The jailer tests need root (chroot, cgroups, namespaces, uid changes) and boot a guest.
 fn require_root() -> bool {
-    // SAFETY: geteuid has no arguments and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        assert!(
-            Path::new("/dev/kvm").exists(),
-            "/dev/kvm is missing: the jailer tests boot a real guest"
-        );
-        return true;
-    }
-    if std::env::var("EMBER_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
-        eprintln!("!!! not root: SKIPPING this jailer test because EMBER_SKIP_ROOT_TESTS=1");
+    if !common::require_root("chroot, cgroups, namespaces and uid changes") {
         return false;
     }
-    panic!("the jailer tests need root (set EMBER_SKIP_ROOT_TESTS=1 to skip them)");
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "/dev/kvm is missing: the jailer tests boot a real guest"
+    );
+    true
 }
 
 /// The ember-jailer binary, built once per test run next to `ember`.

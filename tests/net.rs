@@ -16,20 +16,6 @@ const GUEST_MAC: [u8; 6] = [0x06, 0x00, 0xac, 0x10, 0x00, 0x02];
 const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0xaa];
 const ETHERTYPE: u16 = 0x88b5;
 
-/// These tests need root (TAP devices, network namespaces). Without it they fail loudly,
-/// unless EMBER_SKIP_ROOT_TESTS=1 says to skip.
-fn require_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("EMBER_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
-        eprintln!("!!! not root: SKIPPING this test because EMBER_SKIP_ROOT_TESTS=1");
-        return false;
-    }
-    panic!("these tests need root for TAP devices and network namespaces (set EMBER_SKIP_ROOT_TESTS=1 to skip)");
-}
-
 fn sh(args: &[&str]) {
     let out = Command::new(args[0])
         .args(&args[1..])
@@ -291,7 +277,7 @@ fn host_side(ns: String, ready: mpsc::Sender<()>) -> Seen {
 
 #[test]
 fn net_frames_go_out_and_echo_back_through_a_tap() {
-    if !require_root() || !require_kvm() {
+    if !require_root("TAP devices and network namespaces") || !require_kvm() {
         return;
     }
     let ns = Netns::new();
@@ -356,7 +342,7 @@ fn net_frames_go_out_and_echo_back_through_a_tap() {
 
 #[test]
 fn an_invalid_tap_is_a_configuration_error_with_or_without_rate_limiters() {
-    if !require_root() || !require_kvm() {
+    if !require_root("TAP devices and network namespaces") || !require_kvm() {
         return;
     }
     // Run inside a namespace of our own, so that nothing can touch the host's interfaces.
@@ -414,7 +400,7 @@ fn counter_sum(metrics: &str, group: &str, name: &str) -> u64 {
 
 #[test]
 fn evil_guest_is_survived_and_counted() {
-    if !require_root() || !require_kvm() {
+    if !require_root("TAP devices and network namespaces") || !require_kvm() {
         return;
     }
     let ns = Netns::new();
@@ -543,7 +529,7 @@ fn evil_guest_is_survived_and_counted() {
 /// frames the host injects are counted by the guest.
 #[test]
 fn netbench_sends_and_receives_through_a_tap() {
-    if !require_root() || !require_kvm() {
+    if !require_root("TAP devices and network namespaces") || !require_kvm() {
         return;
     }
     let ns = Netns::new();
@@ -958,7 +944,7 @@ fn gso_host_side(ns: String, ready: mpsc::Sender<()>, go: mpsc::Receiver<()>) ->
 /// device and negotiates no offloads: tap0's TSO goes off again.
 #[test]
 fn netgso_offloads_and_mergeable_buffers_work_both_ways() {
-    if !require_root() || !require_kvm() {
+    if !require_root("TAP devices and network namespaces") || !require_kvm() {
         return;
     }
     let ns = Netns::new();

@@ -91,8 +91,8 @@ impl MachineConfig {
                 "static CPU templates (use /cpu-config for a custom template)",
             ));
         }
-        if self.huge_pages != HugePages::None {
-            return Err(ConfigError::Unsupported("huge_pages"));
+        if self.huge_pages == HugePages::Hugetlbfs2M && !self.mem_size_mib.is_multiple_of(2) {
+            return Err(ConfigError::InvalidMemorySize);
         }
         Ok(())
     }
@@ -219,6 +219,12 @@ mod tests {
         assert!(m.validate().is_ok());
         m.mem_size_mib = 0;
         assert!(m.validate().is_err());
+        // With 2 MiB pages, RAM is a whole number of them.
+        m.huge_pages = HugePages::Hugetlbfs2M;
+        m.mem_size_mib = 129;
+        assert!(matches!(m.validate(), Err(ConfigError::InvalidMemorySize)));
+        m.mem_size_mib = 130;
+        assert!(m.validate().is_ok());
         let u = MachineConfigUpdate {
             mem_size_mib: Some(256),
             ..Default::default()

@@ -59,7 +59,11 @@ impl fmt::Display for ConfigError {
                 f,
                 "The vCPU number is invalid: it can only be 1 or an even number when SMT is enabled."
             ),
-            InvalidMemorySize => write!(f, "The memory size (MiB) is invalid."),
+            InvalidMemorySize => write!(
+                f,
+                "The memory size (MiB) is either 0, too large, or not a multiple of the \
+                 configured page size (2 MiB with huge_pages 2M)."
+            ),
             InvalidBitmap(s) => write!(
                 f,
                 "Invalid bitmap {s:?}: expected 0b followed by 0, 1 or x digits."

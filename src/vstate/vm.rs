@@ -5,16 +5,20 @@ use std::os::fd::RawFd;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::mmap::{MmapRegionBuilder, MmapRegionError};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{self, GuestMemoryMmap};
+use crate::config::machine::HugePages;
 
 #[derive(Debug)]
 pub enum VmError {
     /// A KVM ioctl failed; names it.
     Kvm(&'static str, kvm_ioctls::Error),
     Memory(String),
+    /// The host's pool of 2 MiB pages cannot hold the guest: pages needed, pages free.
+    HugePages(u64, String),
 }
 
 impl fmt::Display for VmError {
@@ -22,6 +26,11 @@ impl fmt::Display for VmError {
         match self {
             VmError::Kvm(what, e) => write!(f, "{what} failed: {e}"),
             VmError::Memory(e) => write!(f, "cannot allocate guest memory: {e}"),
+            VmError::HugePages(need, free) => write!(
+                f,
+                "cannot allocate guest memory: huge_pages 2M needs {need} free 2 MiB pages, \
+                 the host has {free} (see /proc/sys/vm/nr_hugepages)"
+            ),
         }
     }
 }
@@ -59,23 +68,21 @@ pub struct Vm {
 
 impl Vm {
     /// Creates the VM with `mem_size` bytes of RAM laid out as the platform spec says.
-    pub fn new(kvm: &Kvm, mem_size: u64) -> Result<Vm, VmError> {
+    pub fn new(kvm: &Kvm, mem_size: u64, huge_pages: HugePages) -> Result<Vm, VmError> {
         let fd = kvm
             .create_vm()
             .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
         // Memory first: a memory slot added after the irqchip and PIT exist waits for an SRCU
         // grace period, which costs milliseconds here.
-        let vm = Vm::with_memory(fd, mem_size)?;
+        let vm = Vm::with_memory(fd, mem_size, huge_pages)?;
         add_irqchip_and_pit(&vm.fd)?;
         Ok(vm)
     }
 
     /// Gives a VM made by [`create_vm_fd`] its RAM. KVM accepts memory slots at any time
     /// before the vCPUs run, so this may come after the irqchip.
-    pub fn with_memory(fd: VmFd, mem_size: u64) -> Result<Vm, VmError> {
-        // Anonymous, private, MAP_NORESERVE: untouched guest pages cost the host nothing.
-        let memory = GuestMemoryMmap::from_ranges(&arch::arch_memory_regions(mem_size))
-            .map_err(|e| VmError::Memory(e.to_string()))?;
+    pub fn with_memory(fd: VmFd, mem_size: u64, huge_pages: HugePages) -> Result<Vm, VmError> {
+        let memory = guest_memory(mem_size, huge_pages)?;
         for (slot, region) in memory.iter().enumerate() {
             let mr = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -106,6 +113,50 @@ impl Vm {
             .register_irqfd(evt, gsi)
             .map_err(|e| VmError::Kvm("KVM_IRQFD", e))
     }
+}
+
+/// Maps the guest's RAM. Without huge pages: anonymous, private, MAP_NORESERVE, so untouched
+/// guest pages cost the host nothing. With `2M`: from the host's hugetlb pool, reserved now
+/// (no MAP_NORESERVE), so a pool too small fails here with a reason instead of a SIGBUS when
+/// the guest first touches the page the pool lacks.
+fn guest_memory(mem_size: u64, huge_pages: HugePages) -> Result<GuestMemoryMmap, VmError> {
+    let ranges = arch::arch_memory_regions(mem_size);
+    if huge_pages == HugePages::None {
+        return GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(e.to_string()));
+    }
+    let mut regions = Vec::with_capacity(ranges.len());
+    for (start, len) in ranges {
+        let mapping = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
+            )
+            .with_hugetlbfs(true)
+            .build()
+            .map_err(|e| match e {
+                MmapRegionError::Mmap(io) if io.raw_os_error() == Some(libc::ENOMEM) => {
+                    VmError::HugePages(mem_size >> 21, huge_pages_free())
+                }
+                e => VmError::Memory(format!("huge_pages 2M: {e}")),
+            })?;
+        regions.push(
+            GuestRegionMmap::new(mapping, start)
+                .ok_or_else(|| VmError::Memory(format!("region at {:#x} overflows", start.0)))?,
+        );
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| VmError::Memory(e.to_string()))
+}
+
+/// `HugePages_Free` of /proc/meminfo, for the error that says the pool is too small.
+fn huge_pages_free() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("HugePages_Free:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "an unknown number of".into())
 }
 
 /// Destroying a VM with an in-kernel irqchip and PIT takes the kernel some 20 ms (it waits

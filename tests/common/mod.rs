@@ -10,6 +10,20 @@ use std::time::{Duration, Instant};
 pub const EMBER: &str = env!("CARGO_BIN_EXE_ember");
 pub const GUEST: &str = concat!(env!("OUT_DIR"), "/ember-guest");
 
+/// Tests that need root (`what` says for what) fail loudly without it, unless
+/// EMBER_SKIP_ROOT_TESTS=1 says to skip (and then they still say so).
+pub fn require_root(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("EMBER_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
+        eprintln!("!!! not root: SKIPPING this test because EMBER_SKIP_ROOT_TESTS=1");
+        return false;
+    }
+    panic!("this test needs root for {what} (set EMBER_SKIP_ROOT_TESTS=1 to skip)");
+}
+
 /// Tests need /dev/kvm. Without it they fail loudly, unless EMBER_SKIP_KVM_TESTS=1 says to
 /// skip (and then they still say so).
 pub fn require_kvm() -> bool {
