@@ -13,7 +13,7 @@ use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 use super::layout::{BZIMAGE_64BIT_ENTRY_OFFSET, HIMEM_START, MMIO_GAP_START};
-use super::memory::{GuestMemoryMmap, RamLayout};
+use super::memory::{prefer_huge_pages, GuestMemoryMmap, RamLayout};
 
 /// How the vCPU enters the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -334,7 +334,7 @@ where
     kernel
         .seek(SeekFrom::Start(phoff))
         .map_err(read_err("ELF program headers"))?;
-    let mut loadable = 0usize;
+    let mut loadable = Vec::new();
     for index in 0..usize::from(phnum) {
         let mut ph = [0u8; ELF64_PHDR_SIZE];
         kernel
@@ -351,7 +351,7 @@ where
         // linux-loader copies only segments with file bytes; pure-bss segments must still be
         // in RAM (which starts zeroed).
         if filesz > 0 {
-            loadable += 1;
+            loadable.push((paddr, filesz));
         }
         if paddr < HIMEM_START {
             return Err(LoadError::ElfSegmentBelowHimem { index, paddr });
@@ -377,8 +377,11 @@ where
             });
         }
     }
-    if loadable == 0 {
+    if loadable.is_empty() {
         return Err(LoadError::ElfNoLoadableSegment);
+    }
+    for (paddr, filesz) in loadable {
+        prefer_huge_pages(mem, GuestAddress(paddr), filesz);
     }
 
     let result =
@@ -472,6 +475,7 @@ where
     }
 
     let load_addr = GuestAddress(HIMEM_START);
+    prefer_huge_pages(mem, load_addr, payload);
     let result =
         BzImage::load(mem, Some(load_addr), kernel, Some(load_addr)).map_err(LoadError::Loader)?;
     Ok(LoadedKernel {
@@ -505,6 +509,7 @@ where
         .ok_or(too_large)?;
     let len = usize::try_from(size).map_err(|_| LoadError::InitrdTooLarge { size, low_ram_end })?;
     initrd.rewind().map_err(read_err("initrd"))?;
+    prefer_huge_pages(mem, GuestAddress(address), size);
     mem.read_exact_volatile_from(GuestAddress(address), initrd, len)
         .map_err(|e| LoadError::Read {
             what: "initrd",
@@ -731,6 +736,56 @@ pub(crate) mod tests {
         let mem = guest_mem(5 << 30);
         let cfg = load_initrd_bytes(&mem, &[1u8; 100]).unwrap();
         assert_eq!(cfg.address.raw_value(), MMIO_GAP_START - 0x1000);
+    }
+
+    /// AnonHugePages of the mapping of this process that holds host address `addr`, in KiB.
+    fn anon_huge_kib(addr: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((a, b)) = first.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    inside = a <= addr && addr < b;
+                    continue;
+                }
+            }
+            if let Some(v) = line.strip_prefix("AnonHugePages:").filter(|_| inside) {
+                return v.trim().trim_end_matches("kB").trim().parse().unwrap();
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    #[test]
+    fn big_kernel_segments_and_initrds_get_huge_pages() {
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        if thp.is_empty() || thp.contains("[never]") {
+            eprintln!("transparent huge pages are off on this host: nothing to check");
+            return;
+        }
+        let mem = guest_mem(256 * MIB);
+        let host = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as usize;
+        // A 6 MiB segment holds at least two whole 2 MiB pages wherever the mapping starts.
+        let code = vec![0x90u8; (6 * MIB) as usize];
+        load_kernel_bytes(&mem, &make_elf(16 * MIB, &code, None)).unwrap();
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(22 * MIB - 1)).unwrap(),
+            0x90
+        );
+        assert!(anon_huge_kib(host(16 * MIB)) >= 4096);
+        let cfg = load_initrd_bytes(&mem, &code).unwrap();
+        assert!(anon_huge_kib(host(cfg.address.raw_value())) >= 4096);
+        // A small image leaves RAM in 4 KiB pages: a 2 MiB page would cost more to clear than
+        // the copy saves.
+        let mem = guest_mem(128 * MIB);
+        load_kernel_bytes(&mem, &make_elf(MIB, &[0x90; 4096], None)).unwrap();
+        assert_eq!(
+            anon_huge_kib(mem.get_host_address(GuestAddress(MIB)).unwrap() as usize),
+            0
+        );
     }
 
     #[test]
