@@ -380,7 +380,7 @@ fn huge_pages_back_guest_memory_with_2mib_pages() {
 
     // A pool too small for the guest: a clear error before the guest runs, nothing left
     // reserved.
-    let free = meminfo("HugePages_Free:");
+    let free = meminfo("HugePages_Free:") - meminfo("HugePages_Rsvd:");
     let mut cfg = guest_config("hello", 1, ((free + 1) * 2) as usize);
     cfg["machine-config"]["huge_pages"] = "2M".into();
     boot(&cfg).expect_code(1).expect(&format!(

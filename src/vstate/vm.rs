@@ -147,16 +147,20 @@ fn guest_memory(mem_size: u64, huge_pages: HugePages) -> Result<GuestMemoryMmap,
     GuestMemoryMmap::from_regions(regions).map_err(|e| VmError::Memory(e.to_string()))
 }
 
-/// `HugePages_Free` of /proc/meminfo, for the error that says the pool is too small.
+/// The host's 2 MiB pages that nobody holds or reserved (`HugePages_Free - HugePages_Rsvd` of
+/// /proc/meminfo), for the error that says the pool is too small.
 fn huge_pages_free() -> String {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("HugePages_Free:"))
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "an unknown number of".into())
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| -> Option<u64> {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    match (field("HugePages_Free:"), field("HugePages_Rsvd:")) {
+        (Some(free), Some(rsvd)) => free.saturating_sub(rsvd).to_string(),
+        _ => "an unknown number of".into(),
+    }
 }
 
 /// Destroying a VM with an in-kernel irqchip and PIT takes the kernel some 20 ms (it waits
