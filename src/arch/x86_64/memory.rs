@@ -28,7 +28,9 @@ pub fn arch_memory_regions(mem_size: u64) -> Vec<(GuestAddress, usize)> {
 /// transparent huge pages, for a range ember is about to fill whole (a kernel segment, an
 /// initrd): no memory is wasted, the copy takes one page fault per 2 MiB instead of 512 (a
 /// 25 MiB kernel segment loads in half the time), and KVM can map it 2 MiB at a time. Only a
-/// hint: with THP off, on hugetlb memory, or for a range under 2 MiB nothing changes.
+/// hint: with THP off, on hugetlb memory, or for a range under 2 MiB nothing changes; on a
+/// fragmented host the kernel may compact memory first or fall back to 4 KiB pages, as its THP
+/// `defrag` setting says (QEMU asks the same for all of a guest's RAM).
 pub fn prefer_huge_pages(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) {
     const HUGE: usize = 2 << 20;
     let Some(region) = mem.find_region(addr) else {
