@@ -14,8 +14,9 @@
 //! `api` (3), `memory` (4), `launch` (5), `jailer` (6, with `--jailer`); these run by default.
 //! Device scenarios run only when named in `--only`: `devices` (7, block throughput), `net`
 //! (8, as root: guest -> TAP and TAP -> guest in a network namespace the bench creates and
-//! deletes, 1514- and 65535-byte frames, packets/s, Gbit/s, VMM CPU ms per Gbit) and `vsock`
-//! (9, bulk transfer both ways over the hybrid Unix-socket backend, Gbit/s, VMM CPU per Gbit).
+//! deletes, 1514- and 65535-byte frames, packets/s, Gbit/s, VMM CPU ms per Gbit), `vsock`
+//! (9, bulk transfer both ways over the hybrid Unix-socket backend, Gbit/s, VMM CPU per Gbit)
+//! and `linux` (10, InstanceStart's round trip with Debian's kernel, mostly loading it).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -357,6 +358,76 @@ fn wait_for_socket(path: &Path, guard: Duration) -> Option<UnixStream> {
 fn kill(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Debian's cloud kernel as get-linux-kernel.sh leaves it: (row label, path) of those present.
+fn linux_images() -> Vec<(&'static str, PathBuf)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("resources/images");
+    [
+        ("Debian 6.1 vmlinux (ELF)", "vmlinux"),
+        ("Debian 6.1 vmlinuz (bzImage)", "vmlinuz"),
+    ]
+    .into_iter()
+    .map(|(label, name)| (label, dir.join(name)))
+    .filter(|(_, p)| p.exists())
+    .collect()
+}
+
+/// Scenario 10: InstanceStart's round trip with a real Linux kernel, which is mostly loading it.
+fn linux_start(vmm: &Vmm, label: &str, kernel: &Path, report: &mut Report) {
+    let dir = tmpdir("linux");
+    let sock = dir.join("api.sock");
+    let mut child = vmm
+        .command()
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let Some(mut s) = wait_for_socket(&sock, Duration::from_secs(5)) else {
+        kill(&mut child);
+        report
+            .notes
+            .push(format!("{}: API socket never accepted", vmm.name));
+        return;
+    };
+    let body = format!(
+        r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0 reboot=k panic=1"}}"#,
+        kernel.display()
+    );
+    let a = http(&mut s, "PUT", "/boot-source", Some(&body));
+    let b = http(
+        &mut s,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count":1,"mem_size_mib":256}"#),
+    );
+    let t = Instant::now();
+    let c = http(
+        &mut s,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type":"InstanceStart"}"#),
+    );
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    kill(&mut child);
+    let _ = std::fs::remove_dir_all(&dir);
+    if (a, b, c) != (204, 204, 204) {
+        report.notes.push(format!(
+            "{}: {label}: the API answered {a}/{b}/{c}",
+            vmm.name
+        ));
+        return;
+    }
+    report.add(
+        "10. Linux kernel start (API, 256 MiB)",
+        &format!("{label}: InstanceStart round trip"),
+        "ms",
+        &vmm.name,
+        ms,
+    );
 }
 
 /// Scenario 2: exec to the API socket accepting connections.
@@ -1982,6 +2053,34 @@ fn main() {
              within the device's credit; timed by the guest from the first to the last RW \
              (host -> guest) and until the device reported every byte forwarded (guest -> host)"
         ));
+    }
+    // Scenario 10 only when asked for by name: it needs resources/scripts/get-linux-kernel.sh.
+    if asked("linux") {
+        quiesce();
+        let images = linux_images();
+        if images.is_empty() {
+            report.notes.push(
+                "10. Linux: not run (no kernel in resources/images: run \
+                 resources/scripts/get-linux-kernel.sh)"
+                    .into(),
+            );
+        }
+        for _ in 0..o.runs {
+            for v in &vmms {
+                for (label, path) in &images {
+                    settle();
+                    linux_start(v, label, path, &mut report);
+                }
+            }
+        }
+        if !images.is_empty() {
+            report.notes.push(
+                "10. Linux: configured through the API (256 MiB, 1 vCPU), timed from sending \
+                 InstanceStart to its answer, by which the kernel is in guest memory and the \
+                 vCPU runs; the guest is not waited for"
+                    .into(),
+            );
+        }
     }
     report.notes.sort();
     report.notes.dedup();
