@@ -377,20 +377,7 @@ fn linux_images() -> Vec<(&'static str, PathBuf)> {
 fn linux_start(vmm: &Vmm, label: &str, kernel: &Path, report: &mut Report) {
     let dir = tmpdir("linux");
     let sock = dir.join("api.sock");
-    let mut child = vmm
-        .command()
-        .arg("--api-sock")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let Some(mut s) = wait_for_socket(&sock, Duration::from_secs(5)) else {
-        kill(&mut child);
-        report
-            .notes
-            .push(format!("{}: API socket never accepted", vmm.name));
+    let Some((mut child, mut s)) = start_api(vmm, &sock, &[], Stdio::null(), report) else {
         return;
     };
     let body = format!(
@@ -428,6 +415,34 @@ fn linux_start(vmm: &Vmm, label: &str, kernel: &Path, report: &mut Report) {
         &vmm.name,
         ms,
     );
+}
+
+/// Starts `vmm` serving its API on `sock` and connects; on failure notes it and returns None.
+fn start_api(
+    vmm: &Vmm,
+    sock: &Path,
+    args: &[&str],
+    stdout: Stdio,
+    report: &mut Report,
+) -> Option<(Child, UnixStream)> {
+    let mut child = vmm
+        .command()
+        .arg("--api-sock")
+        .arg(sock)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let Some(s) = wait_for_socket(sock, Duration::from_secs(5)) else {
+        kill(&mut child);
+        report
+            .notes
+            .push(format!("{}: API socket never accepted", vmm.name));
+        return None;
+    };
+    Some((child, s))
 }
 
 /// Scenario 2: exec to the API socket accepting connections.
@@ -505,21 +520,8 @@ fn http(stream: &mut UnixStream, method: &str, path: &str, body: Option<&str>) -
 fn api_boot(vmm: &Vmm, report: &mut Report) {
     let dir = tmpdir("api");
     let sock = dir.join("api.sock");
-    let mut child = vmm
-        .command()
-        .arg("--api-sock")
-        .arg(&sock)
-        .arg("--boot-timer")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let Some(mut s) = wait_for_socket(&sock, Duration::from_secs(5)) else {
-        kill(&mut child);
-        report
-            .notes
-            .push(format!("{}: API socket never accepted", vmm.name));
+    let Some((mut child, mut s)) = start_api(vmm, &sock, &["--boot-timer"], Stdio::piped(), report)
+    else {
         return;
     };
     // The API's round trip, on a keep-alive connection, before the boot.
