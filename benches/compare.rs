@@ -293,6 +293,22 @@ fn wait_rusage(child: &mut Child) -> (i32, f64) {
     (code, us(ru.ru_utime) + us(ru.ru_stime))
 }
 
+/// CPU time of `<vmm> --version`: exec, the C and language run-time start-up, exit. What any
+/// process of that binary costs on this host, so a boot's cost above it is the VMM's work.
+fn version_cpu_ms(vmm: &Vmm) -> f64 {
+    let mut child = vmm
+        .command()
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let (code, cpu_us) = wait_rusage(&mut child);
+    assert_eq!(code, 0, "{} --version exited {code}", vmm.name);
+    cpu_us / 1e3
+}
+
 fn boot_time_us(output: &str) -> Option<f64> {
     let l = output.lines().find(|l| l.contains("Guest-boot-time ="))?;
     let after = l.split("Guest-boot-time =").nth(1)?;
@@ -332,6 +348,15 @@ fn whole_process(vmm: &Vmm, report: &mut Report, s: &str) {
     );
     report.add(s, "exec to exit, wall", "ms", &vmm.name, wall);
     report.add(s, "exec to exit, CPU", "ms", &vmm.name, cpu_us / 1e3);
+    if s == WHOLE {
+        report.add(
+            s,
+            "same binary's `--version`, CPU (the process floor)",
+            "ms",
+            &vmm.name,
+            version_cpu_ms(vmm),
+        );
+    }
     if let Some(b) = boot_time_us(&out) {
         report.add(s, "VMM's own boot timer", "ms", &vmm.name, b / 1e3);
         if s == WHOLE {

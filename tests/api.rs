@@ -550,3 +550,312 @@ fn closed_standard_fds_are_reopened_on_dev_null() {
         "{text}"
     );
 }
+
+/// A small deterministic generator (xorshift64*), so a failing case replays exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.below(v.len())]
+    }
+}
+
+/// Every request a client can make, valid, with paths inside `dir`.
+fn request_corpus(dir: &TempDir) -> Vec<(&'static str, String, Option<serde_json::Value>)> {
+    use serde_json::json;
+    let disk = dir.write("disk.img", vec![0u8; 1 << 20]);
+    let p = |name: &str| dir.path(name).to_str().unwrap().to_string();
+    vec![
+        (
+            "PUT",
+            "/boot-source".into(),
+            Some(json!({"kernel_image_path": GUEST, "boot_args": "ticks", "initrd_path": GUEST})),
+        ),
+        (
+            "PUT",
+            "/machine-config".into(),
+            Some(
+                json!({"vcpu_count": 2, "mem_size_mib": 64, "smt": false, "track_dirty_pages": false, "huge_pages": "None"}),
+            ),
+        ),
+        (
+            "PATCH",
+            "/machine-config".into(),
+            Some(json!({"vcpu_count": 1, "mem_size_mib": 32})),
+        ),
+        (
+            "PUT",
+            "/cpu-config".into(),
+            Some(
+                json!({"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0, "modifiers": [{"register": "ecx", "bitmap": "0bxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0"}]}]}),
+            ),
+        ),
+        (
+            "PUT",
+            "/drives/rootfs".into(),
+            Some(
+                json!({"drive_id": "rootfs", "path_on_host": disk, "is_root_device": false, "is_read_only": true, "cache_type": "Unsafe", "io_engine": "Sync", "rate_limiter": {"bandwidth": {"size": 4096, "refill_time": 100}}}),
+            ),
+        ),
+        (
+            "PATCH",
+            "/drives/rootfs".into(),
+            Some(json!({"drive_id": "rootfs", "path_on_host": disk})),
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0".into(),
+            Some(
+                json!({"iface_id": "eth0", "host_dev_name": "nosuchtap0", "guest_mac": "06:00:00:00:00:01"}),
+            ),
+        ),
+        (
+            "PATCH",
+            "/network-interfaces/eth0".into(),
+            Some(
+                json!({"iface_id": "eth0", "rx_rate_limiter": {"ops": {"size": 10, "one_time_burst": 5, "refill_time": 100}}}),
+            ),
+        ),
+        (
+            "PUT",
+            "/vsock".into(),
+            Some(json!({"guest_cid": 3, "uds_path": p("v.sock")})),
+        ),
+        (
+            "PUT",
+            "/entropy".into(),
+            Some(json!({"rate_limiter": {"bandwidth": {"size": 100, "refill_time": 1000}}})),
+        ),
+        (
+            "PUT",
+            "/logger".into(),
+            Some(
+                json!({"log_path": p("log"), "level": "Debug", "show_level": true, "show_log_origin": true}),
+            ),
+        ),
+        (
+            "PUT",
+            "/metrics".into(),
+            Some(json!({"metrics_path": p("metrics")})),
+        ),
+        (
+            "PUT",
+            "/serial".into(),
+            Some(json!({"serial_out_path": p("serial")})),
+        ),
+        (
+            "PUT",
+            "/mmds".into(),
+            Some(json!({"latest": {"meta-data": {"instance-id": "i-1", "keys": ["a", "b"]}}})),
+        ),
+        (
+            "PATCH",
+            "/mmds".into(),
+            Some(json!({"latest": {"meta-data": {"instance-id": null, "n": 1.5}}})),
+        ),
+        (
+            "PUT",
+            "/mmds/config".into(),
+            Some(
+                json!({"network_interfaces": ["eth0"], "version": "V2", "ipv4_address": "169.254.169.254"}),
+            ),
+        ),
+        (
+            "PUT",
+            "/balloon".into(),
+            Some(json!({"amount_mib": 1, "deflate_on_oom": true})),
+        ),
+        (
+            "PUT",
+            "/snapshot/create".into(),
+            Some(json!({"snapshot_path": p("snap"), "mem_file_path": p("mem")})),
+        ),
+        (
+            "PUT",
+            "/snapshot/load".into(),
+            Some(
+                json!({"snapshot_path": p("snap"), "mem_backend": {"backend_path": p("mem"), "backend_type": "File"}}),
+            ),
+        ),
+        (
+            "PUT",
+            "/actions".into(),
+            Some(json!({"action_type": "FlushMetrics"})),
+        ),
+        ("PATCH", "/vm".into(), Some(json!({"state": "Paused"}))),
+        ("PATCH", "/vm".into(), Some(json!({"state": "Resumed"}))),
+        ("GET", "/".into(), None),
+        ("GET", "/vm/config".into(), None),
+        ("GET", "/machine-config".into(), None),
+        ("GET", "/mmds".into(), None),
+        ("GET", "/version".into(), None),
+    ]
+}
+
+/// A JSON value mutated the ways a careless or hostile client gets it wrong: wrong types,
+/// extreme numbers, missing and unknown fields, strings that are not paths.
+fn mutate(rng: &mut Rng, v: &serde_json::Value, dir: &TempDir) -> serde_json::Value {
+    use serde_json::{json, Value};
+    let weird = [
+        Value::Null,
+        json!(true),
+        json!(0),
+        json!(-1),
+        json!(255),
+        json!(256),
+        json!(u32::MAX),
+        json!(u64::MAX),
+        json!(i64::MIN),
+        json!(1.5),
+        json!(1e300),
+        json!(""),
+        json!("x".repeat(3000)),
+        json!("\u{0}"),
+        json!("0x"),
+        json!("é\u{202e}"),
+        json!("/"),
+        json!("/dev/null"),
+        json!(dir.path("missing").to_str().unwrap()),
+        json!([]),
+        json!([1, 2, 3]),
+        json!({}),
+        json!({"a": {"b": {"c": [{}]}}}),
+        json!("2M"),
+        json!("None"),
+        json!("Async"),
+        json!("V1"),
+    ];
+    match v {
+        Value::Object(m) if !m.is_empty() || rng.below(2) == 0 => {
+            let mut m = m.clone();
+            let keys: Vec<String> = m.keys().cloned().collect();
+            match rng.below(4) {
+                0 if !keys.is_empty() => {
+                    let k = rng.pick(&keys).clone();
+                    m.remove(&k);
+                }
+                1 => {
+                    let k = (*rng.pick(&[
+                        "bogus",
+                        "vcpu_count",
+                        "mem_size_mib",
+                        "rate_limiter",
+                        "is_root_device",
+                        "partuuid",
+                        "guest_mac",
+                        "huge_pages",
+                        "io_engine",
+                    ]))
+                    .to_string();
+                    m.insert(k, rng.pick(&weird).clone());
+                }
+                _ if !keys.is_empty() => {
+                    let k = rng.pick(&keys).clone();
+                    let new = if rng.below(2) == 0 {
+                        mutate(rng, &m[&k], dir)
+                    } else {
+                        rng.pick(&weird).clone()
+                    };
+                    m.insert(k, new);
+                }
+                _ => {}
+            }
+            Value::Object(m)
+        }
+        Value::Array(a) if !a.is_empty() && rng.below(2) == 0 => {
+            let mut a = a.clone();
+            let i = rng.below(a.len());
+            a[i] = mutate(rng, &a[i], dir);
+            Value::Array(a)
+        }
+        _ => rng.pick(&weird).clone(),
+    }
+}
+
+/// The JSON text with a few bytes flipped, inserted or cut (Content-Length stays right).
+fn corrupt(rng: &mut Rng, text: &str) -> String {
+    let mut b = text.as_bytes().to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let i = rng.below(b.len() + 1);
+        match rng.below(3) {
+            0 if i < b.len() => b[i] = rng.next() as u8,
+            1 => b.insert(i, *rng.pick(b"{}[]\":,\\0e-9")),
+            _ if i < b.len() => {
+                b.remove(i);
+            }
+            _ => {}
+        }
+    }
+    String::from_utf8_lossy(&b).into_owned()
+}
+
+/// Sends `n` requests mutated from the corpus; every one must get a 2xx or 4xx answer and
+/// leave the VMM running.
+fn send_mutated(vm: &mut ApiVm, rng: &mut Rng, n: usize, started: bool) {
+    let corpus = request_corpus(&vm.dir);
+    let mut c = vm.client();
+    for i in 0..n {
+        let (method, path, body) = rng.pick(&corpus).clone();
+        let body = body.map(|b| match rng.below(4) {
+            0 => b.to_string(),
+            1 => corrupt(rng, &b.to_string()),
+            _ => mutate(rng, &b, &vm.dir).to_string(),
+        });
+        // Pausing is a valid request the fuzz may make; the checks below need the guest
+        // running, so a pause is followed by a resume.
+        let r = c.request(method, &path, body.as_deref());
+        assert!(
+            (200..300).contains(&r.status) || (400..500).contains(&r.status),
+            "request {i}: {method} {path} {body:?} got {}: {}",
+            r.status,
+            r.body
+        );
+        if r.status >= 400 {
+            assert!(
+                !r.fault().is_empty(),
+                "request {i}: {method} {path} {body:?}: a 4xx without a reason: {}",
+                r.body
+            );
+        }
+        assert!(
+            vm.is_running(),
+            "request {i}: {method} {path} {body:?} ended the VMM:\n{}",
+            vm.output()
+        );
+        if started && path == "/vm" {
+            assert_eq!(c.patch("/vm", r#"{"state":"Resumed"}"#).status, 204);
+        }
+    }
+}
+
+#[test]
+fn mutated_requests_get_answers_and_never_end_the_vmm() {
+    if !require_kvm() {
+        return;
+    }
+    let mut rng = Rng(0x0e3b_e12a_5eed_0001);
+    // Before InstanceStart, when every endpoint still accepts configuration.
+    let mut vm = ApiVm::start(&[]);
+    send_mutated(&mut vm, &mut rng, 800, false);
+    assert_eq!(vm.client().get("/").json()["state"], "Not started");
+    drop(vm);
+
+    // With a guest running: configuration is refused, the guest keeps ticking throughout.
+    let mut vm = ApiVm::start(&[]);
+    api_boot(&mut vm.client(), "ticks", 1);
+    vm.wait_for("tick 2");
+    send_mutated(&mut vm, &mut rng, 800, true);
+    let before = vm.last_tick();
+    vm.wait_for(&format!("tick {}", before + 2));
+    assert_eq!(vm.client().get("/").json()["state"], "Running");
+    assert_eq!(vm.terminate(), 0);
+}
