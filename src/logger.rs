@@ -178,6 +178,16 @@ impl Log for Logger {
         if !self.enabled(r.metadata()) {
             return;
         }
+        // virtio-queue logs what a guest's driver got wrong (a ring outside guest memory, at
+        // each DRIVER_OK): a guest can cause it at will, so it is rate-limited like log_guest!.
+        let mut suppressed = 0;
+        if r.target().starts_with("virtio_queue") {
+            static LIMIT: RateLimit = RateLimit::new();
+            match LIMIT.check() {
+                Some(n) => suppressed = n,
+                None => return,
+            }
+        }
         let mut st = self.lock();
         if let Some(m) = &st.module {
             if !r.module_path().unwrap_or("").starts_with(m.as_str()) {
@@ -201,7 +211,14 @@ impl Log for Logger {
                 r.line().unwrap_or(0)
             ));
         }
-        line.push_str(&format!("] {}\n", r.args()));
+        if suppressed > 0 {
+            line.push_str(&format!(
+                "] {} ({suppressed} similar messages suppressed)\n",
+                r.args()
+            ));
+        } else {
+            line.push_str(&format!("] {}\n", r.args()));
+        }
         let _ = match st.file.as_mut() {
             Some(f) => f.write_all(line.as_bytes()),
             None => std::io::stdout().lock().write_all(line.as_bytes()),

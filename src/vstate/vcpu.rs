@@ -204,7 +204,11 @@ impl PendingVcpu {
 /// Why a vCPU stopped the VM.
 #[derive(Debug)]
 pub enum VcpuError {
-    TripleFault,
+    /// KVM_EXIT_SHUTDOWN, with where the guest was.
+    TripleFault {
+        rip: u64,
+        bytes: Option<Vec<u8>>,
+    },
     EmulationFailure {
         suberror: u32,
         rip: u64,
@@ -218,10 +222,14 @@ pub enum VcpuError {
 impl fmt::Display for VcpuError {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
-            VcpuError::TripleFault => write!(
-                f,
-                "KVM_EXIT_SHUTDOWN: the guest triple-faulted (an exception it could not handle)"
-            ),
+            VcpuError::TripleFault { rip, bytes } => {
+                write!(
+                    f,
+                    "KVM_EXIT_SHUTDOWN: the guest triple-faulted (an exception it could not \
+                     handle) at RIP {rip:#x}, instruction bytes: "
+                )?;
+                write_bytes(f, bytes)
+            }
             VcpuError::EmulationFailure {
                 suberror,
                 rip,
@@ -237,15 +245,7 @@ impl fmt::Display for VcpuError {
                     f,
                     "KVM_EXIT_INTERNAL_ERROR, suberror {suberror} ({what}) at RIP {rip:#x}, instruction bytes: "
                 )?;
-                match bytes {
-                    Some(b) => {
-                        for (i, x) in b.iter().enumerate() {
-                            write!(f, "{}{x:02x}", if i > 0 { " " } else { "" })?;
-                        }
-                        Ok(())
-                    }
-                    None => write!(f, "unreadable"),
-                }
+                write_bytes(f, bytes)
             }
             VcpuError::FailEntry(reason) => write!(
                 f,
@@ -258,6 +258,19 @@ impl fmt::Display for VcpuError {
 }
 
 impl std::error::Error for VcpuError {}
+
+/// Instruction bytes as hex pairs, or "unreadable" when RIP did not translate.
+fn write_bytes(f: &mut fmt::Formatter, bytes: &Option<Vec<u8>>) -> fmt::Result {
+    match bytes {
+        Some(b) => {
+            for (i, x) in b.iter().enumerate() {
+                write!(f, "{}{x:02x}", if i > 0 { " " } else { "" })?;
+            }
+            Ok(())
+        }
+        None => write!(f, "unreadable"),
+    }
+}
 
 /// What the run loop does after an exit.
 enum Next {
@@ -315,6 +328,11 @@ impl Vcpu {
     fn take_failure(&mut self, ctx: &VcpuContext) -> Option<VcpuError> {
         let run = self.fd.get_kvm_run();
         match run.exit_reason {
+            kvm_bindings::KVM_EXIT_SHUTDOWN => {
+                run.exit_reason = kvm_bindings::KVM_EXIT_UNKNOWN;
+                let (rip, bytes) = self.instruction_at_rip(&ctx.memory);
+                Some(VcpuError::TripleFault { rip, bytes })
+            }
             kvm_bindings::KVM_EXIT_INTERNAL_ERROR => {
                 // SAFETY: exit_reason says the `internal` member of the union is the valid one.
                 let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
@@ -420,11 +438,8 @@ fn handle_exit(index: u8, exit: VcpuExit, ctx: &VcpuContext) -> Next {
             }
             Next::Continue
         }
-        VcpuExit::Shutdown => {
-            METRICS.vcpu.failures.inc();
-            log::error!("vCPU {index} stopped the VM: {}", VcpuError::TripleFault);
-            Next::Stop(exit_code::GENERIC_ERROR)
-        }
+        // Reported by `take_failure`, which can read the registers.
+        VcpuExit::Shutdown => Next::Continue,
         VcpuExit::SystemEvent(kind, _) => {
             log::info!("vCPU {index}: system event {kind}; stopping.");
             Next::Stop(exit_code::OK)

@@ -1,7 +1,7 @@
 //! The virtio-mmio transport, version 2 registers, one 4 KiB window per device.
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::{
     DeviceError, QueueHandler, VirtioDevice, QUEUE_MAX_SIZE, VIRTIO_F_VERSION_1,
@@ -272,6 +272,35 @@ impl MmioTransport {
         self.device.update_rate_limiters(first, second)
     }
 
+    /// One half of a ring's address. A misaligned address is refused with NEEDS_RESET: the
+    /// queue must not go live with the address it had before (after a reset, 0), which the
+    /// driver never chose.
+    fn set_ring_address(&mut self, sel: usize, offset: u64, v: u32) {
+        let q = &mut self.queues[sel];
+        let (ring, old) = match offset {
+            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH => ("descriptor table", q.desc_table()),
+            REG_QUEUE_AVAIL_LOW | REG_QUEUE_AVAIL_HIGH => ("available ring", q.avail_ring()),
+            _ => ("used ring", q.used_ring()),
+        };
+        let addr = if offset & 4 == 0 {
+            (old & !0xffff_ffff) | u64::from(v)
+        } else {
+            (old & 0xffff_ffff) | (u64::from(v) << 32)
+        };
+        let set = match offset {
+            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH => {
+                q.try_set_desc_table_address(GuestAddress(addr))
+            }
+            REG_QUEUE_AVAIL_LOW | REG_QUEUE_AVAIL_HIGH => {
+                q.try_set_avail_ring_address(GuestAddress(addr))
+            }
+            _ => q.try_set_used_ring_address(GuestAddress(addr)),
+        };
+        if set.is_err() {
+            self.needs_reset(&format!("misaligned {ring} address {addr:#x}"));
+        }
+    }
+
     fn sel(&self) -> Option<&Queue> {
         self.queues.get(self.queue_sel as usize)
     }
@@ -332,12 +361,12 @@ impl MmioTransport {
                 1 => self.queues[sel].set_ready(true),
                 _ => METRICS.virtio.invalid_register_writes.inc(),
             },
-            REG_QUEUE_DESC_LOW if q => self.queues[sel].set_desc_table_address(Some(v), None),
-            REG_QUEUE_DESC_HIGH if q => self.queues[sel].set_desc_table_address(None, Some(v)),
-            REG_QUEUE_AVAIL_LOW if q => self.queues[sel].set_avail_ring_address(Some(v), None),
-            REG_QUEUE_AVAIL_HIGH if q => self.queues[sel].set_avail_ring_address(None, Some(v)),
-            REG_QUEUE_USED_LOW if q => self.queues[sel].set_used_ring_address(Some(v), None),
-            REG_QUEUE_USED_HIGH if q => self.queues[sel].set_used_ring_address(None, Some(v)),
+            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH | REG_QUEUE_AVAIL_LOW
+            | REG_QUEUE_AVAIL_HIGH | REG_QUEUE_USED_LOW | REG_QUEUE_USED_HIGH
+                if q =>
+            {
+                self.set_ring_address(sel, offset, v)
+            }
             REG_QUEUE_NOTIFY => self.process(v),
             REG_INTERRUPT_ACK => self.interrupt_status &= !v,
             REG_STATUS => self.set_status(v),
@@ -550,6 +579,31 @@ mod tests {
         wr(&mut t, REG_QUEUE_USED_HIGH, 1);
         wr(&mut t, REG_STATUS, 0xf);
         assert_ne!(t.status() & STATUS_NEEDS_RESET, 0);
+
+        // A misaligned ring: needs reset at once, and the queue never goes live with the
+        // address it had before (0 after a reset), which the driver did not choose.
+        for (reg, bad) in [
+            (REG_QUEUE_DESC_LOW, DESC as u32 + 8),
+            (REG_QUEUE_AVAIL_LOW, AVAIL as u32 + 1),
+            (REG_QUEUE_USED_LOW, USED as u32 + 2),
+        ] {
+            let mut t = transport(&mem);
+            setup(&mut t, 16);
+            wr(&mut t, REG_STATUS, 0);
+            wr(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE);
+            wr(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+            wr(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+            wr(&mut t, REG_DRIVER_FEATURES, 1);
+            wr(&mut t, REG_STATUS, 0xb);
+            wr(&mut t, REG_QUEUE_NUM, 16);
+            for r in [REG_QUEUE_DESC_LOW, REG_QUEUE_AVAIL_LOW, REG_QUEUE_USED_LOW] {
+                wr(&mut t, r, if r == reg { bad } else { r as u32 * 0x100 });
+            }
+            wr(&mut t, REG_QUEUE_READY, 1);
+            assert_ne!(t.status() & STATUS_NEEDS_RESET, 0, "{reg:#x}");
+            wr(&mut t, REG_STATUS, 0xf);
+            assert!(!t.live(), "{reg:#x}");
+        }
     }
 
     #[test]

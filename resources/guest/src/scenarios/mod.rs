@@ -14,6 +14,7 @@ pub mod cmdline;
 pub mod evil;
 pub mod evildev;
 pub mod flood;
+pub mod fuzzdev;
 pub mod hello;
 pub mod initrd;
 pub mod mem;
@@ -98,6 +99,10 @@ pub const ALL: &[Scenario] = &[
     Scenario {
         name: "rng",
         run: rng::run,
+    },
+    Scenario {
+        name: "fuzzdev=",
+        run: fuzzdev::run,
     },
     Scenario {
         name: "net",
