@@ -73,6 +73,8 @@ fn triple_fault_is_reported_and_exits_non_zero() {
     let out = boot(&guest_config("panic", 1, 128));
     out.expect("panic: triple fault now")
         .expect("KVM_EXIT_SHUTDOWN");
+    // Where it happened: the panic scenario ends in `ud2` (0f 0b).
+    out.expect("at RIP 0x").expect("instruction bytes: 0f 0b");
     assert_ne!(out.code(), 0, "a triple fault must not exit 0");
     // `ember run` logs nothing before the guest runs, so the vCPU thread logs first, under
     // its filter: the log's first timestamp must not need a file (148 and SIGSYS if it did).
