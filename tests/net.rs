@@ -379,6 +379,55 @@ fn an_invalid_tap_is_a_configuration_error_with_or_without_rate_limiters() {
 }
 
 /// The `evilnet` guest's chain-level cases, run on the TX and the RX queue.
+/// The guest's random driver (`fuzzdev`, see tests/virtio.rs) against a net device whose
+/// TAP gets a frame every 5 ms, so RX chains meet real frames: the VMM stays up, the first
+/// page of RAM stays untouched, the device's checks count malformed chains.
+#[test]
+fn random_driver_against_a_net_device_with_traffic() {
+    if !require_root("TAP devices and network namespaces") || !require_kvm() {
+        return;
+    }
+    for seed in 1..=2u64 {
+        let ns = Netns::new();
+        ns.exec(&["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"]);
+        ns.exec(&["ip", "link", "set", "tap0", "up"]);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        let (name, stop2) = (ns.0.clone(), stop.clone());
+        let injector = std::thread::spawn(move || {
+            let (fd, ifindex) = packet_socket(&name, "tap0");
+            tx.send(()).unwrap();
+            let mut f = GUEST_MAC.to_vec();
+            f.extend_from_slice(&HOST_MAC);
+            f.extend_from_slice(&ETHERTYPE.to_be_bytes());
+            f.extend_from_slice(&payload("host-inject"));
+            while !stop2.load(Ordering::Relaxed) {
+                send_frame(&fd, ifindex, ETHERTYPE, &f);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the injector did not start");
+        let dir = TempDir::new("net-fuzz");
+        let metrics = dir.path("metrics.json");
+        let mut cfg = tap0_config(&format!("fuzzdev={seed}"));
+        cfg["metrics"] = json!({"metrics_path": metrics.to_str().unwrap()});
+        let path = dir.write("vm.json", serde_json::to_vec(&cfg).unwrap());
+        let out = wait_with_guard(ns.spawn_ember(&path), Duration::from_secs(60));
+        stop.store(true, Ordering::Relaxed);
+        injector.join().expect("the injector panicked");
+        out.expect_code(0)
+            .expect(&format!("fuzzdev: 3000 rounds on 1 devices, seed {seed}"))
+            .expect("fuzzdev: survived")
+            .expect("ember-guest: done");
+        let m = std::fs::read_to_string(&metrics).unwrap_or_default();
+        assert!(
+            counter_sum(&m, "virtio", "malformed_chains") > 0,
+            "seed {seed}: no malformed chain was counted; metrics:\n{m}"
+        );
+    }
+}
+
 const EVIL_CHAIN_CASES: &[&str] = &[
     "bad address",
     "looping chain",
