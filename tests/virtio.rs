@@ -353,8 +353,8 @@ fn evil_guest_is_survived_and_counted() {
 
 /// The guest's `fuzzdev` scenario drives every device at random (registers of any width and
 /// offset, resets, queues of any size with rings misaligned or outside RAM, chains with wild
-/// addresses, lengths, flags and links) and then checks that the first page of RAM, which no
-/// chain designates, is as it was. Afterwards the same devices must still serve a
+/// addresses, lengths, flags and links) and then checks that RAM outside its own image (the
+/// boot TSS, GDT and tables included), which no chain designates, is as it was. Afterwards the same devices must still serve a
 /// well-behaved driver, a read-only drive must be untouched and no file may have grown.
 #[test]
 fn random_driver_leaves_the_vmm_and_unchosen_memory_intact() {
