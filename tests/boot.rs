@@ -95,6 +95,56 @@ fn wild_accesses_are_logged_and_ignored() {
         .expect("ember-guest: done");
 }
 
+/// 20,000 random port and MMIO accesses of every width (`fuzzio`): COM1, the i8042, the PIT
+/// and PICs, any port, the boot timer, unbacked memory and the 32-bit hole. The guest goes on
+/// to greet normally, and the VMM's log, which a guest can otherwise fill, stays short.
+#[test]
+fn random_port_and_mmio_accesses_are_survived_quietly() {
+    if !require_kvm() {
+        return;
+    }
+    for seed in 1..=3u64 {
+        let dir = TempDir::new("fuzzio");
+        let metrics = dir.path("metrics.json");
+        let disk = dir.write("disk.img", vec![0u8; 1 << 20]);
+        let mut cfg = guest_config(&format!("fuzzio={seed} hello"), 1, 128);
+        // A virtio window the accesses must keep out of (fuzzdev's business).
+        cfg["drives"] = serde_json::json!([{"drive_id": "rootfs", "path_on_host": disk,
+            "is_root_device": true, "is_read_only": false}]);
+        let path = dir.write("vm.json", serde_json::to_vec(&cfg).unwrap());
+        let out = run(&[
+            "--no-api",
+            "--config-file",
+            path.to_str().unwrap(),
+            "--metrics-path",
+            metrics.to_str().unwrap(),
+        ]);
+        out.expect_code(0)
+            .expect(&format!("fuzzio: 20000 rounds, seed {seed}"))
+            .expect("fuzzio: survived")
+            .expect("Hello from the ember guest!")
+            .expect("ember-guest: done");
+        let m = std::fs::read_to_string(&metrics).unwrap_or_default();
+        let unhandled: u64 = m
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| {
+                v["vcpu"]["unhandled_io"].as_u64().unwrap_or(0)
+                    + v["vcpu"]["unhandled_mmio"].as_u64().unwrap_or(0)
+            })
+            .sum();
+        let logged = out.all().matches("Unhandled").count() as u64;
+        assert!(
+            unhandled > 5000,
+            "seed {seed}: {unhandled} unhandled accesses counted:\n{m}"
+        );
+        assert!(
+            logged < unhandled / 10,
+            "seed {seed}: {logged} log lines for {unhandled} unhandled accesses"
+        );
+    }
+}
+
 #[test]
 fn initrd_is_placed_and_read_back() {
     if !require_kvm() {

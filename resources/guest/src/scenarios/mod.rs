@@ -15,6 +15,7 @@ pub mod evil;
 pub mod evildev;
 pub mod flood;
 pub mod fuzzdev;
+pub mod fuzzio;
 pub mod hello;
 pub mod initrd;
 pub mod mem;
@@ -103,6 +104,10 @@ pub const ALL: &[Scenario] = &[
     Scenario {
         name: "fuzzdev=",
         run: fuzzdev::run,
+    },
+    Scenario {
+        name: "fuzzio=",
+        run: fuzzio::run,
     },
     Scenario {
         name: "net",
