@@ -16,6 +16,7 @@ pub mod evildev;
 pub mod flood;
 pub mod fuzzdev;
 pub mod fuzzio;
+pub mod fuzzvsock;
 pub mod hello;
 pub mod initrd;
 pub mod mem;
@@ -108,6 +109,10 @@ pub const ALL: &[Scenario] = &[
     Scenario {
         name: "fuzzio=",
         run: fuzzio::run,
+    },
+    Scenario {
+        name: "fuzzvsock=",
+        run: fuzzvsock::run,
     },
     Scenario {
         name: "net",

@@ -167,9 +167,15 @@ impl Vsock {
 
     /// Sends one packet (its `len` set from `payload`); false on timeout.
     pub fn send(&mut self, h: &Hdr, payload: &[u8]) -> bool {
-        let n = payload.len().min(MAX_PAYLOAD);
         let mut h = *h;
-        h.len = n as u32;
+        h.len = payload.len().min(MAX_PAYLOAD) as u32;
+        self.send_as_is(&h, payload, TIMEOUT_US)
+    }
+
+    /// Sends one packet with its header as given, `len` included (it may lie about the
+    /// payload); false if the device did not take it within `us`.
+    pub fn send_as_is(&mut self, h: &Hdr, payload: &[u8], us: u64) -> bool {
+        let n = payload.len().min(MAX_PAYLOAD);
         // SAFETY: inside TX; no TX request in flight.
         let buf =
             unsafe { core::slice::from_raw_parts_mut(TX.addr() as *mut u8, HDR_LEN + MAX_PAYLOAD) };
@@ -178,7 +184,7 @@ impl Vsock {
         self.tx.set_desc(0, TX.addr(), (HDR_LEN + n) as u32, 0, 0);
         self.tx.push(0);
         self.t.notify(1);
-        let r = self.tx.wait(TIMEOUT_US);
+        let r = self.tx.wait(us);
         self.t.ack_interrupts();
         r.is_some()
     }
