@@ -301,10 +301,10 @@ fn random_vsock_peer_is_survived() {
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 65536];
                         let _ = (&s).read(&mut buf);
-                        if n % 2 == 0 {
+                        if n.is_multiple_of(2) {
                             let _ = (&s).write_all(&reply);
                         }
-                        if n % 3 != 0 {
+                        if !n.is_multiple_of(3) {
                             std::thread::sleep(Duration::from_millis(20));
                         }
                     });
