@@ -14,6 +14,7 @@ pub mod cmdline;
 pub mod evil;
 pub mod evildev;
 pub mod flood;
+pub mod fuzzblk;
 pub mod fuzzdev;
 pub mod fuzzio;
 pub mod fuzzvsock;
@@ -101,6 +102,10 @@ pub const ALL: &[Scenario] = &[
     Scenario {
         name: "rng",
         run: rng::run,
+    },
+    Scenario {
+        name: "fuzzblk=",
+        run: fuzzblk::run,
     },
     Scenario {
         name: "fuzzdev=",
