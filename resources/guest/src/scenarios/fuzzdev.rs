@@ -21,6 +21,8 @@ use crate::virtio::mmio::{self, Transport};
 use crate::virtio::queue::PAGE;
 use crate::virtio::{delay_us, devices, Dma};
 use crate::Ctx;
+use core::hint::spin_loop;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 const ROUNDS: u32 = 3000;
 /// Queue q's descriptor table is page 2q, its avail and used rings page 2q + 1 (queues
@@ -298,31 +300,20 @@ fn outside_image_hash(ctx: &Ctx) -> u64 {
     h
 }
 
-pub fn run(ctx: &Ctx, arg: &[u8]) {
-    let seed = crate::scenarios::parse_dec(arg).unwrap_or(1);
-    let mut r = XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let mut devs = [Transport::new(0); 8];
-    let mut n = 0;
-    for (base, _) in devices(ctx.bp.cmdline()) {
-        let t = Transport::new(base);
-        if n < devs.len() && t.magic_ok() {
-            devs[n] = t;
-            n += 1;
-        }
-    }
-    if n == 0 {
-        fail!("fuzzdev: no virtio device on the command line");
-    }
-    // The first page of RAM (boot TSS, GDT, IDT) is nobody's buffer: it must come out as it
-    // went in.
-    let mut low = [0u64; 512];
-    first_page(&mut low);
-    let outside = outside_image_hash(ctx);
+/// The devices and seed the APs fuzz with, and the BSP's signal to start.
+static DEVS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+static NDEVS: AtomicUsize = AtomicUsize::new(0);
+static SEED: AtomicU64 = AtomicU64::new(0);
+static GO: AtomicBool = AtomicBool::new(false);
+static DONE: AtomicU32 = AtomicU32::new(0);
+
+fn rounds(r: &mut XorShift) {
+    let n = NDEVS.load(Ordering::Acquire);
     for _ in 0..ROUNDS {
-        let t = devs[r.below(n as u64) as usize];
+        let t = Transport::new(DEVS[r.below(n as u64) as usize].load(Ordering::Relaxed));
         match r.below(10) {
-            0..=2 => register_write(&mut r, &t),
-            3 => register_read(&mut r, &t),
+            0..=2 => register_write(r, &t),
+            3 => register_read(r, &t),
             4 => t.reset(),
             5 => {
                 // Avail and used rings only: a descriptor stays one this scenario made.
@@ -331,12 +322,66 @@ pub fn run(ctx: &Ctx, arg: &[u8]) {
                     poke::<u64>(page + r.below(PAGE as u64) as usize & !7, r.next());
                 }
             }
-            _ => queue_attack(&mut r, &t),
+            _ => queue_attack(r, &t),
         }
     }
+}
+
+fn generator(seed: u64, cpu: u32) -> XorShift {
+    XorShift((seed ^ u64::from(cpu) << 32).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+}
+
+/// An AP's share: its own rounds, from when the BSP has taken its snapshots of RAM.
+fn ap_rounds() {
+    while !GO.load(Ordering::Acquire) {
+        spin_loop();
+    }
+    let mut r = generator(SEED.load(Ordering::Relaxed), crate::hw::lapic_id());
+    rounds(&mut r);
+    DONE.fetch_add(1, Ordering::Release);
+}
+
+pub fn run(ctx: &Ctx, arg: &[u8]) {
+    let seed = crate::scenarios::parse_dec(arg).unwrap_or(1);
+    let mut n = 0;
+    for (base, _) in devices(ctx.bp.cmdline()) {
+        if n < DEVS.len() && Transport::new(base).magic_ok() {
+            DEVS[n].store(base, Ordering::Relaxed);
+            n += 1;
+        }
+    }
+    if n == 0 {
+        fail!("fuzzdev: no virtio device on the command line");
+    }
+    NDEVS.store(n, Ordering::Release);
+    SEED.store(seed, Ordering::Release);
+    // With more than one vCPU, every AP drives the devices at the same time as the BSP.
+    let aps = if crate::acpi::cpus_or_fail(&ctx.bp).count() > 1 {
+        crate::scenarios::smp::start_aps(ctx, Some(ap_rounds))
+    } else {
+        0
+    };
+    // The first page of RAM (boot TSS, GDT, IDT) is nobody's buffer: it must come out as it
+    // went in; so must the rest outside the image.
+    let mut low = [0u64; 512];
+    first_page(&mut low);
+    let outside = outside_image_hash(ctx);
+    GO.store(true, Ordering::Release);
+    rounds(&mut generator(seed, crate::hw::lapic_id()));
+    let t0 = crate::hw::rdtsc();
+    while (DONE.load(Ordering::Acquire) as usize) < aps {
+        if crate::hw::rdtsc().wrapping_sub(t0) > 100_000_000_000 {
+            fail!("fuzzdev: the APs did not finish their rounds");
+        }
+        spin_loop();
+    }
+    if aps > 0 {
+        crate::scenarios::smp::park_aps(ctx);
+        say!("fuzzdev: ", aps as u64 + 1, " vCPUs at once");
+    }
     say!("fuzzdev: ", ROUNDS, " rounds on ", n as u64, " devices, seed ", seed);
-    for t in &devs[..n] {
-        t.reset();
+    for i in 0..n {
+        Transport::new(DEVS[i].load(Ordering::Relaxed)).reset();
     }
     let mut now = [0u64; 512];
     first_page(&mut now);

@@ -7,7 +7,7 @@
 
 use crate::{acpi, hw, Ctx};
 use core::hint::spin_loop;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 /// Free page below 1 MiB (not the zero page, the VMM's tables, the command
 /// line at 0x20000, or the EBDA/ACPI area).
@@ -26,17 +26,39 @@ extern "C" {
     static ember_tramp_end: u8;
 }
 
+/// What the APs run once online (a `fn()` as usize; 0: nothing, they just spin).
+static AP_TASK: AtomicUsize = AtomicUsize::new(0);
+
 #[no_mangle]
 extern "C" fn ap_main() -> ! {
     let id = hw::lapic_id();
-    say!("smp: cpu ", id, " online");
+    if AP_TASK.load(Ordering::Acquire) == 0 {
+        say!("smp: cpu ", id, " online");
+    }
     ONLINE.fetch_add(1, Ordering::Release);
+    let task = AP_TASK.load(Ordering::Acquire);
+    if task != 0 {
+        // SAFETY: only `start_aps` stores here, and it stores a `fn()`.
+        let f: fn() = unsafe { core::mem::transmute::<usize, fn()>(task) };
+        f();
+    }
     loop {
         spin_loop();
     }
 }
 
 pub fn run(ctx: &Ctx, _arg: &[u8]) {
+    let aps = start_aps(ctx, None);
+    let n = aps + 1;
+    say!("smp: ", n, " of ", n, " vCPUs online");
+    park_aps(ctx);
+}
+
+/// Starts every AP (INIT-SIPI-SIPI from ring 3) and waits until all are online; each then
+/// runs `task`, if any. Returns how many APs there are.
+pub fn start_aps(ctx: &Ctx, task: Option<fn()>) -> usize {
+    AP_TASK.store(task.map_or(0, |f| f as usize), Ordering::Release);
+    ONLINE.store(0, Ordering::Release);
     let cpus = acpi::cpus_or_fail(&ctx.bp);
     let me = hw::lapic_id();
     let aps = cpus.apic_ids().iter().filter(|&&id| id != me).count();
@@ -76,9 +98,14 @@ pub fn run(ctx: &Ctx, _arg: &[u8]) {
         }
         spin_loop();
     }
-    let n = cpus.count();
-    say!("smp: ", n, " of ", n, " vCPUs online");
+    aps
+}
 
+/// Puts every AP back in wait-for-SIPI (INIT), where its vCPU blocks in KVM instead of
+/// spinning on a shared host core.
+pub fn park_aps(ctx: &Ctx) {
+    let cpus = acpi::cpus_or_fail(&ctx.bp);
+    let me = hw::lapic_id();
     for &id in cpus.apic_ids().iter().filter(|&&id| id != me) {
         hw::lapic_ipi(id, ICR_INIT);
     }
