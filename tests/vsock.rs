@@ -266,8 +266,10 @@ fn vsockbench_moves_data_both_ways() {
 /// The guest's random vsock peer (`fuzzvsock`): 4000 packets with header fields drawn around
 /// what matters, against host listeners on ports 6000-6003 that take each connection, read,
 /// write up to 100 KB back and sometimes hang up, while a host client keeps connecting to the
-/// guest's ports 1024-1031. The VMM keeps running, counts the malformed packets, and every
-/// connection it opened is gone when it exits.
+/// guest's ports 1024-1031; first the guest half-closes a connection the host keeps open,
+/// so the device holds it at the final reset (which once ended the VMM: the reset ran a
+/// shutdown(2) on the vCPU thread). The VMM keeps running, counts the malformed packets, and
+/// every connection it opened is gone when it exits.
 #[test]
 fn random_vsock_peer_is_survived() {
     if !require_kvm() {
@@ -311,6 +313,20 @@ fn random_vsock_peer_is_survived() {
                 }
             }));
         }
+        // Port 6004 keeps every connection open until the guest is done: the guest
+        // half-closes one there and resets the device while ember still holds it.
+        let held = UnixListener::bind(format!("{uds_str}_6004")).unwrap();
+        held.set_nonblocking(true).unwrap();
+        let stop2 = stop.clone();
+        helpers.push(std::thread::spawn(move || {
+            let mut streams = Vec::new();
+            while !stop2.load(Ordering::Relaxed) {
+                match held.accept() {
+                    Ok((s, _)) => streams.push(s),
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        }));
         let (stop2, path) = (stop.clone(), uds.clone());
         helpers.push(std::thread::spawn(move || {
             let mut port = 1024;
@@ -349,6 +365,7 @@ fn random_vsock_peer_is_survived() {
             h.join().expect("a host helper panicked");
         }
         out.expect_code(0)
+            .expect("fuzzvsock: connection to host port 6004 half-closed")
             .expect("fuzzvsock: survived")
             .expect("ember-guest: done");
         let sum = |name: &str| -> u64 {

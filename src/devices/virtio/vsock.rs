@@ -955,6 +955,9 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         for (_, mut c) in std::mem::take(&mut self.conns) {
+            // What the guest sent still goes out; the close that follows ends the stream, so
+            // no shutdown(2): a reset runs on the vCPU thread, whose filter does not allow it.
+            c.guest_send_done = false;
             let _ = c.flush();
             METRICS.vsock.conns_removed.inc();
         }

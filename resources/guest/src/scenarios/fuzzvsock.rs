@@ -6,7 +6,10 @@
 //! `len` mostly true, sometimes larger or smaller than the payload; any
 //! `buf_alloc`, `fwd_cnt` and flags. Between packets it takes what the device
 //! delivered (answering a host's REQUEST with RESPONSE or RST at random) and
-//! gives the buffers back. Prints `fuzzvsock: <sent> sent, <received>
+//! gives the buffers back. Before that, one connection to host port 6004 is
+//! made properly and half-closed (SHUTDOWN with "no more sends"), so that the
+//! device still holds it when the guest resets it at the end. Prints
+//! `fuzzvsock: connection to host port 6004 half-closed`, `fuzzvsock: <sent> sent, <received>
 //! received, seed <s>`, then `fuzzvsock: survived` after a reset; a packet
 //! the device does not take within 2 s is a FAIL.
 
@@ -104,6 +107,40 @@ pub fn run(ctx: &Ctx, arg: &[u8]) {
         Ok(v) => v,
         Err(e) => fail!("fuzzvsock: ", e),
     };
+    // First one connection done right and then half-closed (SHUTDOWN, "will send no more")
+    // to host port 6004, which the host keeps open: the device still holds it at the reset.
+    let cid = v.cid;
+    let hdr = |op: u16, flags: u32| Hdr {
+        src_cid: cid,
+        dst_cid: HOST_CID,
+        src_port: 2000,
+        dst_port: 6004,
+        len: 0,
+        type_: TYPE_STREAM,
+        op,
+        flags,
+        buf_alloc: BUF_ALLOC,
+        fwd_cnt: 0,
+    };
+    if !v.send(&hdr(OP_REQUEST, 0), &[]) {
+        fail!("fuzzvsock: the REQUEST to port 6004 was not taken");
+    }
+    let until = crate::virtio::deadline(TIMEOUT_US);
+    loop {
+        if crate::hw::rdtsc() > until {
+            fail!("fuzzvsock: no RESPONSE from host port 6004");
+        }
+        if let Some((id, h, _)) = v.poll_rx() {
+            v.repost(id);
+            if h.op == OP_RESPONSE && h.src_port == 6004 && h.dst_port == 2000 {
+                break;
+            }
+        }
+    }
+    if !v.send(&hdr(OP_SHUTDOWN, 2), &[]) {
+        fail!("fuzzvsock: the SHUTDOWN to port 6004 was not taken");
+    }
+    say!("fuzzvsock: connection to host port 6004 half-closed");
     let (mut sent, mut received) = (0u64, 0u64);
     for _ in 0..PACKETS {
         let (h, n) = random_packet(&mut r, v.cid);
