@@ -266,10 +266,11 @@ fn vsockbench_moves_data_both_ways() {
 /// The guest's random vsock peer (`fuzzvsock`): 4000 packets with header fields drawn around
 /// what matters, against host listeners on ports 6000-6003 that take each connection, read,
 /// write up to 100 KB back and sometimes hang up, while a host client keeps connecting to the
-/// guest's ports 1024-1031; first the guest half-closes a connection the host keeps open,
-/// so the device holds it at the final reset (which once ended the VMM: the reset ran a
-/// shutdown(2) on the vCPU thread). The VMM keeps running, counts the malformed packets, and
-/// every connection it opened is gone when it exits.
+/// guest's ports 1024-1031. First the guest fills a connection to a host port that keeps it
+/// open and never reads, then half-closes it, so that the device holds it, with data, at the
+/// final reset (which once ended the VMM: the reset wrote to and shut down the socket on the
+/// vCPU thread, whose filter forbids both). The VMM keeps running, counts the malformed
+/// packets, and every connection it opened is gone when it exits.
 #[test]
 fn random_vsock_peer_is_survived() {
     if !require_kvm() {
@@ -365,7 +366,7 @@ fn random_vsock_peer_is_survived() {
             h.join().expect("a host helper panicked");
         }
         out.expect_code(0)
-            .expect("fuzzvsock: connection to host port 6004 half-closed")
+            .expect("fuzzvsock: connection to host port 6004 half-closed, ")
             .expect("fuzzvsock: survived")
             .expect("ember-guest: done");
         let sum = |name: &str| -> u64 {

@@ -954,11 +954,11 @@ impl VirtioDevice for Vsock {
     }
 
     fn reset(&mut self) {
-        for (_, mut c) in std::mem::take(&mut self.conns) {
-            // What the guest sent still goes out; the close that follows ends the stream, so
-            // no shutdown(2): a reset runs on the vCPU thread, whose filter does not allow it.
-            c.guest_send_done = false;
-            let _ = c.flush();
+        // A reset ends every connection at once, as a RST does: the streams are closed and
+        // what the host had not yet taken of the guest's data is dropped. It runs on the vCPU
+        // thread (the guest's STATUS write), whose filter allows closing a socket but neither
+        // writing to it (sendto) nor shutting it down.
+        for _ in std::mem::take(&mut self.conns) {
             METRICS.vsock.conns_removed.inc();
         }
         self.ctrl.clear();

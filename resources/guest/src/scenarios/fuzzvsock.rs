@@ -8,8 +8,9 @@
 //! delivered (answering a host's REQUEST with RESPONSE or RST at random) and
 //! gives the buffers back. Before that, one connection to host port 6004 is
 //! made properly and half-closed (SHUTDOWN with "no more sends"), so that the
-//! device still holds it when the guest resets it at the end. Prints
-//! `fuzzvsock: connection to host port 6004 half-closed`, `fuzzvsock: <sent> sent, <received>
+//! device still holds it, with data the host has not taken, when the guest
+//! resets it at the end. Prints `fuzzvsock: connection to host port 6004
+//! half-closed, <n> KiB still in the device`, `fuzzvsock: <sent> sent, <received>
 //! received, seed <s>`, then `fuzzvsock: survived` after a reset; a packet
 //! the device does not take within 2 s is a FAIL.
 
@@ -137,10 +138,42 @@ pub fn run(ctx: &Ctx, arg: &[u8]) {
             }
         }
     }
+    // Data until the host socket (which nobody reads) is full and the device holds some of
+    // it: it asks for credit after each 4 KiB and stops once 16 KiB wait in the device.
+    let (mut pushed, mut fwd) = (0u32, 0u32);
+    while pushed.wrapping_sub(fwd) < 16 * 1024 && pushed < 4 << 20 {
+        if pushed.wrapping_sub(fwd) + 4096 > 48 * 1024 {
+            break;
+        }
+        if !v.send(&hdr(OP_RW, 0), &PAYLOAD[..4096]) {
+            fail!("fuzzvsock: RW to port 6004 was not taken");
+        }
+        pushed += 4096;
+        if !v.send(&hdr(OP_CREDIT_REQUEST, 0), &[]) {
+            fail!("fuzzvsock: CREDIT_REQUEST to port 6004 was not taken");
+        }
+        let until = crate::virtio::deadline(TIMEOUT_US);
+        loop {
+            if crate::hw::rdtsc() > until {
+                fail!("fuzzvsock: no CREDIT_UPDATE from host port 6004");
+            }
+            if let Some((id, h, _)) = v.poll_rx() {
+                v.repost(id);
+                if h.op == OP_CREDIT_UPDATE && h.src_port == 6004 && h.dst_port == 2000 {
+                    fwd = h.fwd_cnt;
+                    break;
+                }
+            }
+        }
+    }
     if !v.send(&hdr(OP_SHUTDOWN, 2), &[]) {
         fail!("fuzzvsock: the SHUTDOWN to port 6004 was not taken");
     }
-    say!("fuzzvsock: connection to host port 6004 half-closed");
+    say!(
+        "fuzzvsock: connection to host port 6004 half-closed, ",
+        pushed.wrapping_sub(fwd) as u64 / 1024,
+        " KiB still in the device"
+    );
     let (mut sent, mut received) = (0u64, 0u64);
     for _ in 0..PACKETS {
         let (h, n) = random_packet(&mut r, v.cid);
