@@ -143,8 +143,14 @@ pub fn wait_with_guard(mut child: Child, guard: Duration) -> Outcome {
 }
 
 pub fn spawn(args: &[&str]) -> Child {
+    spawn_in(Path::new("."), args)
+}
+
+/// `spawn` with `cwd` as the working directory, where relative paths a request names land.
+pub fn spawn_in(cwd: &Path, args: &[&str]) -> Child {
     Command::new(EMBER)
         .args(args)
+        .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -201,7 +207,9 @@ impl ApiVm {
         let sock = dir.path("api.sock");
         let mut args = vec!["--api-sock", sock.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let mut child = spawn(&args);
+        // In its own directory: a relative path in a request (the API tests send some on
+        // purpose) must not leave files in the source tree.
+        let mut child = spawn_in(&dir.0, &args);
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let out = child.stdout.take().unwrap();
         let sink = lines.clone();

@@ -96,13 +96,12 @@ fn interesting(r: &mut XorShift) -> u32 {
     }
 }
 
-const REGS: [u64; 21] = [
+const REGS: [u64; 20] = [
     mmio::DEVICE_FEATURES_SEL,
     mmio::DRIVER_FEATURES,
     mmio::DRIVER_FEATURES_SEL,
     mmio::QUEUE_SEL,
     mmio::QUEUE_NUM,
-    mmio::QUEUE_READY,
     mmio::QUEUE_NOTIFY,
     mmio::INTERRUPT_ACK,
     mmio::QUEUE_DESC_LOW,
