@@ -17,6 +17,7 @@ pub mod flood;
 pub mod fuzzblk;
 pub mod fuzzdev;
 pub mod fuzzio;
+pub mod fuzznet;
 pub mod fuzzvsock;
 pub mod hello;
 pub mod initrd;
@@ -114,6 +115,10 @@ pub const ALL: &[Scenario] = &[
     Scenario {
         name: "fuzzio=",
         run: fuzzio::run,
+    },
+    Scenario {
+        name: "fuzznet=",
+        run: fuzznet::run,
     },
     Scenario {
         name: "fuzzvsock=",

@@ -32,8 +32,13 @@ impl Net {
     }
 
     pub fn open(base: u64) -> Result<Net, &'static str> {
+        Self::open_with(base, F_MAC)
+    }
+
+    /// `open`, asking for `wanted` (what the device offers of it is negotiated).
+    pub fn open_with(base: u64, wanted: u64) -> Result<Net, &'static str> {
         let t = Transport::new(base);
-        let offered = t.begin(F_VERSION_1 | F_MAC)?;
+        let offered = t.begin(F_VERSION_1 | wanted)?;
         let (rs, ts) = (t.queue_size(0), t.queue_size(1));
         if rs == 0 || ts == 0 {
             return Err("a queue has QueueNumMax 0");
