@@ -859,3 +859,97 @@ fn mutated_requests_get_answers_and_never_end_the_vmm() {
     assert_eq!(vm.client().get("/").json()["state"], "Running");
     assert_eq!(vm.terminate(), 0);
 }
+
+/// Whole requests mangled at the byte level (request line, headers, lengths, bodies; bytes
+/// flipped, inserted or cut, headers such as `Transfer-Encoding: chunked` or a negative
+/// Content-Length added), each on its own connection whose write side is then shut: the
+/// server answers 2xx or 4xx, or closes, but never answers 5xx, never hangs, and the VMM
+/// with its guest keeps running.
+#[test]
+fn mangled_http_gets_4xx_or_a_close_never_a_hang() {
+    if !require_kvm() {
+        return;
+    }
+    use std::io::{Read, Write};
+    let mut rng = Rng(0x0e3b_e12a_5eed_0002);
+    let mut vm = ApiVm::start(&[]);
+    api_boot(&mut vm.client(), "ticks", 1);
+    vm.wait_for("tick 2");
+    let corpus = request_corpus(&vm.dir);
+    let inserts: [&[u8]; 9] = [
+        b"\r\n",
+        b"\r\n\r\n",
+        b"Content-Length: 99999999\r\n",
+        b"Content-Length: -5\r\n",
+        b"Transfer-Encoding: chunked\r\n",
+        b"Expect: 100-continue\r\n",
+        b" HTTP/1.0",
+        b"\xff\xfe\x00",
+        b"%2e%2e/",
+    ];
+    let (mut answered, mut closed) = (0, 0);
+    for i in 0..400 {
+        let (method, path, body) = rng.pick(&corpus).clone();
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes();
+        for _ in 0..1 + rng.below(4) {
+            let at = rng.below(req.len() + 1);
+            match rng.below(4) {
+                0 if at < req.len() => req[at] = rng.next() as u8,
+                1 if at < req.len() => {
+                    let end = (at + 1 + rng.below(20)).min(req.len());
+                    req.drain(at..end);
+                }
+                _ => {
+                    let ins = *rng.pick(&inserts);
+                    req.splice(at..at, ins.iter().copied());
+                }
+            }
+        }
+        let mut s = std::os::unix::net::UnixStream::connect(&vm.sock).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // The server may close first (a bad request line): a failed write is an answer too.
+        let _ = s.write_all(&req);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut reply = Vec::new();
+        match s.read_to_end(&mut reply) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!(
+                "request {i}: no answer and no close ({e}): {:?}",
+                String::from_utf8_lossy(&req)
+            ),
+        }
+        if reply.is_empty() {
+            closed += 1;
+        } else {
+            let head = String::from_utf8_lossy(&reply[..reply.len().min(12)]).to_string();
+            let status: u16 = head
+                .strip_prefix("HTTP/1.1 ")
+                .and_then(|r| r.get(..3))
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_else(|| panic!("request {i}: not an HTTP answer: {head:?}"));
+            assert!(
+                (200..300).contains(&status) || (400..500).contains(&status),
+                "request {i}: {status} for {:?}",
+                String::from_utf8_lossy(&req)
+            );
+            answered += 1;
+        }
+        assert!(
+            vm.is_running(),
+            "request {i} ended the VMM:\n{}",
+            vm.output()
+        );
+    }
+    assert!(answered > 100, "only {answered} answers ({closed} closes)");
+    let before = vm.last_tick();
+    vm.wait_for(&format!("tick {}", before + 2));
+    assert_eq!(vm.client().get("/").json()["state"], "Running");
+    assert_eq!(vm.terminate(), 0);
+}
