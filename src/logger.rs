@@ -211,14 +211,11 @@ impl Log for Logger {
                 r.line().unwrap_or(0)
             ));
         }
+        line.push_str(&format!("] {}", r.args()));
         if suppressed > 0 {
-            line.push_str(&format!(
-                "] {} ({suppressed} similar messages suppressed)\n",
-                r.args()
-            ));
-        } else {
-            line.push_str(&format!("] {}\n", r.args()));
+            line.push_str(&format!(" ({suppressed} similar messages suppressed)"));
         }
+        line.push('\n');
         let _ = match st.file.as_mut() {
             Some(f) => f.write_all(line.as_bytes()),
             None => std::io::stdout().lock().write_all(line.as_bytes()),

@@ -378,7 +378,62 @@ fn an_invalid_tap_is_a_configuration_error_with_or_without_rate_limiters() {
     vm.terminate();
 }
 
-/// The `evilnet` guest's chain-level cases, run on the TX and the RX queue.
+/// A thread that sends the guest a frame through the TAP every `period` until stopped.
+struct Injector {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u32>,
+}
+
+impl Injector {
+    /// Starts injecting on `tap0` in `ns`, once its packet socket is open.
+    fn start(ns: &Netns, period: Duration) -> Injector {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        let (name, stop2) = (ns.0.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let (fd, ifindex) = packet_socket(&name, "tap0");
+            tx.send(()).unwrap();
+            let mut f = GUEST_MAC.to_vec();
+            f.extend_from_slice(&HOST_MAC);
+            f.extend_from_slice(&ETHERTYPE.to_be_bytes());
+            f.extend_from_slice(&payload("host-inject"));
+            let mut n = 0u32;
+            while !stop2.load(Ordering::Relaxed) {
+                send_frame(&fd, ifindex, ETHERTYPE, &f);
+                n += 1;
+                std::thread::sleep(period);
+            }
+            n
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the injector did not start");
+        Injector { stop, thread }
+    }
+
+    /// Stops it; how many frames it sent.
+    fn stop(self) -> u32 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("the injector panicked")
+    }
+}
+
+/// Boots the test guest with `boot_args` on a TAP in a fresh namespace that gets a frame
+/// every `period`: ember's outcome and its metrics.
+fn boot_with_traffic(boot_args: &str, period: Duration) -> (Outcome, String) {
+    let ns = Netns::new();
+    ns.exec(&["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"]);
+    ns.exec(&["ip", "link", "set", "tap0", "up"]);
+    let injector = Injector::start(&ns, period);
+    let dir = TempDir::new("net-traffic");
+    let metrics = dir.path("metrics.json");
+    let mut cfg = tap0_config(boot_args);
+    cfg["metrics"] = json!({"metrics_path": metrics.to_str().unwrap()});
+    let path = dir.write("vm.json", serde_json::to_vec(&cfg).unwrap());
+    let out = wait_with_guard(ns.spawn_ember(&path), Duration::from_secs(60));
+    injector.stop();
+    (out, std::fs::read_to_string(&metrics).unwrap_or_default())
+}
+
 /// The guest's random driver (`fuzzdev`, see tests/virtio.rs) against a net device whose
 /// TAP gets a frame every 5 ms, so RX chains meet real frames: the VMM stays up, the first
 /// page of RAM stays untouched, the device's checks count malformed chains.
@@ -388,39 +443,11 @@ fn random_driver_against_a_net_device_with_traffic() {
         return;
     }
     for seed in 1..=2u64 {
-        let ns = Netns::new();
-        ns.exec(&["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"]);
-        ns.exec(&["ip", "link", "set", "tap0", "up"]);
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (tx, rx) = mpsc::channel();
-        let (name, stop2) = (ns.0.clone(), stop.clone());
-        let injector = std::thread::spawn(move || {
-            let (fd, ifindex) = packet_socket(&name, "tap0");
-            tx.send(()).unwrap();
-            let mut f = GUEST_MAC.to_vec();
-            f.extend_from_slice(&HOST_MAC);
-            f.extend_from_slice(&ETHERTYPE.to_be_bytes());
-            f.extend_from_slice(&payload("host-inject"));
-            while !stop2.load(Ordering::Relaxed) {
-                send_frame(&fd, ifindex, ETHERTYPE, &f);
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(10))
-            .expect("the injector did not start");
-        let dir = TempDir::new("net-fuzz");
-        let metrics = dir.path("metrics.json");
-        let mut cfg = tap0_config(&format!("fuzzdev={seed}"));
-        cfg["metrics"] = json!({"metrics_path": metrics.to_str().unwrap()});
-        let path = dir.write("vm.json", serde_json::to_vec(&cfg).unwrap());
-        let out = wait_with_guard(ns.spawn_ember(&path), Duration::from_secs(60));
-        stop.store(true, Ordering::Relaxed);
-        injector.join().expect("the injector panicked");
+        let (out, m) = boot_with_traffic(&format!("fuzzdev={seed}"), Duration::from_millis(5));
         out.expect_code(0)
             .expect(&format!("fuzzdev: 3000 rounds on 1 devices, seed {seed}"))
             .expect("fuzzdev: survived")
             .expect("ember-guest: done");
-        let m = std::fs::read_to_string(&metrics).unwrap_or_default();
         assert!(
             counter_sum(&m, "virtio", "malformed_chains") > 0,
             "seed {seed}: no malformed chain was counted; metrics:\n{m}"
@@ -439,39 +466,11 @@ fn random_net_headers_and_offloads_are_survived() {
         return;
     }
     for seed in 1..=2u64 {
-        let ns = Netns::new();
-        ns.exec(&["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"]);
-        ns.exec(&["ip", "link", "set", "tap0", "up"]);
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (tx, rx) = mpsc::channel();
-        let (name, stop2) = (ns.0.clone(), stop.clone());
-        let injector = std::thread::spawn(move || {
-            let (fd, ifindex) = packet_socket(&name, "tap0");
-            tx.send(()).unwrap();
-            let mut f = GUEST_MAC.to_vec();
-            f.extend_from_slice(&HOST_MAC);
-            f.extend_from_slice(&ETHERTYPE.to_be_bytes());
-            f.extend_from_slice(&payload("host-inject"));
-            while !stop2.load(Ordering::Relaxed) {
-                send_frame(&fd, ifindex, ETHERTYPE, &f);
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(10))
-            .expect("the injector did not start");
-        let dir = TempDir::new("net-fuzznet");
-        let metrics = dir.path("metrics.json");
-        let mut cfg = tap0_config(&format!("fuzznet={seed}"));
-        cfg["metrics"] = json!({"metrics_path": metrics.to_str().unwrap()});
-        let path = dir.write("vm.json", serde_json::to_vec(&cfg).unwrap());
-        let out = wait_with_guard(ns.spawn_ember(&path), Duration::from_secs(60));
-        stop.store(true, Ordering::Relaxed);
-        injector.join().expect("the injector panicked");
+        let (out, m) = boot_with_traffic(&format!("fuzznet={seed}"), Duration::from_millis(2));
         out.expect_code(0)
             .expect("fuzznet: 2000 frames, ")
             .expect("fuzznet: survived")
             .expect("ember-guest: done");
-        let m = std::fs::read_to_string(&metrics).unwrap_or_default();
         let (sent, refused) = (
             counter_sum(&m, "net", "tx_packets_count"),
             counter_sum(&m, "net", "tx_fails") + counter_sum(&m, "net", "tx_malformed"),
@@ -483,6 +482,7 @@ fn random_net_headers_and_offloads_are_survived() {
     }
 }
 
+/// The `evilnet` guest's chain-level cases, run on the TX and the RX queue.
 const EVIL_CHAIN_CASES: &[&str] = &[
     "bad address",
     "looping chain",
@@ -511,26 +511,10 @@ fn evil_guest_is_survived_and_counted() {
     ns.exec(&["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"]);
     ns.exec(&["ip", "link", "set", "tap0", "up"]);
 
-    // One thread injects a frame for the guest every 10 ms (so that the device has frames
-    // to put in the RX chains the guest attacks with), one captures what the guest sends.
+    // One thread captures what the guest sends, one injects a frame for the guest every
+    // 10 ms (so that the device has frames to put in the RX chains the guest attacks with).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
-    let (name, stop2, tx2) = (ns.0.clone(), stop.clone(), tx.clone());
-    let injector = std::thread::spawn(move || {
-        let (fd, ifindex) = packet_socket(&name, "tap0");
-        tx2.send(()).unwrap();
-        let mut f = GUEST_MAC.to_vec();
-        f.extend_from_slice(&HOST_MAC);
-        f.extend_from_slice(&ETHERTYPE.to_be_bytes());
-        f.extend_from_slice(&payload("host-inject"));
-        let mut n = 0u32;
-        while !stop2.load(Ordering::Relaxed) {
-            send_frame(&fd, ifindex, ETHERTYPE, &f);
-            n += 1;
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        n
-    });
     let (name, stop2) = (ns.0.clone(), stop.clone());
     let capture = std::thread::spawn(move || {
         let (fd, _) = packet_socket(&name, "tap0");
@@ -545,10 +529,9 @@ fn evil_guest_is_survived_and_counted() {
         }
         seen
     });
-    for _ in 0..2 {
-        rx.recv_timeout(Duration::from_secs(10))
-            .expect("the capture helpers did not start");
-    }
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the capture helper did not start");
+    let injector = Injector::start(&ns, Duration::from_millis(10));
 
     let dir = TempDir::new("net-evil");
     let metrics = dir.path("metrics.json");
@@ -560,7 +543,7 @@ fn evil_guest_is_survived_and_counted() {
     // Frames still on their way out of the TAP.
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
-    let injected = injector.join().expect("the injector panicked");
+    let injected = injector.stop();
     let seen = capture.join().expect("the capture helper panicked");
 
     out.expect_code(0)

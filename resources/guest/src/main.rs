@@ -15,6 +15,7 @@ mod serial;
 mod acpi;
 mod bootparams;
 mod hw;
+mod rand;
 mod rt;
 mod scenarios;
 mod virtio;

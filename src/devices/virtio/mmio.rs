@@ -276,27 +276,28 @@ impl MmioTransport {
     /// queue must not go live with the address it had before (after a reset, 0), which the
     /// driver never chose.
     fn set_ring_address(&mut self, sel: usize, offset: u64, v: u32) {
+        type Set = fn(&mut Queue, GuestAddress) -> Result<(), virtio_queue::Error>;
         let q = &mut self.queues[sel];
-        let (ring, old) = match offset {
-            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH => ("descriptor table", q.desc_table()),
-            REG_QUEUE_AVAIL_LOW | REG_QUEUE_AVAIL_HIGH => ("available ring", q.avail_ring()),
-            _ => ("used ring", q.used_ring()),
+        let (ring, old, set): (&str, u64, Set) = match offset & !4 {
+            REG_QUEUE_DESC_LOW => (
+                "descriptor table",
+                q.desc_table(),
+                Queue::try_set_desc_table_address,
+            ),
+            REG_QUEUE_AVAIL_LOW => (
+                "available ring",
+                q.avail_ring(),
+                Queue::try_set_avail_ring_address,
+            ),
+            _ => ("used ring", q.used_ring(), Queue::try_set_used_ring_address),
         };
+        // Bit 2 of the offset picks the high half.
         let addr = if offset & 4 == 0 {
             (old & !0xffff_ffff) | u64::from(v)
         } else {
             (old & 0xffff_ffff) | (u64::from(v) << 32)
         };
-        let set = match offset {
-            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH => {
-                q.try_set_desc_table_address(GuestAddress(addr))
-            }
-            REG_QUEUE_AVAIL_LOW | REG_QUEUE_AVAIL_HIGH => {
-                q.try_set_avail_ring_address(GuestAddress(addr))
-            }
-            _ => q.try_set_used_ring_address(GuestAddress(addr)),
-        };
-        if set.is_err() {
+        if set(q, GuestAddress(addr)).is_err() {
             self.needs_reset(&format!("misaligned {ring} address {addr:#x}"));
         }
     }

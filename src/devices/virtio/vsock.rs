@@ -958,9 +958,8 @@ impl VirtioDevice for Vsock {
         // what the host had not yet taken of the guest's data is dropped. It runs on the vCPU
         // thread (the guest's STATUS write), whose filter allows closing a socket but neither
         // writing to it (sendto) nor shutting it down.
-        for _ in std::mem::take(&mut self.conns) {
-            METRICS.vsock.conns_removed.inc();
-        }
+        METRICS.vsock.conns_removed.add(self.conns.len() as u64);
+        self.conns.clear();
         self.ctrl.clear();
         self.pending.clear();
     }

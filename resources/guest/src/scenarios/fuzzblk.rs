@@ -8,6 +8,7 @@
 //! `fuzzblk: drive <n> (ro=<0|1>): <requests> requests, ok <a>, ioerr <b>,
 //! unsupp <c>, other <d>`, then `fuzzblk: survived`.
 
+use crate::rand::XorShift;
 use crate::virtio::blk::*;
 use crate::Ctx;
 
@@ -15,26 +16,9 @@ const REQUESTS: u32 = 3000;
 const T_DISCARD: u32 = 11;
 const T_WRITE_ZEROES: u32 = 13;
 
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
-        v[self.below(v.len() as u64) as usize]
-    }
-}
-
 pub fn run(ctx: &Ctx, arg: &[u8]) {
     let seed = crate::scenarios::parse_dec(arg).unwrap_or(1);
-    let mut r = XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut r = XorShift::new(seed);
     let mut nth = 0;
     while let Some(base) = Blk::find(ctx.bp.cmdline(), nth) {
         let mut b = match Blk::open(base) {

@@ -16,6 +16,7 @@
 //! checks the rest: the VMM keeps running, later scenarios (`blk`, `rng`) still
 //! work on the same devices.
 
+use crate::rand::XorShift;
 use crate::hw::{mmio_read16, mmio_read32, mmio_read8, mmio_write16, mmio_write32, mmio_write8};
 use crate::virtio::mmio::{self, Transport};
 use crate::virtio::queue::PAGE;
@@ -44,23 +45,6 @@ const BAD: [u64; 6] = [
     0xffff_ffff_ffff_f000,
     u64::MAX,
 ];
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
-        v[self.below(v.len() as u64) as usize]
-    }
-}
 
 fn scratch(off: usize) -> u64 {
     SCRATCH.addr() + off as u64
@@ -327,7 +311,7 @@ fn rounds(r: &mut XorShift) {
 }
 
 fn generator(seed: u64, cpu: u32) -> XorShift {
-    XorShift((seed ^ u64::from(cpu) << 32).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    XorShift::new(seed ^ u64::from(cpu) << 32)
 }
 
 /// An AP's share: its own rounds, from when the BSP has taken its snapshots of RAM.

@@ -12,25 +12,12 @@
 //! loopback and interrupts off, and it prints `fuzzio: <n> rounds, seed <s>`
 //! and `fuzzio: survived`.
 
+use crate::rand::XorShift;
 use crate::hw::*;
 use crate::virtio::devices;
 use crate::Ctx;
 
 const ROUNDS: u32 = 20_000;
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn port(r: &mut XorShift) -> u16 {
     match r.below(8) {
@@ -121,7 +108,7 @@ pub fn run(ctx: &Ctx, arg: &[u8]) {
     if ctx.bp.ram_mib() > 128 {
         fail!("fuzzio: expects at most 128 MiB of RAM");
     }
-    let mut r = XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut r = XorShift::new(seed);
     for _ in 0..ROUNDS {
         if r.below(2) == 0 {
             pio(&mut r);

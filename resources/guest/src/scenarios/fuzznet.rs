@@ -10,6 +10,7 @@
 //! Received frames are taken and their buffers given back. Prints
 //! `fuzznet: <n> frames, <m> received, seed <s>`, then `fuzznet: survived`.
 
+use crate::rand::XorShift;
 use crate::virtio::net::*;
 use crate::virtio::queue::DESC_F_NEXT;
 use crate::virtio::Dma;
@@ -18,33 +19,6 @@ use crate::Ctx;
 const FRAMES: u32 = 2000;
 const BODY_MAX: usize = 65536;
 static BODY: Dma<{ BODY_MAX + HDR_LEN }> = Dma::new();
-
-const F_CSUM: u64 = 1 << 0;
-const F_GUEST_CSUM: u64 = 1 << 1;
-const F_GUEST_TSO4: u64 = 1 << 7;
-const F_GUEST_TSO6: u64 = 1 << 8;
-const F_GUEST_UFO: u64 = 1 << 10;
-const F_HOST_TSO4: u64 = 1 << 11;
-const F_HOST_TSO6: u64 = 1 << 12;
-const F_HOST_UFO: u64 = 1 << 14;
-const F_MRG_RXBUF: u64 = 1 << 15;
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
-        v[self.below(v.len() as u64) as usize]
-    }
-}
 
 fn put(off: usize, b: &[u8]) {
     let end = (off + b.len()).min(BODY.len());
@@ -107,7 +81,7 @@ fn frame(r: &mut XorShift, mac: [u8; 6]) -> usize {
 
 pub fn run(ctx: &Ctx, arg: &[u8]) {
     let seed = crate::scenarios::parse_dec(arg).unwrap_or(1);
-    let mut r = XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut r = XorShift::new(seed);
     let Some(base) = Net::find(ctx.bp.cmdline()) else {
         fail!("fuzznet: no virtio net device on the command line");
     };

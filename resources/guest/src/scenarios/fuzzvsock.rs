@@ -14,28 +14,12 @@
 //! received, seed <s>`, then `fuzzvsock: survived` after a reset; a packet
 //! the device does not take within 2 s is a FAIL.
 
+use crate::rand::XorShift;
 use crate::virtio::vsock::*;
 use crate::Ctx;
 
 const PACKETS: u32 = 4000;
 static PAYLOAD: [u8; MAX_PAYLOAD] = [b'f'; MAX_PAYLOAD];
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
-        v[self.below(v.len() as u64) as usize]
-    }
-}
 
 fn random_packet(r: &mut XorShift, cid: u64) -> (Hdr, usize) {
     let op = match r.below(20) {
@@ -100,7 +84,7 @@ fn random_packet(r: &mut XorShift, cid: u64) -> (Hdr, usize) {
 
 pub fn run(ctx: &Ctx, arg: &[u8]) {
     let seed = crate::scenarios::parse_dec(arg).unwrap_or(1);
-    let mut r = XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut r = XorShift::new(seed);
     let Some(base) = Vsock::find(ctx.bp.cmdline()) else {
         fail!("fuzzvsock: no vsock device on the command line");
     };

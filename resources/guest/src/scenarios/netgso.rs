@@ -31,19 +31,13 @@ use super::initrd::fnv1a64;
 use super::netbench::{check_region, Ring, REGION};
 use crate::serial::Hex;
 use crate::virtio::mmio::{Transport, F_VERSION_1};
-use crate::virtio::net::{Net, F_MAC, HDR_LEN};
+use crate::virtio::net::{
+    Net, F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6, F_HOST_UFO, F_MAC,
+    F_MRG_RXBUF, HDR_LEN,
+};
 use crate::virtio::queue::{DESC_F_WRITE, PAGE};
 use crate::virtio::{deadline, tsc_per_us};
 use crate::{hw, Ctx};
-
-const F_CSUM: u64 = 1 << 0;
-const F_GUEST_CSUM: u64 = 1 << 1;
-const F_GUEST_TSO4: u64 = 1 << 7;
-const F_GUEST_TSO6: u64 = 1 << 8;
-const F_HOST_TSO4: u64 = 1 << 11;
-const F_HOST_TSO6: u64 = 1 << 12;
-const F_HOST_UFO: u64 = 1 << 14;
-const F_MRG_RXBUF: u64 = 1 << 15;
 
 const HDR_F_NEEDS_CSUM: u8 = 1;
 const GSO_TCPV4: u8 = 1;

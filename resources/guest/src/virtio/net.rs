@@ -6,7 +6,16 @@ use super::mmio::{Transport, F_VERSION_1};
 use super::queue::{Queue, DESC_F_NEXT, DESC_F_WRITE};
 use super::{Dma, DEVICE_ID_NET};
 
+pub const F_CSUM: u64 = 1 << 0;
+pub const F_GUEST_CSUM: u64 = 1 << 1;
 pub const F_MAC: u64 = 1 << 5;
+pub const F_GUEST_TSO4: u64 = 1 << 7;
+pub const F_GUEST_TSO6: u64 = 1 << 8;
+pub const F_GUEST_UFO: u64 = 1 << 10;
+pub const F_HOST_TSO4: u64 = 1 << 11;
+pub const F_HOST_TSO6: u64 = 1 << 12;
+pub const F_HOST_UFO: u64 = 1 << 14;
+pub const F_MRG_RXBUF: u64 = 1 << 15;
 pub const HDR_LEN: usize = 12;
 /// One RX buffer: header + a 1514-byte frame, rounded up.
 pub const RX_BUF_LEN: usize = 2048;
