@@ -290,14 +290,31 @@ static SEED: AtomicU64 = AtomicU64::new(0);
 static GO: AtomicBool = AtomicBool::new(false);
 static DONE: AtomicU32 = AtomicU32::new(0);
 
+/// One vCPU at a time writes a device's registers. Otherwise one vCPU could make a queue
+/// ready between another's reset (or its random write to a ring address) and the placing of
+/// that queue's rings, and the device would rightly write where the guest left them (address 0
+/// after a reset): the guest's own doing, which the checks below would blame on the device.
+/// Register reads, ring contents and the other devices stay concurrent.
+static WRITING: [AtomicBool; 8] = [const { AtomicBool::new(false) }; 8];
+
+fn writing<R>(dev: usize, f: impl FnOnce() -> R) -> R {
+    while WRITING[dev].swap(true, Ordering::Acquire) {
+        spin_loop();
+    }
+    let res = f();
+    WRITING[dev].store(false, Ordering::Release);
+    res
+}
+
 fn rounds(r: &mut XorShift) {
     let n = NDEVS.load(Ordering::Acquire);
     for _ in 0..ROUNDS {
-        let t = Transport::new(DEVS[r.below(n as u64) as usize].load(Ordering::Relaxed));
+        let dev = r.below(n as u64) as usize;
+        let t = Transport::new(DEVS[dev].load(Ordering::Relaxed));
         match r.below(10) {
-            0..=2 => register_write(r, &t),
+            0..=2 => writing(dev, || register_write(r, &t)),
             3 => register_read(r, &t),
-            4 => t.reset(),
+            4 => writing(dev, || t.reset()),
             5 => {
                 // Avail and used rings only: a descriptor stays one this scenario made.
                 for _ in 0..8 {
@@ -305,7 +322,7 @@ fn rounds(r: &mut XorShift) {
                     poke::<u64>(page + r.below(PAGE as u64) as usize & !7, r.next());
                 }
             }
-            _ => queue_attack(r, &t),
+            _ => writing(dev, || queue_attack(r, &t)),
         }
     }
 }
