@@ -16,30 +16,10 @@ fn pattern(i: usize) -> u8 {
     (i * 7 + i / 251) as u8
 }
 
-#[test]
-fn vsock_echo_and_guest_connect() {
-    if !require_kvm() {
-        return;
-    }
-    let dir = TempDir::new("vsock");
-    let uds = dir.path("v.sock");
-    let uds_str = uds.to_str().unwrap().to_string();
-
-    // The guest connects to port 6000: <uds_path>_6000.
-    let listener = UnixListener::bind(format!("{uds_str}_6000")).unwrap();
-    let host_port = std::thread::spawn(move || {
-        let (s, _) = listener.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        (&s).write_all(b"hello from the host\n").unwrap();
-        line
-    });
-
-    // The host connects to the guest's port 5000 as soon as the socket exists.
-    let path = uds.clone();
-    let echo = std::thread::spawn(move || {
+/// The host's side of the guest's port 5000: connects as soon as the socket exists, sends
+/// `CONNECT 5000`, writes `ECHO_BYTES` and reads them back; gives the `OK` line and the echo.
+fn echo_port_5000(path: std::path::PathBuf) -> std::thread::JoinHandle<(String, Vec<u8>)> {
+    std::thread::spawn(move || {
         let start = Instant::now();
         let s = loop {
             match UnixStream::connect(&path) {
@@ -70,7 +50,31 @@ fn vsock_echo_and_guest_connect() {
         (&s).read_exact(&mut back).unwrap();
         writer.join().unwrap();
         (ok, back)
+    })
+}
+
+#[test]
+fn vsock_echo_and_guest_connect() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("vsock");
+    let uds = dir.path("v.sock");
+    let uds_str = uds.to_str().unwrap().to_string();
+
+    // The guest connects to port 6000: <uds_path>_6000.
+    let listener = UnixListener::bind(format!("{uds_str}_6000")).unwrap();
+    let host_port = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        (&s).write_all(b"hello from the host\n").unwrap();
+        line
     });
+
+    let echo = echo_port_5000(uds.clone());
 
     let mut cfg = guest_config("vsock", 1, 128);
     cfg["vsock"] = json!({"guest_cid": 3, "uds_path": uds_str});
@@ -93,6 +97,47 @@ fn vsock_echo_and_guest_connect() {
         "the echo differs"
     );
     assert_eq!(host_port.join().unwrap(), "hello from the guest\n");
+}
+
+/// A host service on port 6000 that stopped accepting, its listen backlog full: the guest's
+/// connection is refused with a RST at once, and ember goes on serving the guest and exits
+/// with it. (A blocking connect(2) held ember's VMM thread, and every device, until the
+/// host accepted: here, for ever.)
+#[test]
+fn host_listener_with_a_full_backlog_is_refused_at_once() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("vsock-backlog");
+    let uds = dir.path("v.sock");
+    let uds_str = uds.to_str().unwrap().to_string();
+    let port_6000 = format!("{uds_str}_6000");
+    let listener = UnixListener::bind(&port_6000).unwrap();
+    // Backlog 0 (listen(2) again changes it): one connection waits, never accepted, and
+    // fills it.
+    // SAFETY: listen(2) on a listening socket this test owns.
+    assert_eq!(
+        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 0) },
+        0
+    );
+    let _waiting = UnixStream::connect(&port_6000).unwrap();
+
+    let echo = echo_port_5000(uds.clone());
+    let mut cfg = guest_config("vsock", 1, 128);
+    cfg["vsock"] = json!({"guest_cid": 3, "uds_path": uds_str});
+    let metrics = dir.path("metrics.json");
+    cfg["metrics"] = json!({"metrics_path": metrics.to_str().unwrap()});
+    let out = boot(&cfg);
+    out.expect(&format!("vsock: echoed {ECHO_BYTES} bytes for port 5000"))
+        .expect("ember-guest: FAIL: vsock: the host refused port 6000")
+        .expect_code(1);
+    let (_, back) = echo.join().unwrap();
+    assert!(back.iter().enumerate().all(|(i, b)| *b == pattern(i)));
+    let m = std::fs::read_to_string(&metrics).unwrap_or_default();
+    assert!(
+        counter_sum(&m, "vsock", "conn_event_fails") >= 1,
+        "the refused connection was not counted: {m}"
+    );
 }
 
 /// The `evilvsock` guest's chain-level cases, run on every queue.
@@ -148,6 +193,10 @@ fn evil_guest_is_survived_and_counted() {
     out.expect_code(0)
         .expect("evilvsock: well-behaved echo hello from the evil guest")
         .expect("ember-guest: done");
+    // Malformed chains the device gave back: each one must have been counted. (The guest
+    // waits 100 ms per case; on a loaded host the VMM thread may look at a chain later, and
+    // the guest reports no completion.)
+    let mut completed = 0;
     for q in ["tx", "rx", "event"] {
         for case in EVIL_CHAIN_CASES {
             out.expect(&format!("evilvsock: {q} {case} survived"));
@@ -157,6 +206,7 @@ fn evil_guest_is_survived_and_counted() {
                 .lines()
                 .find_map(|l| l.strip_prefix(prefix.as_str()))
                 .unwrap_or_else(|| panic!("no {prefix:?} line:\n{}", out.stdout));
+            completed += u64::from(what.starts_with("completed"));
             assert!(
                 what.contains("buffers untouched"),
                 "the device wrote a malformed chain's buffers: {prefix}{what}"
@@ -186,13 +236,21 @@ fn evil_guest_is_survived_and_counted() {
         "a malformed TX chain reached the host"
     );
 
+    // Every case the guest saw end in NEEDS_RESET (normally the head beyond the queue and the
+    // avail index jump on each queue, and queue size 3) must have been counted.
+    let needs_reset = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("evilvsock: "))
+        .filter_map(|l| l.split("device status 0x").nth(1))
+        .filter_map(|v| u32::from_str_radix(v.get(..2)?, 16).ok())
+        .filter(|status| status & 0x40 != 0)
+        .count() as u64;
     let m = std::fs::read_to_string(&metrics).unwrap_or_default();
-    // Each queue's five malformed chains are refused one by one; the head beyond the queue and
-    // the avail index jump on each queue, and queue size 3, mark the device NEEDS_RESET.
     for (group, name, least) in [
-        ("vsock", "malformed_packets", 15),
+        ("vsock", "malformed_packets", completed.max(1)),
         ("virtio", "malformed_chains", 1),
-        ("virtio", "needs_reset", 7),
+        ("virtio", "needs_reset", needs_reset.max(1)),
         ("virtio", "invalid_notifications", 1),
         ("virtio", "invalid_register_writes", 1),
     ] {

@@ -228,6 +228,53 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Connects to a host listener without waiting. A Unix socket connects at once or, when the
+/// listener's backlog is full (a host service that stopped accepting), blocks in connect(2)
+/// until it accepts: the VMM thread, and every device with it, would wait on the host. Made
+/// non-blocking, that is EAGAIN at once, and the guest hears a RST.
+fn connect_nonblocking(path: &str) -> io::Result<UnixStream> {
+    // SAFETY: sockaddr_un is plain old data, for which all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_bytes();
+    // One byte stays zero: the path's terminating NUL.
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    // SAFETY: socket(2) with constant arguments; the fd it returns is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new socket nobody else owns; the stream closes it on every path.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a valid sockaddr_un of which `len` bytes are used.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            len as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
 /// The device's own epoll set (sockets and the timer), edge-triggered.
 struct Poller {
     epoll: File,
@@ -697,7 +744,7 @@ impl Vsock {
             return;
         }
         let path = format!("{}_{}", self.uds_path, key.0);
-        let stream = match UnixStream::connect(&path) {
+        let stream = match connect_nonblocking(&path) {
             Ok(s) => s,
             Err(e) => {
                 log::debug!("vsock: cannot connect to {path}: {e}");
@@ -706,9 +753,7 @@ impl Vsock {
                 return;
             }
         };
-        if set_nonblocking(stream.as_raw_fd()).is_err()
-            || self.poller.add(stream.as_raw_fd()).is_err()
-        {
+        if self.poller.add(stream.as_raw_fd()).is_err() {
             METRICS.vsock.conn_event_fails.inc();
             self.push_ctrl(key, OP_RST, 0);
             return;
@@ -1215,6 +1260,33 @@ mod tests {
             VIRTIO_F_VERSION_1 | super::super::VIRTIO_RING_F_EVENT_IDX
         );
         assert_eq!(hh.dev.config_space(), 3u64.to_le_bytes().to_vec());
+    }
+
+    /// A host listener that stopped accepting, with its backlog full: the guest's REQUEST
+    /// gets a RST at once (a blocking connect would have held the VMM thread until the
+    /// listener accepted, here for ever).
+    #[test]
+    fn full_host_backlog_is_refused_without_waiting() {
+        let mut h = H::new("backlog");
+        let path = format!("{}_6002", h.uds());
+        let l = UnixListener::bind(&path).unwrap();
+        // Backlog 0 (listen(2) again changes it): one connection waits there, unaccepted,
+        // and the next one finds it full.
+        // SAFETY: listen(2) on a listening socket this test owns.
+        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+        let _waiting = UnixStream::connect(&path).unwrap();
+        h.post_rx(8);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let guest = std::thread::spawn(move || {
+            h.send(OP_REQUEST, 49152, 6002, b"");
+            let (r, _) = h.expect(OP_RST);
+            done_tx.send((r.src_port, r.dst_port)).unwrap();
+        });
+        let ports = done_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the device waited on the host's listener");
+        assert_eq!(ports, (6002, 49152));
+        guest.join().unwrap();
     }
 
     #[test]
