@@ -5,8 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -38,45 +37,10 @@ pub struct ApiServer {
 
 /// Asks whether something accepts connections on the socket at `path`, without blocking.
 fn socket_is_live(path: &Path) -> io::Result<bool> {
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("socket path {path:?} is too long"),
-        ));
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
-    // SAFETY: creates a new socket; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
+    let err = match crate::devices::virtio::vsock::connect_nonblocking(path) {
+        Ok(_) => return Ok(true),
+        Err(e) => e,
     };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a socket just created and owned by nobody else.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: addr is a valid sockaddr_un and len does not exceed its size.
-    let r = unsafe {
-        libc::connect(
-            sock.as_raw_fd(),
-            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
-            len as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        return Ok(true);
-    }
-    let err = io::Error::last_os_error();
     match err.raw_os_error() {
         Some(libc::ECONNREFUSED) => Ok(false),
         // A listener with a full backlog is still a live one.

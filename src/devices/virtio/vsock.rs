@@ -231,12 +231,13 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 /// Connects to a host listener without waiting. A Unix socket connects at once or, when the
 /// listener's backlog is full (a host service that stopped accepting), blocks in connect(2)
 /// until it accepts: the VMM thread, and every device with it, would wait on the host. Made
-/// non-blocking, that is EAGAIN at once, and the guest hears a RST.
-fn connect_nonblocking(path: &str) -> io::Result<UnixStream> {
+/// non-blocking, that is EAGAIN at once, and the guest hears a RST. (The API server also
+/// uses it to ask whether a socket file is live.)
+pub fn connect_nonblocking(path: &std::path::Path) -> io::Result<UnixStream> {
     // SAFETY: sockaddr_un is plain old data, for which all zeroes is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = path.as_bytes();
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
     // One byte stays zero: the path's terminating NUL.
     if bytes.len() >= addr.sun_path.len() {
         return Err(io::Error::new(
@@ -744,7 +745,7 @@ impl Vsock {
             return;
         }
         let path = format!("{}_{}", self.uds_path, key.0);
-        let stream = match connect_nonblocking(&path) {
+        let stream = match connect_nonblocking(path.as_ref()) {
             Ok(s) => s,
             Err(e) => {
                 log::debug!("vsock: cannot connect to {path}: {e}");
