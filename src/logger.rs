@@ -85,20 +85,6 @@ pub fn init(instance_id: &str, level: LevelFilter) {
     log::set_max_level(level);
 }
 
-/// Opens a log or metrics destination, a file or a named pipe, the way Firecracker does: read
-/// and write, non-blocking. A pipe with no reader yet would otherwise block the open (and
-/// with it the API request or the start-up) until one came, and a reader that stops reading
-/// would block every thread that logs; now a line that does not fit is dropped and counted.
-pub fn open_sink(path: &str) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-}
-
 /// Applies `--level`/`--log-path`/... or `PUT /logger`; allowed once.
 pub fn configure(cfg: &LoggerConfig) -> Result<(), LoggerError> {
     let l = logger();
@@ -106,10 +92,16 @@ pub fn configure(cfg: &LoggerConfig) -> Result<(), LoggerError> {
         return Err(LoggerError::AlreadyConfigured);
     }
     let file = match &cfg.log_path {
-        Some(p) => Some(open_sink(p).map_err(|e| {
-            l.configured.store(false, Ordering::SeqCst);
-            LoggerError::Open(p.clone(), e)
-        })?),
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(p)
+                .map_err(|e| {
+                    l.configured.store(false, Ordering::SeqCst);
+                    LoggerError::Open(p.clone(), e)
+                })?,
+        ),
         None => None,
     };
     let mut st = l.lock();
@@ -224,13 +216,10 @@ impl Log for Logger {
             line.push_str(&format!(" ({suppressed} similar messages suppressed)"));
         }
         line.push('\n');
-        let res = match st.file.as_mut() {
+        let _ = match st.file.as_mut() {
             Some(f) => f.write_all(line.as_bytes()),
             None => std::io::stdout().lock().write_all(line.as_bytes()),
         };
-        if res.is_err() {
-            crate::metrics::METRICS.logger.missed_log_count.inc();
-        }
     }
 
     fn flush(&self) {}

@@ -121,11 +121,6 @@ metrics_group!(VmmMetrics {
     panic_count: IncMetric,
 });
 
-metrics_group!(LoggerMetrics {
-    missed_log_count: IncMetric,
-    missed_metrics_count: IncMetric,
-});
-
 metrics_group!(SeccompMetrics {
     num_faults: IncMetric
 });
@@ -203,7 +198,6 @@ pub struct Metrics {
     pub entropy: EntropyMetrics,
     pub i8042: I8042Metrics,
     pub latencies_us: LatencyMetrics,
-    pub logger: LoggerMetrics,
     pub net: NetMetrics,
     pub seccomp: SeccompMetrics,
     pub signals: SignalMetrics,
@@ -220,7 +214,6 @@ pub static METRICS: Metrics = Metrics {
     entropy: EntropyMetrics::new(),
     i8042: I8042Metrics::new(),
     latencies_us: LatencyMetrics::new(),
-    logger: LoggerMetrics::new(),
     net: NetMetrics::new(),
     seccomp: SeccompMetrics::new(),
     signals: SignalMetrics::new(),
@@ -262,7 +255,6 @@ impl Metrics {
         st.serialize_entry("entropy", &self.entropy)?;
         st.serialize_entry("i8042", &self.i8042)?;
         st.serialize_entry("latencies_us", &self.latencies_us)?;
-        st.serialize_entry("logger", &self.logger)?;
         st.serialize_entry("net", &self.net)?;
         st.serialize_entry("seccomp", &self.seccomp)?;
         st.serialize_entry("signals", &self.signals)?;
@@ -359,8 +351,11 @@ pub fn init(path: &str) -> Result<(), MetricsError> {
     if sink.is_some() {
         return Err(MetricsError::AlreadyInitialized);
     }
-    let file =
-        crate::logger::open_sink(path).map_err(|e| MetricsError::Open(path.to_string(), e))?;
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| MetricsError::Open(path.to_string(), e))?;
     *sink = Some(file);
     Ok(())
 }
@@ -377,8 +372,7 @@ pub fn flush() {
             Ok(mut line) => {
                 line.push(b'\n');
                 if let Err(e) = f.write_all(&line) {
-                    METRICS.logger.missed_metrics_count.inc();
-                    log::debug!("cannot write metrics: {e}");
+                    log::warn!("cannot write metrics: {e}");
                 }
             }
             Err(e) => log::warn!("cannot serialise metrics: {e}"),
