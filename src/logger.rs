@@ -19,7 +19,7 @@ struct State {
     show_origin: bool,
     module: Option<String>,
     /// None: stdout.
-    file: Option<File>,
+    file: Option<Sink>,
 }
 
 pub struct Logger {
@@ -85,6 +85,77 @@ pub fn init(instance_id: &str, level: LevelFilter) {
     log::set_max_level(level);
 }
 
+/// A log or metrics destination, a file or a named pipe, opened the way Firecracker opens
+/// it: read and write, non-blocking. A pipe with no reader yet would otherwise block the open
+/// (and with it the API request or the start-up) until one came, and a reader that stops
+/// reading would block every thread that logs. A line the pipe cannot take is dropped whole;
+/// one it took in part (a pipe takes at most 4 KiB at once) is finished before the next one,
+/// so the reader never sees two lines run together.
+pub struct Sink {
+    file: File,
+    unfinished: Vec<u8>,
+}
+
+impl Sink {
+    pub fn open(path: &str) -> std::io::Result<Sink> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)?;
+        Ok(Sink {
+            file,
+            unfinished: Vec::new(),
+        })
+    }
+
+    /// Writes `line` (ending in a newline) whole, or returns false and writes nothing of it.
+    pub fn write_line(&mut self, line: &[u8]) -> bool {
+        if !self.unfinished.is_empty() {
+            let rest = std::mem::take(&mut self.unfinished);
+            let n = self.write_some(&rest);
+            if n < rest.len() {
+                self.unfinished = rest[n..].to_vec();
+                return false;
+            }
+        }
+        let n = self.write_some(line);
+        if n == 0 && !line.is_empty() {
+            return false;
+        }
+        self.unfinished = line[n..].to_vec();
+        true
+    }
+
+    /// Writes what the destination takes now, without waiting.
+    fn write_some(&mut self, buf: &[u8]) -> usize {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.write(&buf[done..]) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        done
+    }
+
+    /// The bytes of a line the destination took only in part (for the signal path, which
+    /// writes them first).
+    pub fn unfinished(&self) -> &[u8] {
+        &self.unfinished
+    }
+}
+
+impl AsRawFd for Sink {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
 /// Applies `--level`/`--log-path`/... or `PUT /logger`; allowed once.
 pub fn configure(cfg: &LoggerConfig) -> Result<(), LoggerError> {
     let l = logger();
@@ -92,16 +163,10 @@ pub fn configure(cfg: &LoggerConfig) -> Result<(), LoggerError> {
         return Err(LoggerError::AlreadyConfigured);
     }
     let file = match &cfg.log_path {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(p)
-                .map_err(|e| {
-                    l.configured.store(false, Ordering::SeqCst);
-                    LoggerError::Open(p.clone(), e)
-                })?,
-        ),
+        Some(p) => Some(Sink::open(p).map_err(|e| {
+            l.configured.store(false, Ordering::SeqCst);
+            LoggerError::Open(p.clone(), e)
+        })?),
         None => None,
     };
     let mut st = l.lock();
@@ -216,10 +281,13 @@ impl Log for Logger {
             line.push_str(&format!(" ({suppressed} similar messages suppressed)"));
         }
         line.push('\n');
-        let _ = match st.file.as_mut() {
-            Some(f) => f.write_all(line.as_bytes()),
-            None => std::io::stdout().lock().write_all(line.as_bytes()),
+        let written = match st.file.as_mut() {
+            Some(f) => f.write_line(line.as_bytes()),
+            None => std::io::stdout().lock().write_all(line.as_bytes()).is_ok(),
         };
+        if !written {
+            crate::metrics::METRICS.logger.missed_log_count.inc();
+        }
     }
 
     fn flush(&self) {}
@@ -283,6 +351,56 @@ macro_rules! log_guest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A named pipe whose reader stopped: lines that do not fit are dropped whole, one taken
+    /// in part is finished first, and the reader sees only whole lines, in order.
+    #[test]
+    fn sink_on_a_full_pipe_drops_whole_lines_and_never_blocks() {
+        let dir = std::env::temp_dir().join(format!("ember-sink-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pipe");
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) of a path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut sink = Sink::open(path.to_str().unwrap()).unwrap();
+        let mut reader = std::fs::File::open(&path).unwrap();
+        // 6 KiB lines: a pipe writes at most 4 KiB atomically, so they go in part.
+        let line = |n: u8| {
+            let mut l = vec![b'a' + n; 6000];
+            l.push(b'\n');
+            l
+        };
+        let mut accepted = Vec::new();
+        for n in 0..40 {
+            if sink.write_line(&line(n)) {
+                accepted.push(n);
+            }
+        }
+        assert!(accepted.len() < 40, "a 64 KiB pipe took 240 KB");
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 1 << 20];
+        // Drain, then let the sink finish what it started: the next line completes it.
+        // SAFETY: fcntl(2) on a descriptor we own.
+        unsafe { libc::fcntl(reader.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        let mut drain = |got: &mut Vec<u8>| {
+            while let Ok(n) = std::io::Read::read(&mut reader, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+        };
+        drain(&mut got);
+        assert!(sink.write_line(&line(25)));
+        accepted.push(25);
+        drain(&mut got);
+        let lines: Vec<&[u8]> = got.split_inclusive(|&b| b == b'\n').collect();
+        assert_eq!(lines.len(), accepted.len());
+        for (l, n) in lines.iter().zip(&accepted) {
+            assert_eq!(*l, &line(*n)[..]);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn rate_limit_drops_after_burst() {

@@ -2,8 +2,7 @@
 //! since the previous flush. Counters are plain atomics in one static, so any thread (a vCPU,
 //! a signal handler) bumps them without locks.
 
-use std::fs::File;
-use std::io::Write;
+use crate::logger::Sink;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
@@ -121,6 +120,11 @@ metrics_group!(VmmMetrics {
     panic_count: IncMetric,
 });
 
+metrics_group!(LoggerMetrics {
+    missed_log_count: IncMetric,
+    missed_metrics_count: IncMetric,
+});
+
 metrics_group!(SeccompMetrics {
     num_faults: IncMetric
 });
@@ -198,6 +202,7 @@ pub struct Metrics {
     pub entropy: EntropyMetrics,
     pub i8042: I8042Metrics,
     pub latencies_us: LatencyMetrics,
+    pub logger: LoggerMetrics,
     pub net: NetMetrics,
     pub seccomp: SeccompMetrics,
     pub signals: SignalMetrics,
@@ -214,6 +219,7 @@ pub static METRICS: Metrics = Metrics {
     entropy: EntropyMetrics::new(),
     i8042: I8042Metrics::new(),
     latencies_us: LatencyMetrics::new(),
+    logger: LoggerMetrics::new(),
     net: NetMetrics::new(),
     seccomp: SeccompMetrics::new(),
     signals: SignalMetrics::new(),
@@ -255,6 +261,7 @@ impl Metrics {
         st.serialize_entry("entropy", &self.entropy)?;
         st.serialize_entry("i8042", &self.i8042)?;
         st.serialize_entry("latencies_us", &self.latencies_us)?;
+        st.serialize_entry("logger", &self.logger)?;
         st.serialize_entry("net", &self.net)?;
         st.serialize_entry("seccomp", &self.seccomp)?;
         st.serialize_entry("signals", &self.signals)?;
@@ -324,7 +331,7 @@ pub fn net_metrics(iface_id: &str) -> Arc<NetMetrics> {
     m
 }
 
-static SINK: Mutex<Option<File>> = Mutex::new(None);
+static SINK: Mutex<Option<Sink>> = Mutex::new(None);
 
 #[derive(Debug)]
 pub enum MetricsError {
@@ -351,12 +358,7 @@ pub fn init(path: &str) -> Result<(), MetricsError> {
     if sink.is_some() {
         return Err(MetricsError::AlreadyInitialized);
     }
-    let file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)
-        .map_err(|e| MetricsError::Open(path.to_string(), e))?;
-    *sink = Some(file);
+    *sink = Some(Sink::open(path).map_err(|e| MetricsError::Open(path.to_string(), e))?);
     Ok(())
 }
 
@@ -371,8 +373,8 @@ pub fn flush() {
         match serde_json::to_vec(&METRICS) {
             Ok(mut line) => {
                 line.push(b'\n');
-                if let Err(e) = f.write_all(&line) {
-                    log::warn!("cannot write metrics: {e}");
+                if !f.write_line(&line) {
+                    METRICS.logger.missed_metrics_count.inc();
                 }
             }
             Err(e) => log::warn!("cannot serialise metrics: {e}"),
@@ -403,15 +405,11 @@ pub fn try_flush() {
             let mut line = crate::logger::StackBuf::<32768>::new();
             if serde_json::to_writer(&mut line, &NonBlocking(&METRICS)).is_ok() {
                 let _ = std::io::Write::write(&mut line, b"\n");
-                let b = line.as_bytes();
-                // SAFETY: write(2) of a stack buffer to the metrics file we own.
-                unsafe {
-                    libc::write(
-                        std::os::fd::AsRawFd::as_raw_fd(f),
-                        b.as_ptr() as *const libc::c_void,
-                        b.len(),
-                    )
-                };
+                let fd = std::os::fd::AsRawFd::as_raw_fd(f);
+                for b in [f.unfinished(), line.as_bytes()] {
+                    // SAFETY: write(2) of a buffer we own to the metrics file we own.
+                    unsafe { libc::write(fd, b.as_ptr() as *const libc::c_void, b.len()) };
+                }
             }
         }
     }

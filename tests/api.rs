@@ -953,3 +953,53 @@ fn mangled_http_gets_4xx_or_a_close_never_a_hang() {
     assert_eq!(vm.client().get("/").json()["state"], "Running");
     assert_eq!(vm.terminate(), 0);
 }
+
+/// Log and metrics named pipes that nobody reads yet (a collector that starts later): PUT
+/// /logger and PUT /metrics answer at once and the VMM goes on serving, as Firecracker's do;
+/// a reader that comes later gets the lines. (Opened for writing only, each open waited for a
+/// reader, and the API with it.)
+#[test]
+fn log_and_metrics_pipes_without_a_reader_do_not_stall_the_api() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let vm = ApiVm::start(&[]);
+    let mut c = vm.client();
+    let mut pipes = Vec::new();
+    for name in ["log.fifo", "metrics.fifo"] {
+        let p = vm.dir.path(name);
+        let cs = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(cs.as_ptr(), 0o600) }, 0);
+        pipes.push(p);
+    }
+    let started = std::time::Instant::now();
+    let body = format!(r#"{{"log_path":"{}","level":"Info"}}"#, pipes[0].display());
+    assert_eq!(c.put("/logger", &body).status, 204);
+    let body = format!(r#"{{"metrics_path":"{}"}}"#, pipes[1].display());
+    assert_eq!(c.put("/metrics", &body).status, 204);
+    assert_eq!(c.get("/").status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the API waited for a reader"
+    );
+    // A reader now: the metrics flush action writes a line it can read.
+    let mut reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&pipes[1])
+        .unwrap();
+    assert_eq!(
+        c.put("/actions", r#"{"action_type":"FlushMetrics"}"#)
+            .status,
+        204
+    );
+    let mut got = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !got.contains("\"logger\"") && std::time::Instant::now() < deadline {
+        let mut buf = [0u8; 65536];
+        match std::io::Read::read(&mut reader, &mut buf) {
+            Ok(n) if n > 0 => got.push_str(&String::from_utf8_lossy(&buf[..n])),
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    assert!(got.contains("\"missed_log_count\""), "{got}");
+}

@@ -1,10 +1,10 @@
 //! `ember-jailer` end to end: it jails the real `ember` binary, which boots the test guest, and
 //! every property of the jail is checked from the host while the VMM is alive.
 //!
-//! Keeping the VMM alive at a known point: the jail root gets a named pipe and ember is started
-//! with `--log-path /log.fifo`. Opening a FIFO for writing blocks until a reader comes, so the
-//! VMM (already exec'd, as uid 10000, in the jail) waits there while the test inspects
-//! `/proc/<pid>`; then the test opens the FIFO and the guest boots to its greeting.
+//! Keeping the VMM alive at a known point: its configuration file `/vm.json` is a named pipe.
+//! Opening a FIFO for reading blocks until a writer comes, so the VMM (already exec'd, as uid
+//! 10000, in the jail, its log file open) waits there while the test inspects `/proc/<pid>`;
+//! then the test writes the configuration into the FIFO and the guest boots to its greeting.
 //!
 //! The jailer binary belongs to another package of the workspace, so `CARGO_BIN_EXE_` cannot name
 //! it: it is built once per run with `cargo build -p ember-jailer` next to `ember` (or taken
@@ -136,19 +136,16 @@ impl Jail {
         self.base.join("ember").join(&self.id).join("root")
     }
 
-    /// Pre-populates the root as a Firecracker user does: kernel, config and the log FIFO.
+    /// Pre-populates the root as a Firecracker user does: kernel, log file, and the
+    /// configuration as a FIFO that [`Jail::release`] fills.
     fn populate(&self) {
         let root = self.root();
         std::fs::create_dir_all(&root).unwrap();
         std::fs::copy(GUEST, root.join("kernel")).unwrap();
-        std::fs::write(
-            root.join("vm.json"),
-            r#"{"boot-source": {"kernel_image_path": "/kernel", "boot_args": "hello"},
-                "drives": [],
-                "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}"#,
-        )
-        .unwrap();
-        mkfifo(&root.join("log.fifo"), UID, GID);
+        let log = root.join("log");
+        std::fs::write(&log, "").unwrap();
+        std::os::unix::fs::chown(&log, Some(UID), Some(GID)).unwrap();
+        mkfifo(&root.join("vm.json"), UID, GID);
     }
 
     /// `ember-jailer --id .. --exec-file ember --uid --gid --chroot-base-dir ..` + `extra`.
@@ -165,7 +162,7 @@ impl Jail {
         cmd
     }
 
-    /// Starts the jailer with the VMM booting the guest from `/vm.json`, paused on the FIFO.
+    /// Starts the jailer with the VMM booting the guest from `/vm.json`, paused on that FIFO.
     fn spawn_paused(&self, jailer_args: &[&str]) -> Child {
         let mut args = jailer_args.to_vec();
         args.extend([
@@ -175,21 +172,29 @@ impl Jail {
             "--config-file",
             "/vm.json",
             "--log-path",
-            "/log.fifo",
+            "/log",
         ]);
         self.command(&args)
             .spawn()
             .expect("cannot start ember-jailer")
     }
 
-    /// Lets the paused VMM go on: reads the log FIFO to its end in a thread.
-    fn release(&self) -> std::thread::JoinHandle<String> {
-        let fifo = self.root().join("log.fifo");
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = std::fs::File::open(fifo).and_then(|mut f| f.read_to_string(&mut s));
-            s
-        })
+    /// Lets the paused VMM go on: writes its configuration into the FIFO from a thread.
+    fn release(&self) -> Released {
+        let fifo = self.root().join("vm.json");
+        let writer = std::thread::spawn(move || {
+            std::fs::write(
+                fifo,
+                r#"{"boot-source": {"kernel_image_path": "/kernel", "boot_args": "hello"},
+                    "drives": [],
+                    "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}"#,
+            )
+            .unwrap()
+        });
+        Released {
+            writer,
+            log: self.root().join("log"),
+        }
     }
 
     /// Remembers `<mount>/<parent>/<id>` for removal.
@@ -244,6 +249,20 @@ impl Jail {
             assert!(start.elapsed() < GUARD, "the VMM did not exit");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+/// A VMM let go by [`Jail::release`].
+struct Released {
+    writer: std::thread::JoinHandle<()>,
+    log: PathBuf,
+}
+
+impl Released {
+    /// The VMM's log, once it has exited.
+    fn join(self) -> std::io::Result<String> {
+        self.writer.join().expect("writing the configuration FIFO");
+        std::fs::read_to_string(self.log)
     }
 }
 
@@ -401,7 +420,7 @@ fn check_jailed_vmm(jail: &Jail, pid: u32) {
         "--config-file".into(),
         "/vm.json".into(),
         "--log-path".into(),
-        "/log.fifo".into(),
+        "/log".into(),
     ]));
     // Only stdio (and what ember itself opened) is open: nothing leaked from the test.
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -495,7 +514,7 @@ fn jailed_vmm_boots_as_uid_in_the_jail_with_v1_cgroups() {
         "--config-file",
         "/vm.json",
         "--log-path",
-        "/log.fifo",
+        "/log",
     ]);
     // SAFETY: dup2 is async-signal-safe; the hook touches nothing else.
     unsafe {
@@ -707,7 +726,7 @@ fn daemonized_vmm_detaches_from_the_caller() {
     }
     let jail = Jail::new("daemon");
     jail.populate();
-    // The jailer returns at once: the VMM is still waiting on its FIFO.
+    // The jailer returns at once: the VMM is still waiting on its configuration FIFO.
     let out = wait(jail.spawn_paused(&["--daemonize"]));
     assert_eq!(out.status.code(), Some(0), "{}", out.all());
     assert!(
