@@ -31,6 +31,8 @@ static LOGGER: OnceLock<Logger> = OnceLock::new();
 
 /// The log destination as a raw fd, for the signal-safe path.
 static LOG_FD: AtomicI32 = AtomicI32::new(1);
+/// The log file holds part of a line whose rest is still to be written (see [`Sink`]).
+static LOG_MID_LINE: AtomicBool = AtomicBool::new(false);
 static INSTANCE_ID: Mutex<[u8; 64]> = Mutex::new([0; 64]);
 
 #[derive(Debug)]
@@ -143,11 +145,28 @@ impl Sink {
         done
     }
 
-    /// The bytes of a line the destination took only in part (for the signal path, which
-    /// writes them first).
-    pub fn unfinished(&self) -> &[u8] {
-        &self.unfinished
+    /// For paths that cannot allocate (signal handlers): finishes a line the destination took
+    /// only in part, then writes `line` if that worked. False if `line` was not written whole.
+    pub fn write_line_raw(&self, line: &[u8]) -> bool {
+        write_all_raw(self.file.as_raw_fd(), &self.unfinished)
+            && write_all_raw(self.file.as_raw_fd(), line)
     }
+}
+
+/// write(2) until `buf` is all written; false at the first error or short write. Allocates
+/// nothing: signal handlers use it.
+fn write_all_raw(fd: std::os::fd::RawFd, mut buf: &[u8]) -> bool {
+    while !buf.is_empty() {
+        // SAFETY: write(2) from a buffer we borrow, to a descriptor the caller owns.
+        let n = unsafe { libc::write(fd, buf.as_ptr() as *const libc::c_void, buf.len()) };
+        match n {
+            n if n > 0 => buf = &buf[n as usize..],
+            n if n < 0
+                && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return false,
+        }
+    }
+    true
 }
 
 impl AsRawFd for Sink {
@@ -282,7 +301,11 @@ impl Log for Logger {
         }
         line.push('\n');
         let written = match st.file.as_mut() {
-            Some(f) => f.write_line(line.as_bytes()),
+            Some(f) => {
+                let w = f.write_line(line.as_bytes());
+                LOG_MID_LINE.store(!f.unfinished.is_empty(), Ordering::Relaxed);
+                w
+            }
             None => std::io::stdout().lock().write_all(line.as_bytes()).is_ok(),
         };
         if !written {
@@ -523,15 +546,22 @@ pub fn emergency(thread: &str, msg: std::fmt::Arguments) {
             ts.tv_nsec
         ),
     );
-    let b = line.as_bytes();
-    // SAFETY: write(2) of a buffer on this stack to a file descriptor we own.
-    unsafe {
-        libc::write(
-            LOG_FD.load(Ordering::SeqCst),
-            b.as_ptr() as *const libc::c_void,
-            b.len(),
-        )
+    // A line the log file took only in part is finished first, if its holder is not this very
+    // thread, interrupted; otherwise this one starts on a line of its own.
+    let fd = LOG_FD.load(Ordering::SeqCst);
+    let state = LOGGER.get().map(|l| l.state.try_lock());
+    let written = match state {
+        Some(Ok(st)) => st.file.as_ref().map(|f| f.write_line_raw(line.as_bytes())),
+        _ => None,
     };
+    if written.is_none() {
+        let sep: &[u8] = if LOG_MID_LINE.load(Ordering::Relaxed) {
+            b"\n"
+        } else {
+            b""
+        };
+        let _ = write_all_raw(fd, sep) && write_all_raw(fd, line.as_bytes());
+    }
 }
 
 #[cfg(test)]

@@ -31,6 +31,15 @@ impl IncMetric {
     pub fn count(&self) -> u64 {
         self.value.load(Ordering::Relaxed)
     }
+    /// Where the last serialisation left the counter, for [`IncMetric::rewind`].
+    fn mark(&self) -> u64 {
+        self.flushed.load(Ordering::Relaxed)
+    }
+    /// Forgets the serialisations since `mark`: their line never reached the reader, so the
+    /// next line reports their counts again.
+    fn rewind(&self, mark: u64) {
+        self.flushed.store(mark, Ordering::Relaxed);
+    }
 }
 
 impl Serialize for IncMetric {
@@ -370,10 +379,20 @@ pub fn is_initialized() -> bool {
 pub fn flush() {
     let mut sink = SINK.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(f) = sink.as_mut() {
+        // The counts of dropped lines must reach the reader even when the line that carries
+        // them is itself dropped.
+        let missed = [
+            &METRICS.logger.missed_log_count,
+            &METRICS.logger.missed_metrics_count,
+        ];
+        let marks = missed.map(IncMetric::mark);
         match serde_json::to_vec(&METRICS) {
             Ok(mut line) => {
                 line.push(b'\n');
                 if !f.write_line(&line) {
+                    for (m, mark) in missed.iter().zip(marks) {
+                        m.rewind(mark);
+                    }
                     METRICS.logger.missed_metrics_count.inc();
                 }
             }
@@ -405,11 +424,7 @@ pub fn try_flush() {
             let mut line = crate::logger::StackBuf::<32768>::new();
             if serde_json::to_writer(&mut line, &NonBlocking(&METRICS)).is_ok() {
                 let _ = std::io::Write::write(&mut line, b"\n");
-                let fd = std::os::fd::AsRawFd::as_raw_fd(f);
-                for b in [f.unfinished(), line.as_bytes()] {
-                    // SAFETY: write(2) of a buffer we own to the metrics file we own.
-                    unsafe { libc::write(fd, b.as_ptr() as *const libc::c_void, b.len()) };
-                }
+                let _ = f.write_line_raw(line.as_bytes());
             }
         }
     }
@@ -418,6 +433,19 @@ pub fn try_flush() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rewound_counter_reports_its_count_again() {
+        // What flush does when the line carrying a count was dropped.
+        let m = IncMetric::new();
+        m.add(2);
+        let mark = m.mark();
+        assert_eq!(serde_json::to_string(&m).unwrap(), "2");
+        m.rewind(mark);
+        m.inc();
+        assert_eq!(serde_json::to_string(&m).unwrap(), "3");
+        assert_eq!(serde_json::to_string(&m).unwrap(), "0");
+    }
 
     #[test]
     fn counters_report_deltas() {

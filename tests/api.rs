@@ -981,25 +981,67 @@ fn log_and_metrics_pipes_without_a_reader_do_not_stall_the_api() {
         started.elapsed() < Duration::from_secs(10),
         "the API waited for a reader"
     );
-    // A reader now: the metrics flush action writes a line it can read.
+    // Fill the metrics pipe: 40 flushes of lines of several KiB overflow its 64 KiB. The
+    // ones that did not fit are dropped whole and counted, and the API keeps answering.
+    for _ in 0..40 {
+        assert_eq!(
+            c.put("/actions", r#"{"action_type":"FlushMetrics"}"#)
+                .status,
+            204
+        );
+    }
+    // A reader now: it drains the pipe, and one more flush carries the count of the others.
     let mut reader = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(&pipes[1])
         .unwrap();
+    let mut got = Vec::new();
+    let mut drain = |got: &mut Vec<u8>| loop {
+        let mut buf = [0u8; 65536];
+        match std::io::Read::read(&mut reader, &mut buf) {
+            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    };
+    drain(&mut got);
     assert_eq!(
         c.put("/actions", r#"{"action_type":"FlushMetrics"}"#)
             .status,
         204
     );
-    let mut got = String::new();
+    // Only whole lines, each one JSON object; the last flush's carries the dropped ones' count
+    // (it first finishes a line the pipe had taken in part, if there was one).
+    let parse = |got: &[u8]| -> Vec<serde_json::Value> {
+        got.split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).expect("a metrics line run into another"))
+            .collect()
+    };
+    let missed_in = |v: &serde_json::Value| v["logger"]["missed_metrics_count"].as_u64().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !got.contains("\"logger\"") && std::time::Instant::now() < deadline {
-        let mut buf = [0u8; 65536];
-        match std::io::Read::read(&mut reader, &mut buf) {
-            Ok(n) if n > 0 => got.push_str(&String::from_utf8_lossy(&buf[..n])),
-            _ => std::thread::sleep(Duration::from_millis(10)),
+    let lines = loop {
+        drain(&mut got);
+        if got.ends_with(b"\n") {
+            let lines = parse(&got);
+            if lines.iter().any(|v| missed_in(v) > 0) {
+                break lines;
+            }
         }
-    }
-    assert!(got.contains("\"missed_log_count\""), "{got}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no line counted the dropped ones"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let missed: u64 = lines.iter().map(missed_in).sum();
+    let flushes = lines.len() as u64 + missed;
+    assert!(
+        (41..=42).contains(&flushes),
+        "{} lines, {missed} missed",
+        lines.len()
+    );
+    assert!(lines
+        .iter()
+        .all(|v| v["logger"]["missed_log_count"].is_u64()));
 }

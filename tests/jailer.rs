@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -183,13 +183,30 @@ impl Jail {
     fn release(&self) -> Released {
         let fifo = self.root().join("vm.json");
         let writer = std::thread::spawn(move || {
-            std::fs::write(
-                fifo,
-                r#"{"boot-source": {"kernel_image_path": "/kernel", "boot_args": "hello"},
+            // Non-blocking: a VMM that died before opening the FIFO fails the test (ENXIO
+            // until GUARD) instead of leaving this thread blocked in open(2) for good.
+            let start = Instant::now();
+            let mut f = loop {
+                match std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&fifo)
+                {
+                    Ok(f) => break f,
+                    Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                        assert!(start.elapsed() < GUARD, "the VMM never opened {fifo:?}");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("{fifo:?}: {e}"),
+                }
+            };
+            // Well under a pipe's 4 KiB: written whole at once.
+            f.write_all(
+                br#"{"boot-source": {"kernel_image_path": "/kernel", "boot_args": "hello"},
                     "drives": [],
                     "machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}"#,
             )
-            .unwrap()
+            .unwrap();
         });
         Released {
             writer,

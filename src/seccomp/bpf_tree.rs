@@ -319,9 +319,10 @@ fn share_returns(p: Vec<sock_filter>) -> Vec<sock_filter> {
     const RET_K: u16 = 0x06;
     const CLASS_JMP: u16 = 0x05;
     let is_jump = |i: &sock_filter| i.code & 0x07 == CLASS_JMP;
-    // A RET can move when no instruction before it falls through into it.
+    // A RET can move when nothing falls through into it: not the first instruction (where
+    // the program starts), and after a jump or another RET.
     let movable: Vec<bool> = (0..p.len())
-        .map(|i| p[i].code == RET_K && (i == 0 || is_jump(&p[i - 1]) || p[i - 1].code == RET_K))
+        .map(|i| p[i].code == RET_K && i > 0 && (is_jump(&p[i - 1]) || p[i - 1].code == RET_K))
         .collect();
     let mut shared: Vec<u32> = p
         .iter()
@@ -591,6 +592,44 @@ mod tests {
             let (got, steps) = run(&p, &d);
             assert_eq!(got, want, "nr {nr}");
             assert!(steps < 30, "nr {nr}: {steps} steps");
+        }
+    }
+
+    #[test]
+    fn shared_returns_keep_every_decision() {
+        // Random valid programs over the syscall number: loads, JEQ/JGE with any offsets
+        // (0 included), JA, and RETs of three actions, the first instruction a RET at times.
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut rnd = |n: u32| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % u64::from(n)) as u32
+        };
+        for _ in 0..2000 {
+            let len = 1 + rnd(60) as usize;
+            let mut p = Vec::with_capacity(len);
+            for i in 0..len {
+                let left = (len - i - 1) as u32;
+                let pick = if left == 0 { 0 } else { rnd(5) };
+                p.push(match pick {
+                    0 => insn(0x06, rnd(3), 0, 0),
+                    1 => insn(LD_W_ABS, 0, 0, 0),
+                    2 => insn(JMP_JA, rnd(left), 0, 0),
+                    3 => insn(JMP_JEQ_K, rnd(8), rnd(left) as u8, rnd(left) as u8),
+                    _ => insn(JMP_JGE_K, rnd(8), rnd(left) as u8, rnd(left) as u8),
+                });
+            }
+            let q = share_returns(p.iter().map(|i| insn(i.code, i.k, i.jt, i.jf)).collect());
+            assert!(q.len() <= p.len() + 3);
+            for nr in 0..10 {
+                let d = Data {
+                    nr,
+                    arch: 0,
+                    args: [0; 6],
+                };
+                assert_eq!(run(&p, &d).0, run(&q, &d).0, "nr {nr}: {p:?} -> {q:?}");
+            }
         }
     }
 
