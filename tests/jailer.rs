@@ -1023,6 +1023,15 @@ fn missing_exec_file_is_refused() {
         &mut s.jailer(&unique("x"), s.0.to_str().unwrap(), &[]),
         "not a regular file",
     );
+    // Nor is a file that is not an ELF executable: it could not run in the empty jail.
+    let script = s.0.join("ember.sh");
+    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    refused(
+        &mut s.jailer(&unique("x"), script.to_str().unwrap(), &[]),
+        "not an ELF executable",
+    );
+    std::fs::remove_file(&script).unwrap();
     s.assert_nothing_created();
 }
 

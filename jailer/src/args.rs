@@ -122,6 +122,19 @@ impl Config {
             }
             Err(e) => return Err(ArgsError::ExecFile(exec.clone(), e.to_string())),
         }
+        // The jail is empty: only an ELF executable can run there (no interpreter for a
+        // script). Caught here, before the jail exists, not by a failed exec inside it.
+        let mut magic = [0u8; 4];
+        let read = std::fs::File::open(exec).and_then(|mut f| {
+            use std::io::Read;
+            f.read_exact(&mut magic)
+        });
+        if read.is_err() || magic != *b"\x7fELF" {
+            return Err(ArgsError::ExecFile(
+                exec.clone(),
+                "not an ELF executable".into(),
+            ));
+        }
         // The base and every jail directory below it must be directories where they exist.
         // Below the base, symbolic links are refused: the jailer, as root, would follow them
         // out of the jail when it copies and changes owners.
