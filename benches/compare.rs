@@ -11,7 +11,8 @@
 //!                                [--idle-host]
 //!
 //! Scenario names for `--only`: `whole` (1), `warm` (1 with runs back to back), `socket` (2),
-//! `api` (3), `memory` (4), `launch` (5), `jailer` (6, with `--jailer`); these run by default.
+//! `api` (3), `memory` (4), `launch` (5), `jailer` (6, with `--jailer`), `seccomp` (11: scenario
+//! 1 with the filters on and with `--no-seccomp`, and their ratio); these run by default.
 //! Device scenarios run only when named in `--only`: `devices` (7, block throughput), `net`
 //! (8, as root: guest -> TAP and TAP -> guest in a network namespace the bench creates and
 //! deletes, 1514- and 65535-byte frames, packets/s, Gbit/s, VMM CPU ms per Gbit), `vsock`
@@ -337,13 +338,15 @@ const WHOLE: &str = "1. whole process (hello, 1 vCPU, 128 MiB)";
 /// caches and the kernel's allocators are warm, the last VM's teardown may still be running.
 const WHOLE_WARM: &str = "1. whole process, back to back (hello, 1 vCPU, 128 MiB)";
 
-/// Scenario 1: exec, boot the hello guest, reset, exit.
-fn whole_process(vmm: &Vmm, report: &mut Report, s: &str) {
+/// One run of scenario 1: exec, boot the hello guest, reset, exit. Wall and CPU time in ms,
+/// the VMM's boot timer in us, and the console.
+fn boot_hello(vmm: &Vmm, extra: &[&str]) -> (f64, f64, Option<f64>, String) {
     let dir = tmpdir("whole");
     let cfg = guest_config(&dir, "hello", 1, 128);
     let start = Instant::now();
     let mut child = vmm
         .command()
+        .args(extra)
         .args(["--no-api", "--boot-timer", "--config-file"])
         .arg(&cfg)
         .stdin(Stdio::null())
@@ -362,6 +365,77 @@ fn whole_process(vmm: &Vmm, report: &mut Report, s: &str) {
         "{}: guest did not boot: {out}",
         vmm.name
     );
+    (wall, cpu_us / 1e3, boot_time_us(&out), out)
+}
+
+/// Scenario 11: what the seccomp filters cost scenario 1 (issue: "no measurable cost").
+const SECCOMP: &str = "11. seccomp filters (scenario 1, with and without `--no-seccomp`)";
+
+/// One run of scenario 1 with the VMM's filters on or off (`--no-seccomp`, Firecracker's flag).
+fn seccomp_cost(vmm: &Vmm, report: &mut Report, filters: bool) {
+    let (extra, tag): (&[&str], _) = if filters {
+        (&[], "filters on")
+    } else {
+        (&["--no-seccomp"], "`--no-seccomp`")
+    };
+    let (wall, cpu, boot, _) = boot_hello(vmm, extra);
+    report.add(
+        SECCOMP,
+        &format!("exec to exit, wall, {tag}"),
+        "ms",
+        &vmm.name,
+        wall,
+    );
+    report.add(
+        SECCOMP,
+        &format!("exec to exit, CPU, {tag}"),
+        "ms",
+        &vmm.name,
+        cpu,
+    );
+    if let Some(b) = boot {
+        report.add(
+            SECCOMP,
+            &format!("VMM's own boot timer, {tag}"),
+            "ms",
+            &vmm.name,
+            b / 1e3,
+        );
+    }
+}
+
+/// The ratio filters on / off of each metric's medians, as rows of scenario 11.
+fn seccomp_ratios(vmm: &Vmm, report: &mut Report) {
+    let median = |r: &Report, metric: &str| {
+        r.rows
+            .iter()
+            .find(|row| row.scenario == SECCOMP && row.metric == metric)
+            .and_then(|row| row.by_vmm.get(&vmm.name))
+            .map(Samples::median)
+    };
+    for what in [
+        "exec to exit, wall",
+        "exec to exit, CPU",
+        "VMM's own boot timer",
+    ] {
+        let on = median(report, &format!("{what}, filters on"));
+        let off = median(report, &format!("{what}, `--no-seccomp`"));
+        if let (Some(on), Some(off)) = (on, off) {
+            report.add(
+                SECCOMP,
+                &format!("{what}: filters on / off (of the medians)"),
+                "ratio",
+                &vmm.name,
+                on / off,
+            );
+        }
+    }
+}
+
+/// Scenario 1: exec, boot the hello guest, reset, exit.
+fn whole_process(vmm: &Vmm, report: &mut Report, s: &str) {
+    let (wall, cpu, boot, _) = boot_hello(vmm, &[]);
+    let cpu_us = cpu * 1e3;
     report.add(s, "exec to exit, wall", "ms", &vmm.name, wall);
     report.add(s, "exec to exit, CPU", "ms", &vmm.name, cpu_us / 1e3);
     if s == WHOLE {
@@ -373,7 +447,7 @@ fn whole_process(vmm: &Vmm, report: &mut Report, s: &str) {
             version_cpu_ms(vmm),
         );
     }
-    if let Some(b) = boot_time_us(&out) {
+    if let Some(b) = boot {
         report.add(s, "VMM's own boot timer", "ms", &vmm.name, b / 1e3);
         if s == WHOLE {
             report
@@ -1992,6 +2066,21 @@ fn main() {
                 let r = if round < 3 { &mut scratch } else { &mut report };
                 whole_process(v, r, WHOLE_WARM);
             }
+        }
+    }
+    if want("seccomp") {
+        quiesce();
+        // Spaced out like scenario 1; which of the pair goes first alternates.
+        for run in 0..o.runs {
+            for v in &vmms {
+                for filters in [run % 2 == 0, run % 2 == 1] {
+                    settle();
+                    seccomp_cost(v, &mut report, filters);
+                }
+            }
+        }
+        for v in &vmms {
+            seccomp_ratios(v, &mut report);
         }
     }
     // Launches before the device scenarios: their fsyncs and bulk transfers leave the host
