@@ -87,6 +87,17 @@ pub fn init(instance_id: &str, level: LevelFilter) {
     log::set_max_level(level);
 }
 
+/// What became of a line given to [`Sink::write_line`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// All of it (or all but a tail the sink finishes before the next line).
+    Whole,
+    /// None of it: the pipe was full (Firecracker's "missed" count).
+    Full,
+    /// None of it: the write failed otherwise, e.g. a full disk (Firecracker's "fails").
+    Failed,
+}
+
 /// A log or metrics destination, a file or a named pipe, opened the way Firecracker opens
 /// it: read and write, non-blocking. A pipe with no reader yet would otherwise block the open
 /// (and with it the API request or the start-up) until one came, and a reader that stops
@@ -113,36 +124,39 @@ impl Sink {
         })
     }
 
-    /// Writes `line` (ending in a newline) whole, or returns false and writes nothing of it.
-    pub fn write_line(&mut self, line: &[u8]) -> bool {
+    /// Writes `line` (ending in a newline) whole, or nothing of it and says why.
+    pub fn write_line(&mut self, line: &[u8]) -> Written {
         if !self.unfinished.is_empty() {
             let rest = std::mem::take(&mut self.unfinished);
-            let n = self.write_some(&rest);
+            let (n, why) = self.write_some(&rest);
             if n < rest.len() {
                 self.unfinished = rest[n..].to_vec();
-                return false;
+                return why;
             }
         }
-        let n = self.write_some(line);
+        let (n, why) = self.write_some(line);
         if n == 0 && !line.is_empty() {
-            return false;
+            return why;
         }
         self.unfinished = line[n..].to_vec();
-        true
+        Written::Whole
     }
 
-    /// Writes what the destination takes now, without waiting.
-    fn write_some(&mut self, buf: &[u8]) -> usize {
+    /// Writes what the destination takes now, without waiting: how much, and why no more.
+    fn write_some(&mut self, buf: &[u8]) -> (usize, Written) {
         let mut done = 0;
         while done < buf.len() {
             match self.file.write(&buf[done..]) {
-                Ok(0) => break,
+                Ok(0) => return (done, Written::Failed),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return (done, Written::Full)
+                }
+                Err(_) => return (done, Written::Failed),
             }
         }
-        done
+        (done, Written::Whole)
     }
 
     /// For paths that cannot allocate (signal handlers): finishes a line the destination took
@@ -306,10 +320,16 @@ impl Log for Logger {
                 LOG_MID_LINE.store(!f.unfinished.is_empty(), Ordering::Relaxed);
                 w
             }
-            None => std::io::stdout().lock().write_all(line.as_bytes()).is_ok(),
+            None => match std::io::stdout().lock().write_all(line.as_bytes()) {
+                Ok(()) => Written::Whole,
+                Err(_) => Written::Failed,
+            },
         };
-        if !written {
-            crate::metrics::METRICS.logger.missed_log_count.inc();
+        let m = &crate::metrics::METRICS.logger;
+        match written {
+            Written::Whole => {}
+            Written::Full => m.missed_log_count.inc(),
+            Written::Failed => m.log_fails.inc(),
         }
     }
 
@@ -395,7 +415,7 @@ mod tests {
         };
         let mut accepted = Vec::new();
         for n in 0..40 {
-            if sink.write_line(&line(n)) {
+            if sink.write_line(&line(n)) == Written::Whole {
                 accepted.push(n);
             }
         }
@@ -414,7 +434,7 @@ mod tests {
             }
         };
         drain(&mut got);
-        assert!(sink.write_line(&line(25)));
+        assert_eq!(sink.write_line(&line(25)), Written::Whole);
         accepted.push(25);
         drain(&mut got);
         let lines: Vec<&[u8]> = got.split_inclusive(|&b| b == b'\n').collect();

@@ -2,7 +2,7 @@
 //! since the previous flush. Counters are plain atomics in one static, so any thread (a vCPU,
 //! a signal handler) bumps them without locks.
 
-use crate::logger::Sink;
+use crate::logger::{Sink, Written};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
@@ -130,8 +130,10 @@ metrics_group!(VmmMetrics {
 });
 
 metrics_group!(LoggerMetrics {
-    missed_log_count: IncMetric,
     missed_metrics_count: IncMetric,
+    metrics_fails: IncMetric,
+    missed_log_count: IncMetric,
+    log_fails: IncMetric,
 });
 
 metrics_group!(SeccompMetrics {
@@ -381,22 +383,33 @@ pub fn flush() {
     if let Some(f) = sink.as_mut() {
         // The counts of dropped lines must reach the reader even when the line that carries
         // them is itself dropped.
+        let l = &METRICS.logger;
         let missed = [
-            &METRICS.logger.missed_log_count,
-            &METRICS.logger.missed_metrics_count,
+            &l.missed_metrics_count,
+            &l.metrics_fails,
+            &l.missed_log_count,
+            &l.log_fails,
         ];
         let marks = missed.map(IncMetric::mark);
         match serde_json::to_vec(&METRICS) {
             Ok(mut line) => {
                 line.push(b'\n');
-                if !f.write_line(&line) {
+                let written = f.write_line(&line);
+                if written != Written::Whole {
                     for (m, mark) in missed.iter().zip(marks) {
                         m.rewind(mark);
                     }
-                    METRICS.logger.missed_metrics_count.inc();
+                }
+                match written {
+                    Written::Whole => {}
+                    Written::Full => l.missed_metrics_count.inc(),
+                    Written::Failed => l.metrics_fails.inc(),
                 }
             }
-            Err(e) => log::warn!("cannot serialise metrics: {e}"),
+            Err(e) => {
+                l.metrics_fails.inc();
+                log::warn!("cannot serialise metrics: {e}");
+            }
         }
     }
 }

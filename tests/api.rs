@@ -1041,7 +1041,14 @@ fn log_and_metrics_pipes_without_a_reader_do_not_stall_the_api() {
         "{} lines, {missed} missed",
         lines.len()
     );
-    assert!(lines
-        .iter()
-        .all(|v| v["logger"]["missed_log_count"].is_u64()));
+    // Firecracker's logger group, whole.
+    for key in [
+        "missed_metrics_count",
+        "metrics_fails",
+        "missed_log_count",
+        "log_fails",
+    ] {
+        assert!(lines.iter().all(|v| v["logger"][key].is_u64()), "{key}");
+    }
+    assert!(lines.iter().all(|v| v["logger"]["metrics_fails"] == 0));
 }
