@@ -395,6 +395,14 @@ macro_rules! log_guest {
 mod tests {
     use super::*;
 
+    #[test]
+    fn sink_tells_a_failed_write_from_a_full_pipe() {
+        // /dev/full fails every write with ENOSPC, as a full disk does.
+        let mut sink = Sink::open("/dev/full").unwrap();
+        assert_eq!(sink.write_line(b"a line\n"), Written::Failed);
+        assert!(sink.unfinished.is_empty());
+    }
+
     /// A named pipe whose reader stopped: lines that do not fit are dropped whole, one taken
     /// in part is finished first, and the reader sees only whole lines, in order.
     #[test]
