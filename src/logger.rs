@@ -119,7 +119,7 @@ impl Sink {
             .custom_flags(libc::O_NONBLOCK)
             .open(path)?;
         Ok(Sink {
-            file,
+            file: share_std_stream(file),
             unfinished: Vec::new(),
         })
     }
@@ -165,6 +165,38 @@ impl Sink {
         write_all_raw(self.file.as_raw_fd(), &self.unfinished)
             && write_all_raw(self.file.as_raw_fd(), line)
     }
+}
+
+/// `--log-path /dev/stdout` with stdout redirected to a file (`ember ... > vm.log`): opening the
+/// path again gives a second file offset, and the console's writes through fd 1 overwrite the
+/// log's. When the file opened is the regular file behind our stdout or stderr, the sink
+/// writes through that descriptor (a duplicate, sharing its offset) instead.
+fn share_std_stream(file: File) -> File {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = file.metadata() else {
+        return file;
+    };
+    if !m.is_file() {
+        return file;
+    }
+    for fd in [1, 2] {
+        // SAFETY: all-zero bytes are a valid `stat` (plain integers) for fstat(2) to fill.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat(2) writes only into `st`; a closed fd only makes it fail.
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            continue;
+        }
+        if st.st_dev == m.dev() && st.st_ino == m.ino() {
+            // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor that only this File will own.
+            let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+            if dup >= 0 {
+                // SAFETY: `dup` is a fresh descriptor owned by nothing else.
+                return unsafe { File::from_raw_fd(dup) };
+            }
+        }
+    }
+    file
 }
 
 /// write(2) until `buf` is all written; false at the first error or short write. Allocates

@@ -448,3 +448,38 @@ fn huge_pages_back_guest_memory_with_2mib_pages() {
         .expect_code(152)
         .expect("not a multiple of the configured page size");
 }
+
+/// `--log-path /dev/stdout` with stdout redirected to a file, as in `ember ... > vm.log`: the
+/// log and the console share the file's offset, so neither overwrites the other.
+#[test]
+fn log_path_dev_stdout_into_a_file_keeps_log_and_console() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("stdout-log");
+    let cfg = dir.write(
+        "vm.json",
+        serde_json::to_vec(&guest_config("hello", 1, 128)).unwrap(),
+    );
+    let out_path = dir.path("vm.log");
+    let out = std::fs::File::create(&out_path).unwrap();
+    let status = std::process::Command::new(EMBER)
+        .args(["--no-api", "--boot-timer", "--log-path", "/dev/stdout"])
+        .arg("--config-file")
+        .arg(&cfg)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let text = std::fs::read_to_string(&out_path).unwrap();
+    for needle in [
+        "Running ember",
+        "Hello from the ember guest!",
+        "Guest-boot-time =",
+        "ember-guest: done",
+        "Stopping the microVM with exit code 0",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+}
