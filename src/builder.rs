@@ -358,13 +358,9 @@ pub fn build_microvm(
         .and_then(|b| b.initrd_path.as_ref())
     {
         Some(p) => {
-            let mut f = File::open(p).map_err(|e| {
-                StartError::Config(ConfigError::File {
-                    what: "initrd",
-                    path: p.clone(),
-                    reason: e.to_string(),
-                })
-            })?;
+            let mut f =
+                crate::config::open_host_file("initrd", p, crate::config::HostFile::Regular)
+                    .map_err(StartError::Config)?;
             Some(arch::load_initrd(mem, &mut f).map_err(|e| StartError::Initrd(p.clone(), e))?)
         }
         None => None,

@@ -170,10 +170,7 @@ impl Controller {
     fn serial_out(&self) -> Result<SerialOut, StartError> {
         let err = |what: String| StartError::Device(what);
         match &self.serial_config.serial_out_path {
-            Some(p) => std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(p)
+            Some(p) => open_serial_out(p)
                 .map(|f| Box::new(f) as SerialOut)
                 .map_err(|e| err(format!("cannot open the serial output {p:?}: {e}"))),
             None => std::io::stdout()
@@ -309,13 +306,9 @@ impl Controller {
                 if let Some(path) = &u.path_on_host {
                     let mut new = cfg.clone();
                     new.path_on_host = Some(path.clone());
-                    // Opened as the drive's mode wants: read-only for a read-only drive.
+                    // Opened as the drive's mode wants: read-only for a read-only drive; a
+                    // regular file or a block device.
                     let file = new.open().map_err(|e| bad(&e))?;
-                    if file.metadata().map(|m| m.is_dir()).unwrap_or(true) {
-                        return Err(ApiResponse::bad_request(format!(
-                            "Unable to patch the block device: {path:?} is not a file"
-                        )));
-                    }
                     let Some((_, transport)) =
                         vm.block_devices.iter().find(|(id, _)| *id == u.drive_id)
                     else {
@@ -420,12 +413,12 @@ impl Controller {
                         "Cannot start the microVM without a boot source: PUT /boot-source first.",
                     ));
                 };
-                let file = File::open(&bs.kernel_image_path).map_err(|e| {
-                    ApiResponse::bad_request(format!(
-                        "Cannot open the kernel image {:?}: {e}",
-                        bs.kernel_image_path
-                    ))
-                })?;
+                let file = crate::config::open_host_file(
+                    "kernel image",
+                    &bs.kernel_image_path,
+                    crate::config::HostFile::Regular,
+                )
+                .map_err(|e| ApiResponse::bad_request(e.to_string()))?;
                 self.start(KernelImage::File(file), start).map_err(|e| {
                     ApiResponse::bad_request(format!("Cannot start the microVM: {e}"))
                 })?;
@@ -661,4 +654,25 @@ impl Controller {
             }
         }
     }
+}
+
+/// The serial output file. A named pipe with no reader yet would hold open(2), and the start
+/// with it, until one came: it is opened non-blocking, and read-write when it has no reader
+/// (so the console's bytes wait in the pipe for one). Writes block as they do to stdout.
+fn open_serial_out(path: &str) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |read: bool| {
+        std::fs::OpenOptions::new()
+            .read(read)
+            .append(true)
+            .create(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+    };
+    let f = match open(false) {
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => open(true)?,
+        r => r?,
+    };
+    crate::config::set_blocking(&f)?;
+    Ok(f)
 }

@@ -3,7 +3,6 @@
 // The C runtime calls `main` below directly; see there why.
 #![no_main]
 
-use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -479,15 +478,13 @@ fn run() -> ! {
 }
 
 fn open_kernel(bs: &BootSourceConfig) -> KernelImage {
-    match File::open(&bs.kernel_image_path) {
+    match ember::config::open_host_file(
+        "kernel image",
+        &bs.kernel_image_path,
+        ember::config::HostFile::Regular,
+    ) {
         Ok(f) => KernelImage::File(f),
-        Err(e) => fail(
-            exit_code::BAD_CONFIGURATION,
-            format!(
-                "cannot open the kernel image {:?}: {e}",
-                bs.kernel_image_path
-            ),
-        ),
+        Err(e) => fail(exit_code::BAD_CONFIGURATION, e),
     }
 }
 

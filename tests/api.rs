@@ -1052,3 +1052,74 @@ fn log_and_metrics_pipes_without_a_reader_do_not_stall_the_api() {
     }
     assert!(lines.iter().all(|v| v["logger"]["metrics_fails"] == 0));
 }
+
+/// Paths a client names are opened without waiting on them: a named pipe as the kernel, the
+/// initrd or a drive (whose open(2) would wait for a writer, and the whole VMM with it) is
+/// refused at once, and one as the serial output with no reader yet does not hold the start.
+#[test]
+fn named_pipes_never_hold_the_api() {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !require_kvm() {
+        return;
+    }
+    let vm = ApiVm::start(&[]);
+    let mut c = vm.client();
+    let fifo = vm.dir.path("pipe");
+    let cs = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(cs.as_ptr(), 0o600) }, 0);
+    let p = fifo.display();
+    let refused = [
+        ("/boot-source", format!(r#"{{"kernel_image_path":"{p}"}}"#)),
+        (
+            "/boot-source",
+            format!(r#"{{"kernel_image_path":"{GUEST}","initrd_path":"{p}"}}"#),
+        ),
+        (
+            "/drives/d1",
+            format!(
+                r#"{{"drive_id":"d1","path_on_host":"{p}","is_root_device":false,"is_read_only":true}}"#
+            ),
+        ),
+    ];
+    for (path, body) in &refused {
+        let r = c.put(path, body);
+        assert_eq!(r.status, 400, "{path} {body}: {}", r.body);
+        assert!(r.body.contains("not a regular file") || r.body.contains("nor a block device"));
+        assert_eq!(c.get("/").status, 200);
+    }
+    // The serial output: accepted, and the start goes on with nobody reading yet.
+    assert_eq!(
+        c.put("/serial", &format!(r#"{{"serial_out_path":"{p}"}}"#))
+            .status,
+        204
+    );
+    let body = format!(r#"{{"kernel_image_path":"{GUEST}","boot_args":"ticks"}}"#);
+    assert_eq!(c.put("/boot-source", &body).status, 204);
+    assert_eq!(
+        c.put("/actions", r#"{"action_type":"InstanceStart"}"#)
+            .status,
+        204
+    );
+    // A reader now gets what the guest printed meanwhile.
+    let mut reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let mut got = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !got.contains("tick 3\n") {
+        assert!(
+            Instant::now() < deadline,
+            "console via the pipe: {:?}",
+            &got[..got.len().min(300)]
+        );
+        let mut buf = [0u8; 4096];
+        match std::io::Read::read(&mut reader, &mut buf) {
+            Ok(n) if n > 0 => got.push_str(&String::from_utf8_lossy(&buf[..n])),
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    assert_eq!(c.get("/").json()["state"], "Running");
+}

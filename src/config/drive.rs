@@ -1,7 +1,7 @@
 //! Block devices (`PUT /drives/{id}`, the `drives` key) and the entropy device (`PUT /entropy`,
 //! the `entropy` key).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 
 use serde::{Deserialize, Serialize};
 
@@ -59,15 +59,13 @@ impl DriveConfig {
                 reason: "path_on_host is required".into(),
             });
         };
-        OpenOptions::new()
-            .read(true)
-            .write(!self.read_only())
-            .open(path)
-            .map_err(|e| ConfigError::File {
-                what: "drive",
-                path: path.clone(),
-                reason: e.to_string(),
-            })
+        super::open_host_file(
+            "drive",
+            path,
+            super::HostFile::Disk {
+                write: !self.read_only(),
+            },
+        )
     }
 
     /// Refuses what ember does not implement, and opens the file so that a typo fails the
@@ -76,20 +74,7 @@ impl DriveConfig {
         if self.socket.is_some() {
             return Err(ConfigError::Unsupported("A vhost-user drive (socket)"));
         }
-        let f = self.open()?;
-        let meta = f.metadata().map_err(|e| ConfigError::File {
-            what: "drive",
-            path: self.path_on_host.clone().unwrap_or_default(),
-            reason: e.to_string(),
-        })?;
-        if meta.is_dir() {
-            return Err(ConfigError::File {
-                what: "drive",
-                path: self.path_on_host.clone().unwrap_or_default(),
-                reason: "it is a directory".into(),
-            });
-        }
-        Ok(())
+        self.open().map(drop)
     }
 }
 

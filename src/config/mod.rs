@@ -119,13 +119,65 @@ impl BootSourceConfig {
 }
 
 fn check_readable(what: &'static str, path: &str) -> Result<(), ConfigError> {
-    std::fs::File::open(path)
-        .map(drop)
-        .map_err(|e| ConfigError::File {
-            what,
-            path: path.to_string(),
-            reason: e.to_string(),
-        })
+    open_host_file(what, path, HostFile::Regular).map(drop)
+}
+
+/// What a host file named by a client or a config file may be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostFile {
+    /// A regular file, read-only (a kernel, an initrd).
+    Regular,
+    /// A regular file or a block device, opened for reading and, if `write`, writing (a drive).
+    Disk { write: bool },
+}
+
+/// Opens a file named in the configuration without ever waiting on it: open(2) of a named pipe
+/// waits for the other end to be opened (which held the API, and the VMM thread with it, for
+/// good), so the open is non-blocking and the type is checked on the descriptor itself, not on
+/// the path a rename could swap. The descriptor is back to blocking I/O when returned.
+pub fn open_host_file(
+    what: &'static str,
+    path: &str,
+    kind: HostFile,
+) -> Result<std::fs::File, ConfigError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let err = |reason: String| ConfigError::File {
+        what,
+        path: path.to_string(),
+        reason,
+    };
+    let write = matches!(kind, HostFile::Disk { write: true });
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| err(e.to_string()))?;
+    let t = f.metadata().map_err(|e| err(e.to_string()))?.file_type();
+    match kind {
+        HostFile::Regular if !t.is_file() => return Err(err("it is not a regular file".into())),
+        HostFile::Disk { .. } if !t.is_file() && !t.is_block_device() => {
+            return Err(err("it is neither a regular file nor a block device".into()))
+        }
+        _ => {}
+    }
+    set_blocking(&f).map_err(|e| err(e.to_string()))?;
+    Ok(f)
+}
+
+/// Clears O_NONBLOCK on a file opened with it only so that the open could not wait.
+pub fn set_blocking(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl(2) on the descriptor `f` owns; F_GETFL/F_SETFL touch only its flags.
+    let cleared = unsafe {
+        let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
+    };
+    if cleared {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
