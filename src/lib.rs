@@ -3,7 +3,7 @@
 //! Where things are: `config` (what a user asks for), `builder` (turns that into a running
 //! VM), `arch` (the x86-64 guest platform: memory layout, boot structures, CPUID, ACPI),
 //! `vstate` (KVM VM and vCPUs), `devices` (device models and the bus), `vmm` (the event
-//! loop), `logger`, `metrics`, `signal`.
+//! loop), `logger`, `metrics`, `signal`, `uds` (Unix-socket helpers).
 
 pub mod api;
 pub mod arch;
@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod seccomp;
 pub mod signal;
 pub mod time;
+pub mod uds;
 pub mod vmm;
 pub mod vstate;
 

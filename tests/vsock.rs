@@ -140,6 +140,39 @@ fn host_listener_with_a_full_backlog_is_refused_at_once() {
     );
 }
 
+/// `uds_path` naming something that is not ember's to replace: a regular file is refused by
+/// the request (and keeps its bytes), another process's live socket by the start (and keeps
+/// serving its owner); the VMM answers throughout.
+#[test]
+fn uds_path_never_replaces_a_file_or_a_live_socket() {
+    if !require_kvm() {
+        return;
+    }
+    let vm = ApiVm::start(&[]);
+    let mut c = vm.client();
+    let file = vm.dir.write("precious", b"not a socket");
+    let body = json!({"guest_cid": 3, "uds_path": file.to_str().unwrap()}).to_string();
+    let r = c.put("/vsock", &body);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("is not a socket"), "{}", r.body);
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a socket");
+
+    let live = vm.dir.path("live.sock");
+    let owner = UnixListener::bind(&live).unwrap();
+    let body = json!({"guest_cid": 3, "uds_path": live.to_str().unwrap()}).to_string();
+    assert_eq!(c.put("/vsock", &body).status, 204);
+    let body = json!({"kernel_image_path": GUEST, "boot_args": "ticks"}).to_string();
+    assert_eq!(c.put("/boot-source", &body).status, 204);
+    let r = c.put("/actions", r#"{"action_type":"InstanceStart"}"#);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("another process serves"), "{}", r.body);
+    assert_eq!(c.get("/").status, 200);
+    // Still the owner's: a client reaches it.
+    let _client = UnixStream::connect(&live).unwrap();
+    owner.set_nonblocking(true).unwrap();
+    assert!(owner.accept().is_ok(), "the owner's socket was taken over");
+}
+
 /// The `evilvsock` guest's chain-level cases, run on every queue.
 const EVIL_CHAIN_CASES: &[&str] = &[
     "bad address",

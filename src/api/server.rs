@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender};
@@ -35,52 +34,11 @@ pub struct ApiServer {
     thread_init: Option<Box<dyn FnOnce() + Send>>,
 }
 
-/// Asks whether something accepts connections on the socket at `path`, without blocking.
-fn socket_is_live(path: &Path) -> io::Result<bool> {
-    let err = match crate::devices::virtio::vsock::connect_nonblocking(path) {
-        Ok(_) => return Ok(true),
-        Err(e) => e,
-    };
-    match err.raw_os_error() {
-        Some(libc::ECONNREFUSED) => Ok(false),
-        // A listener with a full backlog is still a live one.
-        Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => Ok(true),
-        _ => Err(err),
-    }
-}
-
 impl ApiServer {
     /// Binds the API socket. A stale socket (nobody listening) is replaced; a live one, or
     /// any other file at `path`, is an error.
     pub fn bind(path: &Path) -> io::Result<ApiServer> {
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) => {
-                if !meta.file_type().is_socket() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::AlreadyExists,
-                        format!("{} exists and is not a socket", path.display()),
-                    ));
-                }
-                match socket_is_live(path) {
-                    Ok(false) => std::fs::remove_file(path)?,
-                    Ok(true) => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::AddrInUse,
-                            format!("another process serves the socket {}", path.display()),
-                        ))
-                    }
-                    Err(e) => {
-                        return Err(io::Error::new(
-                            e.kind(),
-                            format!("cannot tell whether {} is in use: {e}", path.display()),
-                        ))
-                    }
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let listener = UnixListener::bind(path)?;
+        let listener = crate::uds::bind_listener(path)?;
         listener.set_nonblocking(true)?;
         Ok(ApiServer {
             listener,

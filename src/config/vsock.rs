@@ -33,6 +33,16 @@ impl VsockConfig {
         if self.uds_path.len() + 11 > 107 {
             return Err(err(format!("uds_path {:?} is too long", self.uds_path)));
         }
+        // ember binds its socket there at the start, replacing only a stale socket: any other
+        // file is refused now (a live socket is refused when the start binds).
+        if let Ok(m) = std::fs::symlink_metadata(&self.uds_path) {
+            if !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) {
+                return Err(err(format!(
+                    "uds_path {:?} exists and is not a socket",
+                    self.uds_path
+                )));
+            }
+        }
         Ok(())
     }
 }

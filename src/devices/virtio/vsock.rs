@@ -228,54 +228,6 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Connects to a host listener without waiting. A Unix socket connects at once or, when the
-/// listener's backlog is full (a host service that stopped accepting), blocks in connect(2)
-/// until it accepts: the VMM thread, and every device with it, would wait on the host. Made
-/// non-blocking, that is EAGAIN at once, and the guest hears a RST. (The API server also
-/// uses it to ask whether a socket file is live.)
-pub fn connect_nonblocking(path: &std::path::Path) -> io::Result<UnixStream> {
-    // SAFETY: sockaddr_un is plain old data, for which all zeroes is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
-    // One byte stays zero: the path's terminating NUL.
-    if bytes.len() >= addr.sun_path.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "socket path too long",
-        ));
-    }
-    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = b as libc::c_char;
-    }
-    // SAFETY: socket(2) with constant arguments; the fd it returns is owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new socket nobody else owns; the stream closes it on every path.
-    let stream = unsafe { UnixStream::from_raw_fd(fd) };
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    // SAFETY: `addr` is a valid sockaddr_un of which `len` bytes are used.
-    let r = unsafe {
-        libc::connect(
-            fd,
-            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
-            len as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(stream)
-}
-
 /// The device's own epoll set (sockets and the timer), edge-triggered.
 struct Poller {
     epoll: File,
@@ -385,14 +337,10 @@ pub struct Vsock {
 }
 
 impl Vsock {
-    /// Binds `uds_path` (a stale file there is removed).
+    /// Binds `uds_path`: a stale socket there is replaced; a live one, or any other file, is
+    /// an error (and stays as it was).
     pub fn new(guest_cid: u64, uds_path: &str) -> io::Result<Vsock> {
-        match std::fs::remove_file(uds_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let listener = UnixListener::bind(uds_path)?;
+        let listener = crate::uds::bind_listener(std::path::Path::new(uds_path))?;
         set_nonblocking(listener.as_raw_fd())?;
         let poller = Poller::new()?;
         poller.add(listener.as_raw_fd())?;
@@ -745,7 +693,7 @@ impl Vsock {
             return;
         }
         let path = format!("{}_{}", self.uds_path, key.0);
-        let stream = match connect_nonblocking(path.as_ref()) {
+        let stream = match crate::uds::connect_nonblocking(path.as_ref()) {
             Ok(s) => s,
             Err(e) => {
                 log::debug!("vsock: cannot connect to {path}: {e}");
