@@ -55,10 +55,19 @@ fn ioctl_ptr(fd: RawFd, req: libc::c_ulong, arg: *mut libc::c_void) -> io::Resul
 impl Tap {
     /// Attaches to the TAP device `name` (which must exist or be creatable by the caller).
     pub fn open(name: &str) -> io::Result<Tap> {
-        if name.is_empty() || name.len() >= 16 || name.contains('\0') || name.contains('/') {
+        // The kernel takes `%d` in a name as a template for the next free number: the
+        // device would not be the one named. '/', ':' and whitespace it refuses anyway.
+        let bad = |c: char| c == '\0' || c == '/' || c == '%' || c == ':' || c.is_whitespace();
+        if name.is_empty() || name.len() >= 16 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "the TAP name must be 1 to 15 bytes long",
+            ));
+        }
+        if let Some(c) = name.chars().find(|&c| bad(c)) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a TAP name cannot hold {c:?}"),
             ));
         }
         let file = OpenOptions::new()
@@ -151,5 +160,26 @@ impl NetBackend for Tap {
 
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
         Tap::set_offload(self, flags)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_the_kernel_would_not_take_as_given_are_refused() {
+        for (name, says) in [
+            ("", "1 to 15 bytes"),
+            ("a-name-of-16-byt", "1 to 15 bytes"),
+            ("tap%d", "'%'"),
+            ("../x", "'/'"),
+            ("a b", "' '"),
+            ("eth0:1", "':'"),
+        ] {
+            let e = Tap::open(name).err().expect(name);
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{name}: {e}");
+            assert!(e.to_string().contains(says), "{name}: {e}");
+        }
     }
 }
