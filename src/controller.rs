@@ -658,7 +658,11 @@ impl Controller {
 
 /// The serial output file. A named pipe with no reader yet would hold open(2), and the start
 /// with it, until one came: it is opened non-blocking, and read-write when it has no reader
-/// (so the console's bytes wait in the pipe for one). Writes block as they do to stdout.
+/// (so the console's bytes wait in the pipe for one). A pipe stays non-blocking, as
+/// Firecracker keeps it: once it is full (nobody reads, or the reader left; ember holds a read
+/// end itself, so there is no EPIPE) the console's lines are dropped and counted in
+/// `uart.missed_write_count`, where a blocking write would stop the vCPU, and the VMM thread
+/// that flushes the console. Anything else (a file, a terminal) gets blocking writes.
 fn open_serial_out(path: &str) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     let open = |read: bool| {
@@ -673,6 +677,8 @@ fn open_serial_out(path: &str) -> std::io::Result<File> {
         Err(e) if e.raw_os_error() == Some(libc::ENXIO) => open(true)?,
         r => r?,
     };
-    crate::config::set_blocking(&f)?;
+    if !std::os::unix::fs::FileTypeExt::is_fifo(&f.metadata()?.file_type()) {
+        crate::config::set_blocking(&f)?;
+    }
     Ok(f)
 }

@@ -1123,3 +1123,39 @@ fn named_pipes_never_hold_the_api() {
     }
     assert_eq!(c.get("/").json()["state"], "Running");
 }
+
+/// A serial output pipe nobody ever reads: once its buffer is full the console's lines are
+/// dropped and counted, and the guest (320 KB of output) runs to its end: a blocking write
+/// would have stopped its vCPU for good at the 64 KiB-th byte.
+#[test]
+fn serial_pipe_nobody_reads_drops_lines_and_never_stalls() {
+    if !require_kvm() {
+        return;
+    }
+    let mut vm = ApiVm::start(&[]);
+    let mut c = vm.client();
+    let metrics = vm.dir.path("metrics.json");
+    let r = c.put(
+        "/metrics",
+        &format!(r#"{{"metrics_path": "{}"}}"#, metrics.display()),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let fifo = vm.dir.path("console.pipe");
+    let cs = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(cs.as_ptr(), 0o600) }, 0);
+    let r = c.put(
+        "/serial",
+        &format!(r#"{{"serial_out_path": "{}"}}"#, fifo.display()),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    api_boot(&mut c, "flood=5000", 1);
+    assert_eq!(vm.wait_exit(), 0, "{}", vm.output());
+    let m = std::fs::read_to_string(&metrics).unwrap_or_default();
+    let missed: u64 = m
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["uart"]["missed_write_count"].as_u64())
+        .sum();
+    assert!(missed > 0, "no console write was counted as dropped:\n{m}");
+}
