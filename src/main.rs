@@ -384,6 +384,7 @@ fn run() -> ! {
     }
     let mut controller = Controller::new(&args.id, cfg, exit.clone(), filters.clone());
     let api_sock = (!args.no_api && !is_run).then(|| PathBuf::from(&args.api_sock));
+    let mut api_file = None;
     if let Some(path) = &api_sock {
         let api_filters = filters.clone();
         let server = match ApiServer::bind(path) {
@@ -406,6 +407,7 @@ fn run() -> ! {
                 format!("cannot create an eventfd: {e}"),
             ),
         };
+        api_file = Some(server.socket_file());
         if let Err(e) = server.spawn(args.http_api_max_payload_size, req_tx, evt.0, resp_rx) {
             fail(
                 exit_code::GENERIC_ERROR,
@@ -467,9 +469,9 @@ fn run() -> ! {
     signal::restore_terminal();
     log::info!("Stopping the microVM with exit code {code}");
     metrics::flush();
-    if let Some(path) = &api_sock {
+    if let Some(file) = &api_file {
         ember::api::server::wait_for_responses(std::time::Duration::from_millis(100));
-        let _ = std::fs::remove_file(path);
+        file.remove();
     }
     if let Some(fd) = ctl.kvm_vm_fd() {
         ember::vstate::vm::detach_teardown(fd);

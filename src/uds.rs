@@ -3,9 +3,9 @@
 
 use std::io;
 use std::os::fd::FromRawFd;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Connects to a host listener without waiting. A Unix socket connects at once or, when the
 /// listener's backlog is full (a host service that stopped accepting), blocks in connect(2)
@@ -69,11 +69,37 @@ fn is_live(path: &Path) -> io::Result<bool> {
     }
 }
 
+/// A socket file ember bound: removed at the end only while it is still the one ember made
+/// (the path may have been unlinked and reused by another process meanwhile).
+#[derive(Clone, Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    /// Device, inode and birth time: an inode number alone is reused at once, and the change
+    /// time moves with a chmod (which operators do to the API socket).
+    id: (u64, u64, Option<std::time::SystemTime>),
+}
+
+fn identity(m: &std::fs::Metadata) -> (u64, u64, Option<std::time::SystemTime>) {
+    (m.dev(), m.ino(), m.created().ok())
+}
+
+impl SocketFile {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn remove(&self) {
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| identity(&m) == self.id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Binds a listener at `path`, a path a client or the command line named. A stale socket there
 /// (nobody listening) is replaced; a live one (another process's, or another VM's) or any
 /// other file is an error, and stays as it was: a mistyped path must not delete a file or take
 /// over another service's socket.
-pub fn bind_listener(path: &Path) -> io::Result<UnixListener> {
+pub fn bind_listener(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) => {
             if !meta.file_type().is_socket() {
@@ -83,13 +109,22 @@ pub fn bind_listener(path: &Path) -> io::Result<UnixListener> {
                 ));
             }
             match is_live(path) {
-                Ok(false) => std::fs::remove_file(path)?,
+                // Still the same stale socket (not one swapped in since): replaced.
+                Ok(false) => {
+                    let same = std::fs::symlink_metadata(path)
+                        .is_ok_and(|m| identity(&m) == identity(&meta));
+                    if same {
+                        std::fs::remove_file(path)?;
+                    }
+                }
                 Ok(true) => {
                     return Err(io::Error::new(
                         io::ErrorKind::AddrInUse,
                         format!("another process serves the socket {}", path.display()),
                     ))
                 }
+                // Gone since: nothing to replace.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(e) => {
                     return Err(io::Error::new(
                         e.kind(),
@@ -101,7 +136,15 @@ pub fn bind_listener(path: &Path) -> io::Result<UnixListener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    UnixListener::bind(path)
+    let listener = UnixListener::bind(path)?;
+    let m = std::fs::symlink_metadata(path)?;
+    Ok((
+        listener,
+        SocketFile {
+            path: path.to_path_buf(),
+            id: identity(&m),
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -126,8 +169,21 @@ mod tests {
         assert!(UnixStream::connect(&live).is_ok());
         // Once its owner is gone, it is stale: replaced.
         drop(owner);
-        let ours = bind_listener(&live).unwrap();
+        let (ours, file) = bind_listener(&live).unwrap();
         drop(ours);
+        // Removed at the end only while it is still ours: not once another took the path.
+        std::fs::remove_file(&live).unwrap();
+        let other = UnixListener::bind(&live).unwrap();
+        file.remove();
+        assert!(live.exists(), "another process's socket was removed");
+        drop(other);
+        std::fs::remove_file(&live).unwrap();
+        let (_l, file) = bind_listener(&live).unwrap();
+        // A chmod (as operators do to the API socket) keeps it ours.
+        std::fs::set_permissions(&live, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        file.remove();
+        assert!(!live.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{Receiver, Sender};
 use std::thread::JoinHandle;
 
@@ -29,7 +29,7 @@ const LISTENER_TOKEN: u64 = u64::MAX;
 /// The bound API socket, before its thread starts.
 pub struct ApiServer {
     listener: UnixListener,
-    path: PathBuf,
+    file: crate::uds::SocketFile,
     /// Runs first on the API thread, before it reads anything a client sends (seccomp).
     thread_init: Option<Box<dyn FnOnce() + Send>>,
 }
@@ -38,11 +38,11 @@ impl ApiServer {
     /// Binds the API socket. A stale socket (nobody listening) is replaced; a live one, or
     /// any other file at `path`, is an error.
     pub fn bind(path: &Path) -> io::Result<ApiServer> {
-        let listener = crate::uds::bind_listener(path)?;
+        let (listener, file) = crate::uds::bind_listener(path)?;
         listener.set_nonblocking(true)?;
         Ok(ApiServer {
             listener,
-            path: path.to_path_buf(),
+            file,
             thread_init: None,
         })
     }
@@ -54,7 +54,12 @@ impl ApiServer {
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
+    }
+
+    /// The socket file, to remove at exit while it is still ember's.
+    pub fn socket_file(&self) -> crate::uds::SocketFile {
+        self.file.clone()
     }
 
     /// Starts the `ember_api` thread. It sends each action on `to_vmm`, writes 1 to
@@ -516,6 +521,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use std::path::PathBuf;
 
     const LIMIT: usize = 1024;
 

@@ -324,6 +324,8 @@ impl Poller {
 pub struct Vsock {
     cid: u64,
     uds_path: String,
+    /// The listener's socket file, removed when the device goes.
+    uds_file: crate::uds::SocketFile,
     listener: UnixListener,
     poller: Poller,
     pending: Vec<PendingHost>,
@@ -340,13 +342,14 @@ impl Vsock {
     /// Binds `uds_path`: a stale socket there is replaced; a live one, or any other file, is
     /// an error (and stays as it was).
     pub fn new(guest_cid: u64, uds_path: &str) -> io::Result<Vsock> {
-        let listener = crate::uds::bind_listener(std::path::Path::new(uds_path))?;
+        let (listener, uds_file) = crate::uds::bind_listener(std::path::Path::new(uds_path))?;
         set_nonblocking(listener.as_raw_fd())?;
         let poller = Poller::new()?;
         poller.add(listener.as_raw_fd())?;
         Ok(Vsock {
             cid: guest_cid,
             uds_path: uds_path.to_string(),
+            uds_file,
             listener,
             poller,
             pending: Vec::new(),
@@ -995,7 +998,7 @@ fn scatter(mem: &GuestMemoryMmap, descs: &[Descriptor], parts: [&[u8]; 2]) -> u3
 
 impl Drop for Vsock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds_path);
+        self.uds_file.remove();
     }
 }
 
