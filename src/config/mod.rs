@@ -146,6 +146,21 @@ pub fn open_host_file(
         path: path.to_string(),
         reason,
     };
+    let wrong_type = |t: std::fs::FileType| match kind {
+        HostFile::Regular if !t.is_file() => Some("it is not a regular file"),
+        HostFile::Disk { .. } if !t.is_file() && !t.is_block_device() => {
+            Some("it is neither a regular file nor a block device")
+        }
+        _ => None,
+    };
+    // Checked on the path first too, so that a device whose open has effects of its own (a
+    // tape rewinds, a serial line raises DTR) is refused without being opened.
+    if let Some(why) = std::fs::metadata(path)
+        .ok()
+        .and_then(|m| wrong_type(m.file_type()))
+    {
+        return Err(err(why.into()));
+    }
     let write = matches!(kind, HostFile::Disk { write: true });
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -153,13 +168,10 @@ pub fn open_host_file(
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| err(e.to_string()))?;
+    // And on what was opened: the path may have changed in between.
     let t = f.metadata().map_err(|e| err(e.to_string()))?.file_type();
-    match kind {
-        HostFile::Regular if !t.is_file() => return Err(err("it is not a regular file".into())),
-        HostFile::Disk { .. } if !t.is_file() && !t.is_block_device() => {
-            return Err(err("it is neither a regular file nor a block device".into()))
-        }
-        _ => {}
+    if let Some(why) = wrong_type(t) {
+        return Err(err(why.into()));
     }
     set_blocking(&f).map_err(|e| err(e.to_string()))?;
     Ok(f)
@@ -469,6 +481,40 @@ impl VmConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_files_of_the_wrong_type_are_refused_without_waiting() {
+        let dir = std::env::temp_dir().join(format!("ember-hostfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("pipe");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) of a path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let file = dir.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let (p, f, d) = (
+            fifo.to_str().unwrap(),
+            file.to_str().unwrap(),
+            dir.to_str().unwrap(),
+        );
+        for (path, kind, says) in [
+            (p, HostFile::Regular, "not a regular file"),
+            (p, HostFile::Disk { write: true }, "nor a block device"),
+            ("/dev/null", HostFile::Regular, "not a regular file"),
+            (
+                "/dev/null",
+                HostFile::Disk { write: false },
+                "nor a block device",
+            ),
+            (d, HostFile::Regular, "not a regular file"),
+        ] {
+            let e = open_host_file("test", path, kind).unwrap_err().to_string();
+            assert!(e.contains(says), "{path}: {e}");
+        }
+        assert!(open_host_file("test", f, HostFile::Regular).is_ok());
+        assert!(open_host_file("test", f, HostFile::Disk { write: true }).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn kernel_path() -> String {
         // Any readable file will do for validation.
