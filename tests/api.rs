@@ -966,9 +966,7 @@ fn log_and_metrics_pipes_without_a_reader_do_not_stall_the_api() {
     let mut pipes = Vec::new();
     for name in ["log.fifo", "metrics.fifo"] {
         let p = vm.dir.path(name);
-        let cs = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
-        // SAFETY: mkfifo(3) with a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(cs.as_ptr(), 0o600) }, 0);
+        mkfifo(&p);
         pipes.push(p);
     }
     let started = std::time::Instant::now();
@@ -1065,9 +1063,7 @@ fn named_pipes_never_hold_the_api() {
     let vm = ApiVm::start(&[]);
     let mut c = vm.client();
     let fifo = vm.dir.path("pipe");
-    let cs = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(cs.as_ptr(), 0o600) }, 0);
+    mkfifo(&fifo);
     let p = fifo.display();
     let refused = [
         ("/boot-source", format!(r#"{{"kernel_image_path":"{p}"}}"#)),
@@ -1141,9 +1137,7 @@ fn serial_pipe_nobody_reads_drops_lines_and_never_stalls() {
     );
     assert_eq!(r.status, 204, "{}", r.body);
     let fifo = vm.dir.path("console.pipe");
-    let cs = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(cs.as_ptr(), 0o600) }, 0);
+    mkfifo(&fifo);
     let r = c.put(
         "/serial",
         &format!(r#"{{"serial_out_path": "{}"}}"#, fifo.display()),

@@ -490,9 +490,7 @@ fn log_path_dev_stdout_into_a_file_keeps_log_and_console() {
 fn kernel_that_is_a_named_pipe_is_refused_at_once() {
     let dir = TempDir::new("fifo-kernel");
     let fifo = dir.path("kernel");
-    let cs = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(cs.as_ptr(), 0o600) }, 0);
+    mkfifo(&fifo);
     let mut cfg = guest_config("hello", 1, 128);
     cfg["boot-source"]["kernel_image_path"] = fifo.to_str().unwrap().into();
     let path = dir.write("vm.json", serde_json::to_vec(&cfg).unwrap());

@@ -16,9 +16,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -99,14 +97,8 @@ fn dev_ino(p: &Path) -> (u64, u64) {
     (m.dev(), m.ino())
 }
 
-fn mkfifo(p: &Path, uid: u32, gid: u32) {
-    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
-    // SAFETY: `c` is a valid C string for the duration of the call.
-    assert_eq!(
-        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
-        0,
-        "mkfifo {p:?}"
-    );
+fn mkfifo_owned(p: &Path, uid: u32, gid: u32) {
+    common::mkfifo(p);
     std::os::unix::fs::chown(p, Some(uid), Some(gid)).unwrap();
 }
 
@@ -145,7 +137,7 @@ impl Jail {
         let log = root.join("log");
         std::fs::write(&log, "").unwrap();
         std::os::unix::fs::chown(&log, Some(UID), Some(GID)).unwrap();
-        mkfifo(&root.join("vm.json"), UID, GID);
+        mkfifo_owned(&root.join("vm.json"), UID, GID);
     }
 
     /// `ember-jailer --id .. --exec-file ember --uid --gid --chroot-base-dir ..` + `extra`.

@@ -26,6 +26,18 @@ pub fn require_root(what: &str) -> bool {
 
 /// Tests need /dev/kvm. Without it they fail loudly, unless EMBER_SKIP_KVM_TESTS=1 says to
 /// skip (and then they still say so).
+/// Makes a named pipe at `path` (mode 0600).
+pub fn mkfifo(path: &Path) {
+    let c =
+        std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str())).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+        0,
+        "mkfifo {path:?}"
+    );
+}
+
 pub fn require_kvm() -> bool {
     if Path::new("/dev/kvm").exists() {
         return true;
