@@ -65,6 +65,10 @@ const FIRST_LOCAL_PORT: u32 = 1024;
 const EVENT_LEN: usize = 4;
 /// The longest `CONNECT <port>\n` line.
 const MAX_CONNECT_LINE: usize = 32;
+/// The most control packets waiting for RX buffers before RSTs and CREDIT_UPDATEs, which a
+/// guest can ask for with every TX packet, are dropped. The other packets are bounded by the
+/// connections (a REQUEST or RESPONSE and a SHUTDOWN or two each).
+const MAX_QUEUED_CTRL: usize = 4 * (MAX_CONNECTIONS + 1);
 
 /// `struct virtio_vsock_hdr`, little-endian on the wire.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -384,6 +388,17 @@ impl Vsock {
     }
 
     fn push_ctrl(&mut self, key: Key, op: u16, flags: u32) {
+        // A guest that sends packets to no connection (each asks for a RST) or CREDIT_REQUESTs
+        // and takes no RX packet would grow the queue without bound: the same RST or
+        // CREDIT_UPDATE is queued once, and none past MAX_QUEUED_CTRL (the guest hears of the
+        // connection again when it next sends on it).
+        if matches!(op, OP_RST | OP_CREDIT_UPDATE)
+            && (self.ctrl.len() >= MAX_QUEUED_CTRL
+                || self.ctrl.iter().any(|p| p.key == key && p.op == op))
+        {
+            log::debug!("vsock: control packet {op} for {key:?} not queued");
+            return;
+        }
         if op == OP_RST {
             METRICS.vsock.rst_sent.inc();
         }
@@ -1436,6 +1451,32 @@ mod tests {
         }
         assert!(reset);
         assert!(h.dev.conns.is_empty());
+    }
+
+    #[test]
+    fn control_packets_for_a_guest_that_takes_none_stay_bounded() {
+        let mut h = H::new("ctrlcap");
+        let l = UnixListener::bind(format!("{}_7000", h.uds())).unwrap();
+        h.post_rx(1);
+        h.send(OP_REQUEST, 2, 7000, b"");
+        h.expect(OP_RESPONSE);
+        let (_s, _) = l.accept().unwrap();
+        // No RX buffers from now on. CREDIT_REQUESTs on the live connection: one answer.
+        for _ in 0..100 {
+            h.send(OP_CREDIT_REQUEST, 2, 7000, b"");
+        }
+        assert_eq!(h.dev.ctrl.len(), 1);
+        // Packets to connections that do not exist, each asking for a RST: bounded.
+        for port in 0..3 * MAX_QUEUED_CTRL as u32 {
+            h.send(OP_RW, 10_000 + port, 7001, b"x");
+        }
+        assert_eq!(h.dev.ctrl.len(), MAX_QUEUED_CTRL);
+        // What was queued first still comes out first.
+        h.post_rx(2);
+        h.expect(OP_CREDIT_UPDATE);
+        let (p, _) = h.expect(OP_RST);
+        assert_eq!((p.src_port, p.dst_port), (7001, 10_000));
+        assert_eq!(h.dev.conns.len(), 1);
     }
 
     #[test]
