@@ -16,7 +16,7 @@ use crate::devices::legacy::serial::{ConsoleSink, SerialDevice, COM1_BASE, COM1_
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{
-    MmioTransport, BACKEND_EVENT, REG_QUEUE_NOTIFY, THROTTLE_EVENT,
+    MmioTransport, BACKEND_EVENT, REG_QUEUE_NOTIFY, RESUME_EVENT, THROTTLE_EVENT,
 };
 use crate::devices::virtio::net::{Net, TapWatcher};
 use crate::devices::virtio::rng::Rng;
@@ -415,7 +415,15 @@ pub fn build_microvm(
         vm.register_irqfd(&irq, slot.gsi)?;
         let backend_evt = dev.completion_event();
         let throttle_evt = dev.throttle_timer();
-        let transport = Arc::new(Mutex::new(MmioTransport::new(dev, mem.clone(), irq)));
+        // A queue pass cut at its budget asks the VMM thread, through this, to run it again.
+        let resume = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err)?;
+        let transport = MmioTransport::new(dev, mem.clone(), irq)
+            .with_resume_event(resume.try_clone().map_err(device_err)?);
+        let transport = Arc::new(Mutex::new(transport));
+        {
+            let handler: Arc<Mutex<dyn QueueHandler>> = transport.clone();
+            queue_notifiers.push(QueueNotifier::new(resume, RESUME_EVENT, handler));
+        }
         if let Some(evt) = backend_evt {
             let handler: Arc<Mutex<dyn QueueHandler>> = transport.clone();
             queue_notifiers.push(QueueNotifier::new(evt, BACKEND_EVENT, handler));

@@ -193,12 +193,14 @@ metrics_group!(VsockMetrics {
     rst_sent: IncMetric,
 });
 
-// Transport-level trouble common to every virtio device.
+// Transport-level trouble common to every virtio device. `deferred_passes`: queue passes cut
+// at their budget and run again later (a guest refilling a queue as fast as ember empties it).
 metrics_group!(VirtioMetrics {
     malformed_chains: IncMetric,
     invalid_notifications: IncMetric,
     invalid_register_writes: IncMetric,
     needs_reset: IncMetric,
+    deferred_passes: IncMetric,
 });
 
 metrics_group!(LatencyMetrics {

@@ -2,6 +2,7 @@
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     DeviceError, QueueHandler, VirtioDevice, QUEUE_MAX_SIZE, VIRTIO_F_VERSION_1,
@@ -62,6 +63,27 @@ pub struct MmioTransport {
     queue_sel: u32,
     interrupt_status: u32,
     config_generation: u32,
+    /// Written when a pass ran out of budget (see [`super::PASS_BUDGET`]); the VMM thread
+    /// then calls `notified(RESUME_EVENT)`.
+    resume_evt: Option<EventFd>,
+    /// The passes that ran out of budget, to run again on `RESUME_EVENT`.
+    deferred: Deferred,
+}
+
+/// Passes to run again: queues by bit, the backend's and the throttle timer's.
+#[derive(Clone, Copy, Default)]
+struct Deferred {
+    queues: u64,
+    backend: bool,
+    throttled: bool,
+}
+
+/// Which device entry point a pass runs.
+#[derive(Clone, Copy)]
+enum Pass {
+    Queue(usize),
+    Backend,
+    Throttled,
 }
 
 impl MmioTransport {
@@ -82,7 +104,16 @@ impl MmioTransport {
             queue_sel: 0,
             interrupt_status: 0,
             config_generation: 0,
+            resume_evt: None,
+            deferred: Deferred::default(),
         }
+    }
+
+    /// The eventfd to write when a pass must be run again; the VMM thread watches it and
+    /// calls `notified(RESUME_EVENT)`.
+    pub fn with_resume_event(mut self, evt: EventFd) -> Self {
+        self.resume_evt = Some(evt);
+        self
     }
 
     pub fn status(&self) -> u32 {
@@ -104,6 +135,7 @@ impl MmioTransport {
         self.driver_features = 0;
         self.queue_sel = 0;
         self.interrupt_status = 0;
+        self.deferred = Deferred::default();
     }
 
     fn raise(&mut self, bit: u32) {
@@ -216,8 +248,51 @@ impl MmioTransport {
             METRICS.virtio.invalid_notifications.inc();
             return;
         }
-        let res = self.device.process_queues(i, &self.mem, &mut self.queues);
+        self.run_pass(Pass::Queue(i));
+    }
+
+    /// Runs one pass of the device within [`super::PASS_BUDGET`]; one that wanted more is
+    /// run again after the events already waiting.
+    fn run_pass(&mut self, pass: Pass) {
+        let (device, mem, queues) = (&mut self.device, &self.mem, &mut self.queues);
+        let (res, spent) = super::with_pass_budget(super::PASS_BUDGET, || match pass {
+            Pass::Queue(i) => device.process_queues(i, mem, queues),
+            Pass::Backend => device.process_backend(mem, queues),
+            Pass::Throttled => device.process_throttled(mem, queues),
+        });
+        if spent && res.is_ok() {
+            match pass {
+                Pass::Queue(i) => self.deferred.queues |= 1 << i,
+                Pass::Backend => self.deferred.backend = true,
+                Pass::Throttled => self.deferred.throttled = true,
+            }
+            METRICS.virtio.deferred_passes.inc();
+            if let Some(evt) = &self.resume_evt {
+                if let Err(e) = evt.write(1) {
+                    log::warn!("virtio: cannot schedule the rest of a queue pass: {e}");
+                }
+            }
+        }
         self.after_processing(res);
+    }
+
+    /// Runs again the passes that ran out of budget.
+    fn resume(&mut self) {
+        let d = std::mem::take(&mut self.deferred);
+        if !self.live() {
+            return;
+        }
+        for i in 0..self.queues.len() {
+            if d.queues & (1 << i) != 0 {
+                self.run_pass(Pass::Queue(i));
+            }
+        }
+        if d.backend {
+            self.run_pass(Pass::Backend);
+        }
+        if d.throttled {
+            self.run_pass(Pass::Throttled);
+        }
     }
 
     fn live(&self) -> bool {
@@ -250,8 +325,7 @@ impl MmioTransport {
         if !self.live() {
             return;
         }
-        let res = self.device.process_backend(&self.mem, &mut self.queues);
-        self.after_processing(res);
+        self.run_pass(Pass::Backend);
     }
 
     /// The device's rate-limiter timer fired: a live device takes requests again.
@@ -259,8 +333,7 @@ impl MmioTransport {
         if !self.live() {
             return;
         }
-        let res = self.device.process_throttled(&self.mem, &mut self.queues);
-        self.after_processing(res);
+        self.run_pass(Pass::Throttled);
     }
 
     /// `PATCH` of the device's rate limiters (see [`VirtioDevice::update_rate_limiters`]).
@@ -380,6 +453,8 @@ impl MmioTransport {
 pub const BACKEND_EVENT: u32 = u32::MAX;
 /// The "queue index" of a device's rate-limiter timer (its `throttle_timer`).
 pub const THROTTLE_EVENT: u32 = u32::MAX - 1;
+/// The "queue index" of the transport's own resume event (see `with_resume_event`).
+pub const RESUME_EVENT: u32 = u32::MAX - 2;
 
 impl QueueHandler for MmioTransport {
     fn notified(&mut self, queue_index: u32) {
@@ -387,6 +462,8 @@ impl QueueHandler for MmioTransport {
             self.process_backend();
         } else if queue_index == THROTTLE_EVENT {
             self.process_throttled();
+        } else if queue_index == RESUME_EVENT {
+            self.resume();
         } else {
             self.process(queue_index);
         }
@@ -630,6 +707,77 @@ mod tests {
         make_avail(&mem, 1, 0);
         t.notified(0);
         assert_eq!(used_idx(&mem), 2);
+    }
+
+    /// A device whose driver hands every chain it gets back at once, as a second vCPU
+    /// refilling the queue could, `left` more times in all.
+    struct Refiller {
+        left: usize,
+    }
+
+    impl VirtioDevice for Refiller {
+        fn device_type(&self) -> u32 {
+            super::super::TYPE_RNG
+        }
+        fn avail_features(&self) -> u64 {
+            VIRTIO_F_VERSION_1
+        }
+        fn config_space(&self) -> Vec<u8> {
+            Vec::new()
+        }
+        fn process_queues(
+            &mut self,
+            _index: usize,
+            mem: &GuestMemoryMmap,
+            queues: &mut [Queue],
+        ) -> Result<bool, DeviceError> {
+            let q = &mut queues[0];
+            let mut used = false;
+            while let Some(chain) = super::super::pop_chain(mem, q)? {
+                let head = chain.head_index();
+                q.add_used(mem, head, 0).unwrap();
+                used = true;
+                if self.left > 0 {
+                    self.left -= 1;
+                    let idx: u16 = mem.read_obj(GuestAddress(AVAIL + 2)).unwrap();
+                    let slot = GuestAddress(AVAIL + 4 + 2 * u64::from(idx % 16));
+                    mem.write_obj(head, slot).unwrap();
+                    mem.write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2))
+                        .unwrap();
+                }
+            }
+            Ok(used)
+        }
+    }
+
+    #[test]
+    fn a_queue_refilled_as_fast_as_it_is_emptied_gets_bounded_passes() {
+        let mem = memory();
+        let resume = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let budget = super::super::PASS_BUDGET;
+        let dev = Box::new(Refiller { left: 3 * budget });
+        let mut t = MmioTransport::new(dev, mem.clone(), EventFdTrigger::new().unwrap())
+            .with_resume_event(resume.try_clone().unwrap());
+        setup(&mut t, 16);
+        wr(&mut t, REG_STATUS, 0xf);
+        write_desc(&mem, 0, 0x8000, 64, WRITE, 0);
+        make_avail(&mem, 0, 0);
+        let deferred = METRICS.virtio.deferred_passes.count();
+        // The notification's pass stops at its budget and asks to be run again; the rest
+        // comes in passes of the same size, until the driver stops refilling.
+        t.notified(0);
+        assert_eq!(usize::from(used_idx(&mem)), budget);
+        let mut passes = 1;
+        while resume.read().is_ok() {
+            t.notified(RESUME_EVENT);
+            passes += 1;
+            assert!(usize::from(used_idx(&mem)) <= passes * budget);
+        }
+        assert_eq!(usize::from(used_idx(&mem)), 3 * budget + 1);
+        assert_eq!(passes, 4);
+        assert!(METRICS.virtio.deferred_passes.count() >= deferred + 3);
+        // The interrupt was raised for the chains used.
+        assert_ne!(rd(&mut t, REG_INTERRUPT_STATUS) & INT_USED_RING, 0);
     }
 
     /// The driver's `used_event` (after the avail ring of a 16-entry queue).

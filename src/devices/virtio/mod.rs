@@ -14,6 +14,7 @@ pub mod rng;
 pub mod tap;
 pub mod vsock;
 
+use std::cell::Cell;
 use std::fmt;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -160,6 +161,47 @@ pub fn pop_chain<'a>(
     pop_chain_rearm(mem, queue, true)
 }
 
+/// Chains one pass over a device's queues may pop, as the transport runs it. A guest that
+/// keeps refilling a queue from another vCPU would otherwise hold the VMM thread in one pass
+/// for as long as it likes, and with it the API and every other device. A pass that spends
+/// its budget sees its queues as empty; the transport then runs it again after the events
+/// already waiting. A full ring is one pass.
+pub const PASS_BUDGET: usize = QUEUE_MAX_SIZE as usize;
+
+thread_local! {
+    /// What the current pass may still pop (None: no limit, as for a device driven directly)
+    /// and whether it wanted more.
+    static PASS: Cell<(Option<usize>, bool)> = const { Cell::new((None, false)) };
+}
+
+/// Runs `f` as one pass that may pop `budget` chains; returns what `f` returned and whether
+/// the pass stopped for want of budget.
+pub fn with_pass_budget<T>(budget: usize, f: impl FnOnce() -> T) -> (T, bool) {
+    PASS.with(|p| p.set((Some(budget), false)));
+    let out = f();
+    let (_, spent) = PASS.with(|p| p.replace((None, false)));
+    (out, spent)
+}
+
+/// Whether the current pass may pop one more chain; if not, records that it wanted to.
+fn pass_may_pop() -> bool {
+    PASS.with(|p| match p.get() {
+        (Some(0), _) => {
+            p.set((Some(0), true));
+            false
+        }
+        _ => true,
+    })
+}
+
+fn pass_popped() {
+    PASS.with(|p| {
+        if let (Some(n), spent) = p.get() {
+            p.set((Some(n.saturating_sub(1)), spent));
+        }
+    });
+}
+
 /// Like [`pop_chain`]; `rearm` false leaves notifications as they are when the queue is
 /// empty. For a device with requests still in flight, which looks at the queue again when
 /// they complete: with EVENT_IDX the driver then does not notify for chains it adds
@@ -170,6 +212,10 @@ pub fn pop_chain_rearm<'a>(
     queue: &mut Queue,
     rearm: bool,
 ) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, DeviceError> {
+    // Out of budget: the transport runs the pass again (notifications need not be re-enabled).
+    if !pass_may_pop() {
+        return Ok(None);
+    }
     // A guest flipping its avail index back and forth could keep the re-check going: after a
     // few rounds give up; `avail_event` is set, so the driver notifies for its next chain.
     let size = queue.size();
@@ -187,8 +233,12 @@ pub fn pop_chain_rearm<'a>(
                 "head index {head} beyond the queue of {size}"
             )));
         }
-        if next.is_some() || !queue.event_idx_enabled() || !rearm {
+        if next.is_some() {
+            pass_popped();
             return Ok(next);
+        }
+        if !queue.event_idx_enabled() || !rearm {
+            return Ok(None);
         }
         match queue.enable_notification(mem) {
             Ok(true) => continue,
