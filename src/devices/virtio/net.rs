@@ -154,6 +154,9 @@ pub struct Net<B: NetBackend> {
     mtu: Option<u16>,
     /// The frame read from the backend and not yet delivered, and its length.
     rx_pending: Option<usize>,
+    /// Whether the RX rate limiter was charged for the pending frame: a frame that waits for
+    /// buffers is charged once, not at every RX notification.
+    rx_paid: bool,
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
     /// The limiters of the frames delivered to the guest (`RX_QUEUE`: ops 1, bandwidth the
@@ -205,6 +208,7 @@ impl<B: NetBackend> Net<B> {
             guest_mac,
             mtu,
             rx_pending: None,
+            rx_paid: false,
             rx_buf: vec![0; MAX_BUFFER],
             tx_buf: Vec::with_capacity(MAX_BUFFER),
             throttle: Throttle::default(),
@@ -468,6 +472,7 @@ impl<B: NetBackend> Net<B> {
                         // No MRG_RXBUF: every frame is in one chain.
                         self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
                         self.rx_pending = Some(n);
+                        self.rx_paid = false;
                         n
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -478,12 +483,15 @@ impl<B: NetBackend> Net<B> {
                 },
             };
             // Throttled: the frame stays pending until the timer fires.
-            if !self
-                .throttle
-                .try_consume(RX_QUEUE, (len - VNET_HDR_LEN) as u64, 1)
-            {
-                bump(&self.metrics, |m| &m.rx_rate_limiter_throttled, 1);
-                break;
+            if !self.rx_paid {
+                if !self
+                    .throttle
+                    .try_consume(RX_QUEUE, (len - VNET_HDR_LEN) as u64, 1)
+                {
+                    bump(&self.metrics, |m| &m.rx_rate_limiter_throttled, 1);
+                    break;
+                }
+                self.rx_paid = true;
             }
             if self.mrg_rxbuf {
                 match self.deliver_merged(mem, q, len)? {
@@ -834,6 +842,44 @@ mod tests {
         assert!(n.rx_pending.is_some());
         n.reset();
         assert!(n.rx_pending.is_none());
+    }
+
+    #[test]
+    fn rx_limiter_charges_a_frame_that_waits_for_buffers_once() {
+        let mem = memory();
+        let fake = Fake::default();
+        // Two frames' worth of operations, refilled only after 100 s.
+        let ops = RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(crate::api::models::TokenBucket {
+                size: 2,
+                one_time_burst: None,
+                refill_time: 100_000,
+            }),
+        };
+        let mut n = Net::new(fake.clone(), None, None)
+            .with_rate_limiters(Some(&ops), None)
+            .unwrap();
+        let mut qs = [queue(&mem, 16), queue(&mem, 16)];
+        fake.inbox
+            .lock()
+            .unwrap()
+            .extend([frame([2; 6], b"one"), frame([2; 6], b"two")]);
+        // The first frame is read and waits: a TAP event and three RX notifications without
+        // buffers.
+        n.process_backend(&mem, &mut qs).unwrap();
+        for _ in 0..3 {
+            n.process_queues(RX_QUEUE, &mem, &mut qs).unwrap();
+        }
+        assert!(n.rx_pending.is_some());
+        // Buffers for both: the two operations of the bucket carry both frames.
+        for i in 0..2u16 {
+            write_desc(&mem, i, 0x8000 + 0x1000 * u64::from(i), 256, WRITE, 0);
+            make_avail(&mem, i, i);
+        }
+        n.process_queues(RX_QUEUE, &mem, &mut qs).unwrap();
+        assert_eq!(used_idx(&mem), 2);
+        assert!(fake.inbox.lock().unwrap().is_empty());
     }
 
     #[test]

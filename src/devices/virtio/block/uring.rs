@@ -273,8 +273,12 @@ impl Uring {
     /// Waits for every request in flight and forgets them (a device reset, or the end).
     pub fn drain(&mut self) {
         while self.in_flight() > 0 {
-            if self.ring.submit_and_wait(1).is_err() {
-                break;
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                // A reset runs on a vCPU thread, which ember's kick signal can interrupt:
+                // leaving then would let the requests complete into the re-initialised queue.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
             }
             self.unsubmitted = 0;
             let _ = self.completions();
