@@ -108,9 +108,11 @@ fn copy_exec(
         .map_err(err)?;
     created.files.push(target.to_path_buf());
     io::copy(&mut src, &mut dst).map_err(err)?;
-    drop(dst);
-    own(target, uid, gid)?;
-    fs::set_permissions(target, Permissions::from_mode(0o755))
+    // Through the descriptor, never the path: uid owns the root and may have put anything
+    // (a symbolic link to a host file) at `target` by now.
+    std::os::unix::fs::fchown(&dst, Some(uid), Some(gid))
+        .map_err(|e| JailError::Chown(target.to_path_buf(), e))?;
+    dst.set_permissions(Permissions::from_mode(0o755))
         .map_err(|e| JailError::Chmod(target.to_path_buf(), e))
 }
 
@@ -182,4 +184,79 @@ pub fn make_devices(uid: u32, gid: u32, userfaultfd: Option<(u32, u32)>) -> Resu
         own(p, uid, gid)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+
+    /// A fresh scratch directory, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let p = std::env::temp_dir()
+                .join(format!("ember-jailer-unit-{tag}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&p);
+            fs::create_dir_all(&p).unwrap();
+            Scratch(p)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn ids() -> (u32, u32) {
+        // SAFETY: geteuid/getegid take no arguments and cannot fail.
+        unsafe { (libc::geteuid(), libc::getegid()) }
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    /// While the copy runs, the tenant (who owns the jail root) swaps the new file for a
+    /// symbolic link to a host file: the owner and mode go to the copy, never to that file.
+    #[test]
+    fn copy_exec_changes_only_the_copy_when_swapped_for_a_symlink() {
+        let s = Scratch::new("swap");
+        let (uid, gid) = ids();
+        let victim = s.0.join("victim");
+        fs::write(&victim, "secret").unwrap();
+        fs::set_permissions(&victim, Permissions::from_mode(0o600)).unwrap();
+        // A FIFO as the source holds the copy open until the swap is done.
+        let fifo = s.0.join("exec");
+        let c = sys::cstr(&fifo).unwrap();
+        // SAFETY: `c` is a valid C string that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let target = s.0.join("ember");
+        let swapper = {
+            let (fifo, target, victim) = (fifo.clone(), target.clone(), victim.clone());
+            std::thread::spawn(move || {
+                let mut w = OpenOptions::new().write(true).open(&fifo).unwrap();
+                w.write_all(b"\x7fELF").unwrap();
+                let start = Instant::now();
+                while target.symlink_metadata().is_err() {
+                    assert!(start.elapsed() < Duration::from_secs(10), "no copy");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                fs::rename(&target, target.with_extension("moved")).unwrap();
+                std::os::unix::fs::symlink(&victim, &target).unwrap();
+            })
+        };
+        let mut created = Created::default();
+        let res = copy_exec(&fifo, &target, uid, gid, &mut created);
+        swapper.join().unwrap();
+        res.unwrap();
+        assert_eq!(mode(&victim), 0o600, "the host file's mode changed");
+        assert_eq!(fs::read(&victim).unwrap(), b"secret");
+        let copy = target.with_extension("moved");
+        assert_eq!(mode(&copy), 0o755);
+        assert_eq!(fs::read(&copy).unwrap(), b"\x7fELF");
+    }
 }
