@@ -4,7 +4,8 @@
 use std::fmt;
 use std::fs::{self, OpenOptions, Permissions};
 use std::io;
-use std::os::unix::fs::{lchown, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::sys;
@@ -23,6 +24,8 @@ pub enum JailError {
     /// A step of the switch into the new root: what, and why it failed.
     Pivot(&'static str, io::Error),
     Mknod(PathBuf, io::Error),
+    /// Not what the jailer created there a moment before.
+    Replaced(PathBuf, Kind),
 }
 
 impl fmt::Display for JailError {
@@ -36,6 +39,13 @@ impl fmt::Display for JailError {
             JailError::Chmod(p, e) => write!(f, "cannot change the mode of {p:?}: {e}"),
             JailError::Pivot(step, e) => write!(f, "cannot enter the jail ({step}): {e}"),
             JailError::Mknod(p, e) => write!(f, "cannot create the device node {p:?}: {e}"),
+            JailError::Replaced(p, Kind::Dir) => {
+                write!(f, "{p:?} is not a directory (was it replaced?)")
+            }
+            JailError::Replaced(p, Kind::CharDev(major, minor)) => write!(
+                f,
+                "{p:?} is not the character device {major}:{minor} (was it replaced?)"
+            ),
         }
     }
 }
@@ -80,9 +90,36 @@ fn create_dir_all(dir: &Path, created: &mut Created) -> Result<(), JailError> {
     Ok(())
 }
 
-/// Changes the owner of `path` itself (never of what a symbolic link points to).
-fn own(path: &Path, uid: u32, gid: u32) -> Result<(), JailError> {
-    lchown(path, Some(uid), Some(gid)).map_err(|e| JailError::Chown(path.to_path_buf(), e))
+/// What `own` expects to find at its path.
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    Dir,
+    /// A character device with this (major, minor).
+    CharDev(u32, u32),
+}
+
+/// Changes the owner of `path` when it is the `kind` expected. uid owns the jail's root and
+/// may put anything there at any time, such as a hard link to a host file where a device
+/// node was just made: the path is opened once (never through a final symbolic link), checked,
+/// and changed through that descriptor.
+fn own(path: &Path, kind: Kind, uid: u32, gid: u32) -> Result<(), JailError> {
+    let err = |e| JailError::Chown(path.to_path_buf(), e);
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(err)?;
+    let m = f.metadata().map_err(err)?;
+    let ok = match kind {
+        Kind::Dir => m.is_dir(),
+        Kind::CharDev(major, minor) => {
+            m.file_type().is_char_device() && sys::dev_major_minor(m.rdev()) == (major, minor)
+        }
+    };
+    if !ok {
+        return Err(JailError::Replaced(path.to_path_buf(), kind));
+    }
+    sys::fchown_fd(f.as_fd(), uid, gid).map_err(err)
 }
 
 /// Copies (never links) `exec` to `<root>/<name>`, mode 0755, owned by uid:gid. The target
@@ -128,10 +165,10 @@ pub fn prepare(
 ) -> Result<(), JailError> {
     create_dir_all(root, created)?;
     copy_exec(exec, &root.join(exec_name), uid, gid, created)?;
-    own(root, uid, gid)?;
+    own(root, Kind::Dir, uid, gid)?;
     let run = root.join("run");
     create_dir_all(&run, created)?;
-    own(&run, uid, gid)?;
+    own(&run, Kind::Dir, uid, gid)?;
     Ok(())
 }
 
@@ -181,7 +218,7 @@ pub fn make_devices(uid: u32, gid: u32, userfaultfd: Option<(u32, u32)>) -> Resu
         let p = Path::new(path);
         sys::mknod_char(p, libc::S_IRUSR | libc::S_IWUSR, major, minor)
             .map_err(|e| JailError::Mknod(p.to_path_buf(), e))?;
-        own(p, uid, gid)?;
+        own(p, Kind::CharDev(major, minor), uid, gid)?;
     }
     Ok(())
 }
@@ -258,5 +295,56 @@ mod tests {
         let copy = target.with_extension("moved");
         assert_eq!(mode(&copy), 0o755);
         assert_eq!(fs::read(&copy).unwrap(), b"\x7fELF");
+    }
+
+    fn owner(p: &Path) -> (u32, u32) {
+        let m = fs::symlink_metadata(p).unwrap();
+        (m.uid(), m.gid())
+    }
+
+    /// After the checks, uid (who owns the root) replaced `run` with a symbolic link to a host
+    /// directory.
+    #[test]
+    fn prepare_refuses_a_run_that_is_a_symlink() {
+        let s = Scratch::new("runlink");
+        let (uid, gid) = ids();
+        let exec = s.0.join("exec");
+        fs::write(&exec, "\x7fELF").unwrap();
+        let root = s.0.join("root");
+        let host = s.0.join("host");
+        fs::create_dir_all(&root).unwrap();
+        fs::create_dir_all(&host).unwrap();
+        std::os::unix::fs::symlink(&host, root.join("run")).unwrap();
+        let mut created = Created::default();
+        let res = prepare(&root, &exec, "ember", uid, gid, &mut created);
+        assert!(matches!(res, Err(JailError::Replaced(..))), "{res:?}");
+        created.rollback();
+        assert!(!root.join("ember").exists());
+    }
+
+    /// A hard link to a host file put where a device node was just made keeps its owner.
+    #[test]
+    fn own_refuses_what_is_not_the_expected_kind() {
+        let s = Scratch::new("own");
+        let victim = s.0.join("victim");
+        fs::write(&victim, "x").unwrap();
+        let before = owner(&victim);
+        let link = s.0.join("kvm");
+        fs::hard_link(&victim, &link).unwrap();
+        let (uid, gid) = (before.0 ^ 1, before.1 ^ 1);
+        let res = own(&link, Kind::CharDev(10, 232), uid, gid);
+        assert!(matches!(res, Err(JailError::Replaced(..))), "{res:?}");
+        let res = own(&link, Kind::Dir, uid, gid);
+        assert!(matches!(res, Err(JailError::Replaced(..))), "{res:?}");
+        assert_eq!(owner(&victim), before);
+        // A symbolic link to a directory is not a directory here.
+        let dir = s.0.join("dir");
+        fs::create_dir(&dir).unwrap();
+        let dir_link = s.0.join("dirlink");
+        std::os::unix::fs::symlink(&dir, &dir_link).unwrap();
+        assert!(own(&dir_link, Kind::Dir, uid, gid).is_err());
+        // The real thing works.
+        let (my_uid, my_gid) = ids();
+        own(&dir, Kind::Dir, my_uid, my_gid).unwrap();
     }
 }

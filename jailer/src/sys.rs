@@ -80,6 +80,15 @@ pub fn mknod_char(path: &Path, mode: libc::mode_t, major: u32, minor: u32) -> io
     .map(drop)
 }
 
+/// fchownat(fd, "", uid, gid, AT_EMPTY_PATH): the owner of the file `fd` refers to, which may
+/// be an O_PATH descriptor.
+pub fn fchown_fd(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: `fd` is a live descriptor borrowed for the call and the path is a static empty
+    // C string, which AT_EMPTY_PATH makes the kernel take as `fd` itself.
+    check(unsafe { libc::fchownat(fd.as_raw_fd(), c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH) })
+        .map(drop)
+}
+
 /// The (major, minor) of a device number.
 pub fn dev_major_minor(rdev: u64) -> (u32, u32) {
     (libc::major(rdev), libc::minor(rdev))
