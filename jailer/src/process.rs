@@ -4,8 +4,9 @@
 use std::ffi::CString;
 use std::fmt;
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::args::Resource;
@@ -131,7 +132,7 @@ pub fn enter_new_pid_ns(pid_file: &Path) -> Result<(), ProcessError> {
     match sys::fork().map_err(|e| ProcessError::PidNs("fork", e))? {
         Forked::Child => Ok(()),
         Forked::Parent(pid) => {
-            if let Err(e) = std::fs::write(pid_file, pid.to_string()) {
+            if let Err(e) = write_pid_file(pid_file, pid) {
                 let err = ProcessError::PidFile(pid_file.to_path_buf(), e);
                 eprintln!("ember-jailer: {err}");
                 std::process::exit(1);
@@ -139,6 +140,24 @@ pub fn enter_new_pid_ns(pid_file: &Path) -> Result<(), ProcessError> {
             std::process::exit(0);
         }
     }
+}
+
+/// Writes `pid` to `path`, in the jail's root, which uid owns: whatever is there (a FIFO that
+/// would block, a symbolic or hard link to a host file that would be truncated) is removed, and
+/// the file is created anew.
+fn write_pid_file(path: &Path, pid: libc::pid_t) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    // O_CREAT | O_EXCL: fails on anything put back in the meantime, never follows it.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(path)?;
+    f.write_all(pid.to_string().as_bytes())
 }
 
 /// Drops to uid:gid (no supplementary groups) and execs `path` with `args` and an empty
@@ -158,4 +177,50 @@ pub fn exec_as(path: &Path, args: &[String], uid: u32, gid: u32) -> ProcessError
         return ProcessError::Privileges { uid, gid, err };
     }
     ProcessError::Exec(path.to_path_buf(), sys::execve_empty_env(path, &argv))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn pid_file_replaces_links_and_fifos_without_following_them() {
+        let dir =
+            std::env::temp_dir().join(format!("ember-jailer-unit-pid-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "secret").unwrap();
+        let pid_file = dir.join("ember.pid");
+        for plant in ["symlink", "hardlink", "fifo", "none"] {
+            let _ = std::fs::remove_file(&pid_file);
+            match plant {
+                "symlink" => std::os::unix::fs::symlink(&victim, &pid_file).unwrap(),
+                "hardlink" => std::fs::hard_link(&victim, &pid_file).unwrap(),
+                "fifo" => {
+                    let c = sys::cstr(&pid_file).unwrap();
+                    // SAFETY: `c` is a valid C string that outlives the call.
+                    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+                }
+                _ => {}
+            }
+            // A FIFO nobody reads would block the open for good: time out instead.
+            let (tx, rx) = std::sync::mpsc::channel();
+            let p = pid_file.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(write_pid_file(&p, 1234).map_err(|e| e.to_string()));
+            });
+            let res = rx
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .unwrap_or_else(|_| panic!("{plant}: writing the pid file blocked"));
+            res.unwrap_or_else(|e| panic!("{plant}: {e}"));
+            assert_eq!(std::fs::read(&victim).unwrap(), b"secret", "{plant}");
+            let m = std::fs::symlink_metadata(&pid_file).unwrap();
+            assert!(m.is_file(), "{plant}");
+            assert_eq!(m.permissions().mode() & 0o022, 0, "{plant}");
+            assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), "1234");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
