@@ -2,6 +2,9 @@
 //! of `parse` + `Config::check_host` is safe to act on, and nothing was created on the way.
 
 use std::fmt;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use argh::FromArgs;
@@ -109,26 +112,34 @@ impl Config {
         self.jail_dir().join("root")
     }
 
-    /// Checks what the request names on the host, without changing anything.
-    pub fn check_host(&self) -> Result<(), ArgsError> {
+    /// Checks what the request names on the host, without changing anything. Returns the exec
+    /// file, open and checked: that file, not whatever is at its path later, is copied.
+    pub fn check_host(&self) -> Result<File, ArgsError> {
         let exec = &self.exec_file;
+        let not_regular = || ArgsError::ExecFile(exec.clone(), "not a regular file".into());
         match std::fs::metadata(exec) {
             Ok(m) if m.is_file() => {}
-            Ok(_) => {
-                return Err(ArgsError::ExecFile(
-                    exec.clone(),
-                    "not a regular file".into(),
-                ))
-            }
+            Ok(_) => return Err(not_regular()),
+            Err(e) => return Err(ArgsError::ExecFile(exec.clone(), e.to_string())),
+        }
+        // O_NONBLOCK: a FIFO put at the path since cannot block the open; it fails the check
+        // below.
+        let mut file = File::options()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(exec)
+            .map_err(|e| ArgsError::ExecFile(exec.clone(), e.to_string()))?;
+        match file.metadata() {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => return Err(not_regular()),
             Err(e) => return Err(ArgsError::ExecFile(exec.clone(), e.to_string())),
         }
         // The jail is empty: only an ELF executable can run there (no interpreter for a
         // script). Caught here, before the jail exists, not by a failed exec inside it.
         let mut magic = [0u8; 4];
-        let read = std::fs::File::open(exec).and_then(|mut f| {
-            use std::io::Read;
-            f.read_exact(&mut magic)
-        });
+        let read = file
+            .read_exact(&mut magic)
+            .and_then(|()| file.seek(SeekFrom::Start(0)));
         if read.is_err() || magic != *b"\x7fELF" {
             return Err(ArgsError::ExecFile(
                 exec.clone(),
@@ -170,7 +181,7 @@ impl Config {
                 return Err(ArgsError::Netns(ns.clone(), e.to_string()));
             }
         }
-        Ok(())
+        Ok(file)
     }
 }
 
@@ -511,6 +522,37 @@ mod tests {
         }
         let e = config(&["--cgroup-version", "3"]).unwrap_err();
         assert!(matches!(e, ArgsError::CgroupVersion(_)));
+    }
+
+    /// What is copied into the jail is the file checked, even when its path is given to
+    /// another file afterwards.
+    #[test]
+    fn check_host_returns_the_exec_file_it_checked() {
+        let dir =
+            std::env::temp_dir().join(format!("ember-jailer-unit-exec-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let exec = dir.join("ember");
+        std::fs::write(&exec, b"\x7fELF checked").unwrap();
+        let mut argv = base(&["--chroot-base-dir", dir.join("base").to_str().unwrap()]);
+        argv[3] = exec.to_str().unwrap().to_string();
+        let Ok(Parsed::Run(cfg)) = parse(&argv) else {
+            panic!("{argv:?}")
+        };
+        let mut file = cfg.check_host().unwrap();
+        let other = dir.join("other");
+        std::fs::write(&other, b"not checked").unwrap();
+        std::fs::rename(&other, &exec).unwrap();
+        let mut copied = Vec::new();
+        file.read_to_end(&mut copied).unwrap();
+        assert_eq!(copied, b"\x7fELF checked");
+        // A FIFO is refused, and does not block the check.
+        std::fs::remove_file(&exec).unwrap();
+        let c = std::ffi::CString::new(exec.to_str().unwrap()).unwrap();
+        // SAFETY: `c` is a valid C string that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(matches!(cfg.check_host(), Err(ArgsError::ExecFile(..))));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

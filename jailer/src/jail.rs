@@ -122,10 +122,11 @@ fn own(path: &Path, kind: Kind, uid: u32, gid: u32) -> Result<(), JailError> {
     sys::fchown_fd(f.as_fd(), uid, gid).map_err(err)
 }
 
-/// Copies (never links) `exec` to `<root>/<name>`, mode 0755, owned by uid:gid. The target
-/// must not exist.
+/// Copies (never links) `src`, the exec file opened from `exec`, to `<root>/<name>`, mode 0755,
+/// owned by uid:gid. The target must not exist.
 fn copy_exec(
     exec: &Path,
+    src: &mut fs::File,
     target: &Path,
     uid: u32,
     gid: u32,
@@ -136,7 +137,6 @@ fn copy_exec(
         to: target.to_path_buf(),
         err,
     };
-    let mut src = fs::File::open(exec).map_err(err)?;
     let mut dst = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -144,7 +144,7 @@ fn copy_exec(
         .open(target)
         .map_err(err)?;
     created.files.push(target.to_path_buf());
-    io::copy(&mut src, &mut dst).map_err(err)?;
+    io::copy(src, &mut dst).map_err(err)?;
     // Through the descriptor, never the path: uid owns the root and may have put anything
     // (a symbolic link to a host file) at `target` by now.
     std::os::unix::fs::fchown(&dst, Some(uid), Some(gid))
@@ -158,13 +158,14 @@ fn copy_exec(
 pub fn prepare(
     root: &Path,
     exec: &Path,
+    exec_file: &mut fs::File,
     exec_name: &str,
     uid: u32,
     gid: u32,
     created: &mut Created,
 ) -> Result<(), JailError> {
     create_dir_all(root, created)?;
-    copy_exec(exec, &root.join(exec_name), uid, gid, created)?;
+    copy_exec(exec, exec_file, &root.join(exec_name), uid, gid, created)?;
     own(root, Kind::Dir, uid, gid)?;
     let run = root.join("run");
     create_dir_all(&run, created)?;
@@ -286,8 +287,9 @@ mod tests {
                 std::os::unix::fs::symlink(&victim, &target).unwrap();
             })
         };
+        let mut src = fs::File::open(&fifo).unwrap();
         let mut created = Created::default();
-        let res = copy_exec(&fifo, &target, uid, gid, &mut created);
+        let res = copy_exec(&fifo, &mut src, &target, uid, gid, &mut created);
         swapper.join().unwrap();
         res.unwrap();
         assert_eq!(mode(&victim), 0o600, "the host file's mode changed");
@@ -316,7 +318,8 @@ mod tests {
         fs::create_dir_all(&host).unwrap();
         std::os::unix::fs::symlink(&host, root.join("run")).unwrap();
         let mut created = Created::default();
-        let res = prepare(&root, &exec, "ember", uid, gid, &mut created);
+        let mut src = fs::File::open(&exec).unwrap();
+        let res = prepare(&root, &exec, &mut src, "ember", uid, gid, &mut created);
         assert!(matches!(res, Err(JailError::Replaced(..))), "{res:?}");
         created.rollback();
         assert!(!root.join("ember").exists());

@@ -114,9 +114,10 @@ fn main() {
 /// Does the whole job; returns only on failure (success ends in exec).
 fn run(cfg: &Config, start: StartTime) -> Error {
     // 1. Validate everything before creating anything.
-    if let Err(e) = cfg.check_host() {
-        return e.into();
-    }
+    let mut exec = match cfg.check_host() {
+        Ok(f) => f,
+        Err(e) => return e.into(),
+    };
     let netns = match cfg.netns.as_deref().map(process::open_netns).transpose() {
         Ok(ns) => ns,
         Err(e) => return e.into(),
@@ -144,6 +145,7 @@ fn run(cfg: &Config, start: StartTime) -> Error {
         jail::prepare(
             &root,
             &cfg.exec_file,
+            &mut exec,
             &cfg.exec_name,
             cfg.uid,
             cfg.gid,
@@ -163,6 +165,7 @@ fn run(cfg: &Config, start: StartTime) -> Error {
         return e;
     }
     drop(netns);
+    drop(exec);
 
     // 3. Inside the jail.
     if let Err(e) = jail::pivot_into(&root) {
