@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::io::{self, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 /// Which hierarchy `--cgroup` values go to.
@@ -282,7 +283,8 @@ fn levels(mount: &Path, leaf: &Path) -> Vec<PathBuf> {
 /// Creates the missing directories from `mount` down to `leaf`, recording each new one.
 fn create_levels(mount: &Path, leaf: &Path, created: &mut Vec<PathBuf>) -> Result<(), CgroupError> {
     for dir in levels(mount, leaf).into_iter().skip(1) {
-        match std::fs::create_dir(&dir) {
+        // At most 0755 whatever the caller's umask: nobody else may add cgroups below.
+        match std::fs::DirBuilder::new().mode(0o755).create(&dir) {
             Ok(()) => created.push(dir),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
             Err(e) => return Err(CgroupError::Create(dir, e)),
@@ -397,6 +399,26 @@ mod tests {
         assert_eq!(unescape("/a\\040b"), "/a b");
         assert_eq!(unescape("/plain"), "/plain");
         assert_eq!(unescape("/end\\04"), "/end\\04");
+    }
+
+    /// Under a caller's umask of 0, the cgroup directories are still writable by root only.
+    #[test]
+    fn cgroup_directories_are_not_writable_by_others_under_umask_0() {
+        use std::os::unix::fs::PermissionsExt;
+        let mount =
+            std::env::temp_dir().join(format!("ember-jailer-unit-cgroup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&mount);
+        std::fs::create_dir_all(&mount).unwrap();
+        let leaf = mount.join("ember/vm1");
+        let mut created = Vec::new();
+        let res = crate::sys::with_umask_0(|| create_levels(&mount, &leaf, &mut created));
+        res.unwrap();
+        assert_eq!(created, vec![mount.join("ember"), leaf.clone()]);
+        for dir in &created {
+            let mode = std::fs::metadata(dir).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o755, "{dir:?}");
+        }
+        std::fs::remove_dir_all(&mount).unwrap();
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::fmt;
 use std::fs::{self, OpenOptions, Permissions};
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::sys;
@@ -81,7 +81,9 @@ fn create_dir_all(dir: &Path, created: &mut Created) -> Result<(), JailError> {
         missing.push(p);
     }
     for p in missing.into_iter().rev() {
-        match fs::create_dir(p) {
+        // At most 0755 whatever the caller's umask: a directory others may write to on the
+        // way to the root would let them swap the root for a link.
+        match fs::DirBuilder::new().mode(0o755).create(p) {
             Ok(()) => created.dirs.push(p.to_path_buf()),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && p.is_dir() => {}
             Err(e) => return Err(JailError::CreateDir(p.to_path_buf(), e)),
@@ -297,6 +299,23 @@ mod tests {
         let copy = target.with_extension("moved");
         assert_eq!(mode(&copy), 0o755);
         assert_eq!(fs::read(&copy).unwrap(), b"\x7fELF");
+    }
+
+    /// Under a caller's umask of 0, the jail's directories are still writable by root only.
+    #[test]
+    fn jail_directories_are_not_writable_by_others_under_umask_0() {
+        let s = Scratch::new("umask");
+        let root = s.0.join("base/ember/vm1/root");
+        let mut created = Created::default();
+        sys::with_umask_0(|| create_dir_all(&root, &mut created)).unwrap();
+        for dir in [
+            "base",
+            "base/ember",
+            "base/ember/vm1",
+            "base/ember/vm1/root",
+        ] {
+            assert_eq!(mode(&s.0.join(dir)), 0o755, "{dir}");
+        }
     }
 
     fn owner(p: &Path) -> (u32, u32) {

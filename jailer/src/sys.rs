@@ -229,3 +229,17 @@ pub fn execve_empty_env(path: &Path, argv: &[CString]) -> io::Error {
     unsafe { libc::execve(p.as_ptr(), ptrs.as_ptr(), envp.as_ptr()) };
     io::Error::last_os_error()
 }
+
+/// Runs `f` with the process's umask at 0, then puts the old one back. Tests only: the umask is
+/// the process's, so callers take turns.
+#[cfg(test)]
+pub fn with_umask_0<T>(f: impl FnOnce() -> T) -> T {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: umask only swaps the process's file mode mask; the old one is put back below.
+    let old = unsafe { libc::umask(0) };
+    let out = f();
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    out
+}
