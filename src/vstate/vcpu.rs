@@ -77,26 +77,45 @@ impl vm_superio::Trigger for ResetLine {
 }
 
 /// Pausing: the VMM thread raises `paused` and kicks each vCPU out of KVM_RUN with a signal
-/// until all are parked; they wait on the condvar until `paused` drops.
+/// until all are parked (or have stopped for good); they wait on the condvar until `paused`
+/// drops.
 #[derive(Default)]
 pub struct VcpuControl {
     paused: AtomicBool,
-    parked: Mutex<usize>,
+    counts: Mutex<Counts>,
     cv: Condvar,
 }
 
+#[derive(Default)]
+struct Counts {
+    /// vCPUs waiting in `park_if_paused`.
+    parked: usize,
+    /// vCPUs that stopped the VM or saw it stopping: they never run the guest again, nor park.
+    stopped: usize,
+}
+
 impl VcpuControl {
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn park_if_paused(&self) {
         if !self.paused.load(Ordering::Acquire) {
             return;
         }
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        *parked += 1;
+        let mut counts = self.counts();
+        counts.parked += 1;
         self.cv.notify_all();
         while self.paused.load(Ordering::Acquire) {
-            parked = self.cv.wait(parked).unwrap_or_else(|e| e.into_inner());
+            counts = self.cv.wait(counts).unwrap_or_else(|e| e.into_inner());
         }
-        *parked -= 1;
+        counts.parked -= 1;
+        self.cv.notify_all();
+    }
+
+    /// A vCPU leaves the run loop for good: a pause need not wait for it.
+    fn stopped(&self) {
+        self.counts().stopped += 1;
         self.cv.notify_all();
     }
 }
@@ -298,6 +317,8 @@ impl Vcpu {
             // Queued writes happened before this exit: the device sees them first.
             ctx.drain_coalesced();
             let next = match result {
+                // String I/O comes as one exit for several accesses: the width is in kvm_run.
+                Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => self.handle_pio(ctx),
                 Ok(exit) => handle_exit(self.index, exit, ctx),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
                 Err(e) => Next::Stop(self.fail(VcpuError::Run(e))),
@@ -306,21 +327,77 @@ impl Vcpu {
                 Next::Continue => {}
                 Next::Stop(code) => {
                     ctx.exit.stop(code);
-                    return park_forever();
+                    return stop(ctx);
                 }
             }
             if let Some(err) = self.take_failure(ctx) {
                 ctx.exit.stop(self.fail(err));
-                return park_forever();
+                return stop(ctx);
             }
             // The VM is stopping (this vCPU may have just asked for it through the i8042):
             // don't re-enter the guest, so that exiting never waits for a vCPU to be kicked
             // out of it.
             if ctx.exit.code().is_some() {
-                return park_forever();
+                return stop(ctx);
             }
             ctx.control.park_if_paused();
         }
+    }
+
+    /// A KVM_EXIT_IO: `count` accesses of `size` bytes each to one port (more than one for
+    /// string I/O, `rep insb` and the like), each handed to the device on its own, in order.
+    fn handle_pio(&mut self, ctx: &VcpuContext) -> Next {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the caller saw KVM_EXIT_IO, so `io` is the valid member of the union.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let size = usize::from(io.size);
+        let len = size * io.count as usize;
+        // SAFETY: for KVM_EXIT_IO the kernel puts the data `data_offset` bytes into the vCPU's
+        // kvm_run mapping (its PIO page), `size * count` bytes of it, as kvm-ioctls' own
+        // `run` reads it; the mapping lives as long as the vCPU fd, and nothing else refers to
+        // those bytes while this slice lives.
+        let data = unsafe {
+            let base = (run as *mut kvm_bindings::kvm_run).cast::<u8>();
+            std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len)
+        };
+        if size == 0 {
+            return Next::Continue;
+        }
+        let port = io.port;
+        if u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_IN {
+            METRICS.vcpu.exit_io_in.inc();
+            let mut handled = true;
+            for access in data.chunks_mut(size) {
+                if !ctx.pio.read(u64::from(port), access) {
+                    access.fill(0xff);
+                    handled = false;
+                }
+            }
+            if !handled {
+                METRICS.vcpu.unhandled_io.inc();
+                log_guest!(
+                    log::Level::Warn,
+                    "Unhandled PIO read of {size} bytes at port {port:#x}"
+                );
+            }
+        } else {
+            METRICS.vcpu.exit_io_out.inc();
+            if let Some(ring) = ctx.coalesced.as_ref().filter(|r| r.port() == port) {
+                ring.wrote_while_inactive();
+            }
+            let mut handled = true;
+            for access in data.chunks(size) {
+                handled &= ctx.pio.write(u64::from(port), access);
+            }
+            if !handled {
+                METRICS.vcpu.unhandled_io.inc();
+                log_guest!(
+                    log::Level::Warn,
+                    "Unhandled PIO write of {size} bytes at port {port:#x}"
+                );
+            }
+        }
+        Next::Continue
     }
 
     /// Exits whose detail needs the vCPU fd (registers, kvm_run) are recognised here, after
@@ -376,7 +453,13 @@ impl Vcpu {
 }
 
 /// A stopped vCPU waits for the process to end rather than tearing down its KVM state: the
-/// VMM thread is about to exit, and nothing here needs to be released first.
+/// VMM thread is about to exit, and nothing here needs to be released first. It tells a pause
+/// (one the VMM thread may be in already) not to wait for it.
+fn stop(ctx: &VcpuContext) {
+    ctx.control.stopped();
+    park_forever()
+}
+
 fn park_forever() {
     loop {
         std::thread::park();
@@ -385,34 +468,8 @@ fn park_forever() {
 
 fn handle_exit(index: u8, exit: VcpuExit, ctx: &VcpuContext) -> Next {
     match exit {
-        VcpuExit::IoIn(port, data) => {
-            METRICS.vcpu.exit_io_in.inc();
-            if !ctx.pio.read(u64::from(port), data) {
-                METRICS.vcpu.unhandled_io.inc();
-                data.fill(0xff);
-                log_guest!(
-                    log::Level::Warn,
-                    "Unhandled PIO read of {} bytes at port {port:#x}",
-                    data.len()
-                );
-            }
-            Next::Continue
-        }
-        VcpuExit::IoOut(port, data) => {
-            METRICS.vcpu.exit_io_out.inc();
-            if let Some(ring) = ctx.coalesced.as_ref().filter(|r| r.port() == port) {
-                ring.wrote_while_inactive();
-            }
-            if !ctx.pio.write(u64::from(port), data) {
-                METRICS.vcpu.unhandled_io.inc();
-                log_guest!(
-                    log::Level::Warn,
-                    "Unhandled PIO write of {} bytes at port {port:#x}",
-                    data.len()
-                );
-            }
-            Next::Continue
-        }
+        // Handled by `Vcpu::handle_pio`, which reads the access width.
+        VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => Next::Continue,
         VcpuExit::MmioRead(addr, data) => {
             METRICS.vcpu.exit_mmio_read.inc();
             if !ctx.mmio.read(addr, data) {
@@ -483,20 +540,20 @@ impl VcpuHandle {
 }
 
 /// Stops every vCPU at its next exit (kicking each out of the guest) and waits until all are
-/// parked.
+/// parked, or have stopped for good (a vCPU that stopped the VM never parks).
 pub fn pause_all(control: &VcpuControl, handles: &[VcpuHandle]) {
     control.paused.store(true, Ordering::Release);
-    let mut parked = control.parked.lock().unwrap_or_else(|e| e.into_inner());
-    while *parked < handles.len() {
+    let mut counts = control.counts();
+    while counts.parked + counts.stopped < handles.len() {
         // A kick that lands just before KVM_RUN is lost, so keep kicking until all report.
         for h in handles.iter().filter(|h| !h.thread.is_finished()) {
             h.kick();
         }
-        let (p, _) = control
+        let (c, _) = control
             .cv
-            .wait_timeout(parked, Duration::from_millis(1))
+            .wait_timeout(counts, Duration::from_millis(1))
             .unwrap_or_else(|e| e.into_inner());
-        parked = p;
+        counts = c;
         if handles.iter().any(|h| h.thread.is_finished()) {
             break;
         }
@@ -504,12 +561,175 @@ pub fn pause_all(control: &VcpuControl, handles: &[VcpuHandle]) {
 }
 
 pub fn resume_all(control: &VcpuControl) {
-    let _guard = control.parked.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = control.counts();
     control.paused.store(false, Ordering::Release);
     control.cv.notify_all();
 }
 
 /// Counts parked vCPUs (for tests and `GET /`).
 pub fn parked_count(control: &VcpuControl) -> usize {
-    *control.parked.lock().unwrap_or_else(|e| e.into_inner())
+    control.counts().parked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_userspace_memory_region;
+    use kvm_ioctls::{Kvm, VmFd};
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+    /// A VM without an in-kernel irqchip (so `hlt` exits to user space) whose first page of
+    /// RAM holds `code`, and `n` vCPUs in real mode at `entries[i]`.
+    fn real_mode_vm(code: &[u8], entries: &[u64]) -> (VmFd, GuestMemoryMmap, Vec<Vcpu>) {
+        let kvm = Kvm::new().expect("this test needs /dev/kvm; it is not optional");
+        let vm = kvm.create_vm().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        mem.write_slice(code, GuestAddress(0)).unwrap();
+        for (slot, region) in mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.get_host_address(MemoryRegionAddress(0)).unwrap() as u64,
+            };
+            // SAFETY: the mapping belongs to `mem`, which the caller keeps as long as the VM.
+            unsafe { vm.set_user_memory_region(r) }.unwrap();
+        }
+        let vcpus = entries
+            .iter()
+            .enumerate()
+            .map(|(i, &rip)| {
+                let fd = vm.create_vcpu(i as u64).unwrap();
+                let mut sregs = fd.get_sregs().unwrap();
+                sregs.cs.base = 0;
+                sregs.cs.selector = 0;
+                fd.set_sregs(&sregs).unwrap();
+                let mut regs = fd.get_regs().unwrap();
+                regs.rip = rip;
+                regs.rflags = 2;
+                fd.set_regs(&regs).unwrap();
+                Vcpu { index: i as u8, fd }
+            })
+            .collect();
+        (vm, mem, vcpus)
+    }
+
+    fn context(mem: GuestMemoryMmap, pio: Bus) -> Arc<VcpuContext> {
+        Arc::new(VcpuContext {
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new()),
+            memory: mem,
+            exit: Arc::new(ExitSignal::new().unwrap()),
+            control: Arc::new(VcpuControl::default()),
+            coalesced: None,
+        })
+    }
+
+    fn spawn(vcpu: Vcpu, ctx: &Arc<VcpuContext>) -> VcpuHandle {
+        let ctx = ctx.clone();
+        VcpuHandle {
+            thread: std::thread::spawn(move || vcpu.run(&ctx)),
+        }
+    }
+
+    /// Runs `f` on another thread; fails if it does not return within `secs`.
+    fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(secs))
+            .expect("still waiting: hung")
+    }
+
+    /// A pause that comes while (or after) a vCPU stopped the VM, here by halting, must not
+    /// wait forever for that vCPU to park: it never will.
+    #[test]
+    fn pause_returns_when_a_vcpu_has_stopped_the_vm() {
+        register_kick_handler().unwrap();
+        // 0: hlt; 1: jmp $ (spins in the guest until kicked).
+        let (_vm, mem, vcpus) = real_mode_vm(&[0xf4, 0xeb, 0xfe], &[0, 1]);
+        let ctx = context(mem, Bus::new());
+        let handles: Vec<VcpuHandle> = vcpus.into_iter().map(|v| spawn(v, &ctx)).collect();
+        let t = std::time::Instant::now();
+        while ctx.exit.code().is_none() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the vCPU never halted"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(ctx.exit.code(), Some(exit_code::OK));
+        let c = ctx.clone();
+        let handles = within(10, move || {
+            pause_all(&c.control, &handles);
+            handles
+        });
+        // The spinning vCPU, kicked out of the guest, saw the VM stopping and stopped too.
+        assert_eq!(ctx.control.counts().stopped, 2);
+        assert_eq!(parked_count(&ctx.control), 0);
+        resume_all(&ctx.control);
+        drop(handles);
+    }
+
+    /// A register that answers each read with the next number, and remembers the sizes.
+    #[derive(Default)]
+    struct Counter {
+        next: u8,
+        reads: Vec<usize>,
+    }
+
+    impl crate::devices::BusDevice for Counter {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            self.next += 1;
+            data.fill(self.next);
+            self.reads.push(data.len());
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) {}
+    }
+
+    /// String port I/O (`rep insb`, `rep insw`) exits with a count of several accesses at
+    /// once; each is one access of the instruction's width to the device.
+    #[test]
+    fn string_port_input_is_one_device_access_per_element() {
+        #[rustfmt::skip]
+        let code = [
+            0xba, 0xf8, 0x03, // mov dx, 0x3f8
+            0xb9, 0x04, 0x00, // mov cx, 4
+            0xbf, 0x00, 0x01, // mov di, 0x100
+            0xf3, 0x6c,       // rep insb
+            0xb9, 0x03, 0x00, // mov cx, 3
+            0xf3, 0x6d,       // rep insw
+            0xb9, 0x20, 0x00, // mov cx, 32
+            0xba, 0x00, 0x05, // mov dx, 0x500 (nothing there)
+            0xf3, 0x6c,       // rep insb
+            0xf4,             // hlt
+        ];
+        let (_vm, mem, mut vcpus) = real_mode_vm(&code, &[0]);
+        let dev = Arc::new(Mutex::new(Counter::default()));
+        let mut pio = Bus::new();
+        pio.insert(dev.clone(), 0x3f8, 8).unwrap();
+        let ctx = context(mem, pio);
+        let vcpu = vcpus.remove(0);
+        let c = ctx.clone();
+        let _handle = spawn(vcpu, &c);
+        let t = std::time::Instant::now();
+        while ctx.exit.code().is_none() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the vCPU never halted"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(ctx.exit.code(), Some(exit_code::OK));
+        let mut got = [0u8; 10 + 32];
+        ctx.memory
+            .read_slice(&mut got, GuestAddress(0x100))
+            .unwrap();
+        assert_eq!(&got[..10], &[1, 2, 3, 4, 5, 5, 6, 6, 7, 7]);
+        // Reads where no device is read all ones, however many.
+        assert!(got[10..].iter().all(|&b| b == 0xff), "{got:x?}");
+        assert_eq!(dev.lock().unwrap().reads, [1, 1, 1, 1, 2, 2, 2]);
+    }
 }
