@@ -30,7 +30,10 @@ impl BusDevice for BootTimer {
         if offset == 0 && data.first() == Some(&BOOT_TIMER_MAGIC) {
             let us = self.start.elapsed_us();
             let cpu_us = process_cpu_us().saturating_sub(self.start.cpu_us);
-            log::info!(
+            // The guest may write it again and again: rate-limited like any message a guest
+            // can cause.
+            crate::log_guest!(
+                log::Level::Info,
                 "Guest-boot-time = {:>6} us {} ms, {:>6} CPU us {} CPU ms",
                 us,
                 us / 1000,
