@@ -191,6 +191,8 @@ pub enum ArgsError {
     /// argh's own message (unknown flag, missing required flag, bad number).
     Parse(String),
     InvalidId(String),
+    /// --uid or --gid 4294967295, which chown(2) takes as "leave unchanged".
+    InvalidOwner(&'static str),
     ExecFile(PathBuf, String),
     ExecName(PathBuf),
     BaseDir(String),
@@ -218,6 +220,11 @@ impl fmt::Display for ArgsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ArgsError::Parse(msg) => write!(f, "{msg}"),
+            ArgsError::InvalidOwner(flag) => write!(
+                f,
+                "invalid --{flag} 4294967295: that is (uid_t)-1, which chown(2) takes as \
+                 \"leave unchanged\""
+            ),
             ArgsError::InvalidId(id) => write!(
                 f,
                 "invalid --id {id:?}: it must be 1 to 64 characters of A-Z, a-z, 0-9 and -"
@@ -296,6 +303,12 @@ pub fn parse(argv: &[String]) -> Result<Parsed, ArgsError> {
 fn validate(raw: RawArgs, vmm_args: Vec<String>) -> Result<Config, ArgsError> {
     if !valid_id(&raw.id) {
         return Err(ArgsError::InvalidId(raw.id));
+    }
+    if raw.uid == u32::MAX {
+        return Err(ArgsError::InvalidOwner("uid"));
+    }
+    if raw.gid == u32::MAX {
+        return Err(ArgsError::InvalidOwner("gid"));
     }
     let exec_file = PathBuf::from(&raw.exec_file);
     if raw.exec_file.is_empty() {
@@ -464,6 +477,21 @@ mod tests {
         for bad in ["a/b", "..", "a.b", "a_b", "é", "a b"] {
             assert!(!valid_id(bad), "{bad}");
         }
+    }
+
+    /// (uid_t)-1 would leave the jail root-owned (chown's "unchanged") and only fail at the
+    /// setuid, after the jail is built.
+    #[test]
+    fn minus_one_owners_are_refused() {
+        let mut argv = base(&[]);
+        argv[5] = u32::MAX.to_string();
+        assert!(matches!(parse(&argv), Err(ArgsError::InvalidOwner("uid"))));
+        let mut argv = base(&[]);
+        argv[7] = u32::MAX.to_string();
+        assert!(matches!(parse(&argv), Err(ArgsError::InvalidOwner("gid"))));
+        let mut argv = base(&[]);
+        argv[5] = (u32::MAX - 1).to_string();
+        assert!(matches!(parse(&argv), Ok(Parsed::Run(c)) if c.uid == u32::MAX - 1));
     }
 
     #[test]
