@@ -107,7 +107,7 @@ impl Bus {
 
 impl Bus {
     /// `data.len()` one-byte writes to the same address, in order, as one device call: how
-    /// string I/O and coalesced console writes arrive. Only devices with byte registers that
+    /// coalesced console writes arrive. Only devices with byte registers that
     /// treat such a slice as repeated writes (COM1) may receive it.
     pub fn write_bytes_to(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr, 1) {

@@ -169,7 +169,7 @@ impl BusDevice for SerialDevice {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        // `rep outsb` arrives as one exit carrying every byte for the same port.
+        // A run of coalesced writes to the data register arrives as one call, every byte.
         for &b in data {
             if let Err(e) = self.serial.write(offset as u8, b) {
                 crate::metrics::METRICS.uart.error_count.inc();
