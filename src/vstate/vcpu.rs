@@ -497,9 +497,19 @@ fn handle_exit(index: u8, exit: VcpuExit, ctx: &VcpuContext) -> Next {
         }
         // Reported by `take_failure`, which can read the registers.
         VcpuExit::Shutdown => Next::Continue,
-        VcpuExit::SystemEvent(kind, _) => {
+        // A power-off or reboot the guest asked for ends the VM cleanly; any other event (a
+        // guest crash report, a suspend ember does not offer) is a failure, as in Firecracker.
+        VcpuExit::SystemEvent(kind, _)
+            if kind == kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN
+                || kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET =>
+        {
             log::info!("vCPU {index}: system event {kind}; stopping.");
             Next::Stop(exit_code::OK)
+        }
+        VcpuExit::SystemEvent(kind, _) => {
+            METRICS.vcpu.failures.inc();
+            log::error!("vCPU {index}: unexpected system event {kind}; stopping the VM.");
+            Next::Stop(exit_code::GENERIC_ERROR)
         }
         VcpuExit::Hlt => {
             log::info!("vCPU {index} halted; stopping.");
@@ -671,6 +681,26 @@ mod tests {
         assert_eq!(parked_count(&ctx.control), 0);
         resume_all(&ctx.control);
         drop(handles);
+    }
+
+    #[test]
+    fn only_power_off_and_reboot_events_end_the_vm_cleanly() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let ctx = context(mem, Bus::new());
+        let next = |kind| handle_exit(0, VcpuExit::SystemEvent(kind, &[]), &ctx);
+        assert!(matches!(
+            next(kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN),
+            Next::Stop(exit_code::OK)
+        ));
+        assert!(matches!(
+            next(kvm_bindings::KVM_SYSTEM_EVENT_RESET),
+            Next::Stop(exit_code::OK)
+        ));
+        assert!(matches!(
+            next(kvm_bindings::KVM_SYSTEM_EVENT_CRASH),
+            Next::Stop(exit_code::GENERIC_ERROR)
+        ));
+        assert!(matches!(next(99), Next::Stop(exit_code::GENERIC_ERROR)));
     }
 
     /// A register that answers each read with the next number, and remembers the sizes.
