@@ -50,9 +50,30 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     assert_eq!(vm.terminate(), 0, "SIGTERM is a clean stop");
 }
 
+/// After the start, `FlushMetrics` succeeds whether or not metrics are configured (Firecracker
+/// writes nothing then and answers 204); before it, it is refused like every other action but
+/// `InstanceStart`.
+#[test]
+fn flush_metrics_after_start_without_metrics_succeeds() {
+    if !require_kvm() {
+        return;
+    }
+    let mut vm = ApiVm::start(&[]);
+    let mut c = vm.client();
+    let r = c.put("/actions", r#"{"action_type":"FlushMetrics"}"#);
+    assert_eq!(r.status, 400);
+    api_boot(&mut c, "ticks", 1);
+    vm.wait_for("tick 1");
+    let r = c.put("/actions", r#"{"action_type":"FlushMetrics"}"#);
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = c.put("/actions", r#"{"action_type":"InstanceStart"}"#);
+    assert_eq!(r.status, 400);
+    assert_eq!(vm.terminate(), 0);
+}
+
 #[test]
 fn endpoints_before_start() {
-    let vm = ApiVm::start(&[]);
+    let mut vm = ApiVm::start(&[]);
     let mut c = vm.client();
     let v = c.get("/version");
     assert_eq!(v.status, 200);
@@ -155,49 +176,24 @@ fn endpoints_before_start() {
     let r = c.put("/actions", r#"{"action_type":"InstanceStart"}"#);
     assert_eq!(r.status, 400, "start without a boot source");
 
-    // Metrics and logger: once each.
+    // Metrics and logger: once each. FlushMetrics waits for the start, as in Firecracker,
+    // metrics configured or not; the exit flushes them.
+    let flush = |c: &mut Client| c.put("/actions", r#"{"action_type":"FlushMetrics"}"#);
+    let r = flush(&mut c);
+    assert_eq!(r.status, 400);
     assert_eq!(
-        c.put("/actions", r#"{"action_type":"FlushMetrics"}"#)
-            .status,
-        400
+        r.fault(),
+        "The requested operation is not supported before starting the microVM."
     );
     let metrics = vm.dir.path("metrics.json");
     let body = format!(r#"{{"metrics_path":"{}"}}"#, metrics.display());
     assert_eq!(c.put("/metrics", &body).status, 204);
     assert_eq!(c.put("/metrics", &body).status, 400);
+    let r = flush(&mut c);
+    assert_eq!(r.status, 400);
     assert_eq!(
-        c.put("/actions", r#"{"action_type":"FlushMetrics"}"#)
-            .status,
-        204
-    );
-    let text = std::fs::read_to_string(&metrics).unwrap();
-    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-    for key in [
-        "utc_timestamp_ms",
-        "api_server",
-        "get_api_requests",
-        "put_api_requests",
-        "patch_api_requests",
-        "latencies_us",
-        "seccomp",
-        "signals",
-        "vcpu",
-        "uart",
-        "i8042",
-    ] {
-        assert!(last.get(key).is_some(), "metrics lack {key}: {last}");
-    }
-    assert!(
-        last["put_api_requests"]["machine_cfg_count"]
-            .as_u64()
-            .unwrap()
-            >= 4
-    );
-    assert!(
-        last["put_api_requests"]["machine_cfg_fails"]
-            .as_u64()
-            .unwrap()
-            >= 3
+        r.fault(),
+        "The requested operation is not supported before starting the microVM."
     );
     let log = vm.dir.path("ember.log");
     let body = format!(
@@ -240,6 +236,37 @@ fn endpoints_before_start() {
     assert_eq!(cfg["machine-config"]["mem_size_mib"], 512);
     assert!(cfg["cpu-config"].is_object());
     assert_eq!(cfg["drives"], serde_json::json!([]));
+
+    assert_eq!(vm.terminate(), 0);
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    for key in [
+        "utc_timestamp_ms",
+        "api_server",
+        "get_api_requests",
+        "put_api_requests",
+        "patch_api_requests",
+        "latencies_us",
+        "seccomp",
+        "signals",
+        "vcpu",
+        "uart",
+        "i8042",
+    ] {
+        assert!(last.get(key).is_some(), "metrics lack {key}: {last}");
+    }
+    assert!(
+        last["put_api_requests"]["machine_cfg_count"]
+            .as_u64()
+            .unwrap()
+            >= 4
+    );
+    assert!(
+        last["put_api_requests"]["machine_cfg_fails"]
+            .as_u64()
+            .unwrap()
+            >= 3
+    );
 }
 
 #[test]
@@ -979,6 +1006,11 @@ fn log_and_metrics_pipes_without_a_reader_do_not_stall_the_api() {
         started.elapsed() < Duration::from_secs(10),
         "the API waited for a reader"
     );
+    // FlushMetrics needs a started microVM, as in Firecracker.
+    if !require_kvm() {
+        return;
+    }
+    api_boot(&mut c, "ticks", 1);
     // Fill the metrics pipe: 40 flushes of lines of several KiB overflow its 64 KiB. The
     // ones that did not fit are dropped whole and counted, and the API keeps answering.
     for _ in 0..40 {
