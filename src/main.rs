@@ -121,11 +121,17 @@ fn valid_id(id: &str) -> bool {
     (1..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
+/// The API socket once it is bound: every exit removes it, a failed one included.
+static API_SOCKET: std::sync::OnceLock<ember::uds::SocketFile> = std::sync::OnceLock::new();
+
 fn fail(code: i32, msg: impl std::fmt::Display) -> ! {
     signal::restore_terminal();
     eprintln!("ember: {msg}");
     log::error!("{msg}");
     metrics::flush();
+    if let Some(file) = API_SOCKET.get() {
+        file.remove();
+    }
     std::process::exit(code);
 }
 
@@ -384,7 +390,6 @@ fn run() -> ! {
     }
     let mut controller = Controller::new(&args.id, cfg, exit.clone(), filters.clone());
     let api_sock = (!args.no_api && !is_run).then(|| PathBuf::from(&args.api_sock));
-    let mut api_file = None;
     if let Some(path) = &api_sock {
         let api_filters = filters.clone();
         let server = match ApiServer::bind(path) {
@@ -398,6 +403,7 @@ fn run() -> ! {
                 format!("cannot serve the API on {}: {e}", path.display()),
             ),
         };
+        let _ = API_SOCKET.set(server.socket_file());
         let (req_tx, req_rx) = std::sync::mpsc::channel();
         let (resp_tx, resp_rx) = std::sync::mpsc::channel();
         let evt = match EventFd::new(libc::EFD_NONBLOCK).and_then(|e| Ok((e.try_clone()?, e))) {
@@ -407,7 +413,6 @@ fn run() -> ! {
                 format!("cannot create an eventfd: {e}"),
             ),
         };
-        api_file = Some(server.socket_file());
         if let Err(e) = server.spawn(args.http_api_max_payload_size, req_tx, evt.0, resp_rx) {
             fail(
                 exit_code::GENERIC_ERROR,
@@ -469,7 +474,7 @@ fn run() -> ! {
     signal::restore_terminal();
     log::info!("Stopping the microVM with exit code {code}");
     metrics::flush();
-    if let Some(file) = &api_file {
+    if let Some(file) = API_SOCKET.get() {
         ember::api::server::wait_for_responses(std::time::Duration::from_millis(100));
         file.remove();
     }

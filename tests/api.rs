@@ -1185,3 +1185,29 @@ fn serial_pipe_nobody_reads_drops_lines_and_never_stalls() {
         .sum();
     assert!(missed > 0, "no console write was counted as dropped:\n{m}");
 }
+
+/// A config-file boot that fails after the API socket is bound exits 152 and, like every
+/// other exit, removes the socket (it stayed behind).
+#[test]
+fn a_failed_config_file_boot_removes_the_api_socket() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("failsock");
+    let kernel = dir.write("junk-kernel", b"\x7fELFnot a kernel".repeat(64));
+    let cfg = serde_json::json!({
+        "boot-source": {"kernel_image_path": kernel},
+        "drives": [],
+    });
+    let cfg = dir.write("vm.json", serde_json::to_vec(&cfg).unwrap());
+    let sock = dir.path("api.sock");
+    run(&[
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--config-file",
+        cfg.to_str().unwrap(),
+    ])
+    .expect_code(152)
+    .expect("cannot load the kernel");
+    assert!(!sock.exists(), "the API socket stayed behind");
+}
