@@ -3,7 +3,7 @@
 //! API's wake-up eventfd and for the guest console's input.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
@@ -173,10 +173,7 @@ impl Controller {
             Some(p) => open_serial_out(p)
                 .map(|f| Box::new(f) as SerialOut)
                 .map_err(|e| err(format!("cannot open the serial output {p:?}: {e}"))),
-            None => std::io::stdout()
-                .as_fd()
-                .try_clone_to_owned()
-                .map(|fd| Box::new(File::from(fd)) as SerialOut)
+            None => crate::stdio::stdout_writer()
                 .map_err(|e| err(format!("cannot use stdout for the serial console: {e}"))),
         }
     }

@@ -3,7 +3,8 @@
 //! Where things are: `config` (what a user asks for), `builder` (turns that into a running
 //! VM), `arch` (the x86-64 guest platform: memory layout, boot structures, CPUID, ACPI),
 //! `vstate` (KVM VM and vCPUs), `devices` (device models and the bus), `vmm` (the event
-//! loop), `logger`, `metrics`, `signal`, `uds` (Unix-socket helpers).
+//! loop), `logger`, `metrics`, `signal`, `stdio` (writing to the stdout shared with the parent), `uds`
+//! (Unix-socket helpers).
 
 pub mod api;
 pub mod arch;
@@ -15,6 +16,7 @@ pub mod logger;
 pub mod metrics;
 pub mod seccomp;
 pub mod signal;
+pub mod stdio;
 pub mod time;
 pub mod uds;
 pub mod vmm;

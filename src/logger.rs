@@ -20,6 +20,9 @@ struct State {
     module: Option<String>,
     /// None: stdout.
     file: Option<Sink>,
+    /// stdout, as [`crate::stdio::stdout_writer`] gives it (set up by `init`, before any
+    /// thread's filter forbids the fstat it takes); None: std's stdout.
+    stdout: Option<Box<dyn Write + Send>>,
 }
 
 pub struct Logger {
@@ -31,6 +34,9 @@ static LOGGER: OnceLock<Logger> = OnceLock::new();
 
 /// The log destination as a raw fd, for the signal-safe path.
 static LOG_FD: AtomicI32 = AtomicI32::new(1);
+/// Whether that is stdout and a pipe or a socket, which the signal-safe path must not wait
+/// on (see [`crate::stdio`]); a log file is opened non-blocking anyway.
+static LOG_FD_IS_STREAM: AtomicBool = AtomicBool::new(false);
 /// The log file holds part of a line whose rest is still to be written (see [`Sink`]).
 static LOG_MID_LINE: AtomicBool = AtomicBool::new(false);
 static INSTANCE_ID: Mutex<[u8; 64]> = Mutex::new([0; 64]);
@@ -60,6 +66,7 @@ fn logger() -> &'static Logger {
             show_origin: false,
             module: None,
             file: None,
+            stdout: None,
         }),
         configured: AtomicBool::new(false),
     })
@@ -73,7 +80,14 @@ extern "C" {
 /// Installs the logger with the default level (Info) and the instance id.
 pub fn init(instance_id: &str, level: LevelFilter) {
     let l = logger();
-    l.lock().instance_id = instance_id.to_string();
+    {
+        let mut st = l.lock();
+        st.instance_id = instance_id.to_string();
+        if st.stdout.is_none() {
+            st.stdout = crate::stdio::stdout_writer().ok();
+        }
+    }
+    LOG_FD_IS_STREAM.store(crate::stdio::is_stream(1), Ordering::SeqCst);
     if let Ok(mut id) = INSTANCE_ID.lock() {
         let n = instance_id.len().min(id.len());
         id[..n].copy_from_slice(&instance_id.as_bytes()[..n]);
@@ -215,6 +229,17 @@ fn write_all_raw(fd: std::os::fd::RawFd, mut buf: &[u8]) -> bool {
     true
 }
 
+/// Like [`write_all_raw`], but gives up rather than wait on a full pipe or socket (`stream`).
+fn write_all_nowait(fd: std::os::fd::RawFd, mut buf: &[u8], stream: bool) -> bool {
+    while !buf.is_empty() {
+        match crate::stdio::write_nowait(fd, buf, stream) {
+            Ok(n) if n > 0 => buf = &buf[n..],
+            _ => return false,
+        }
+    }
+    true
+}
+
 impl AsRawFd for Sink {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.file.as_raw_fd()
@@ -237,6 +262,7 @@ pub fn configure(cfg: &LoggerConfig) -> Result<(), LoggerError> {
     let mut st = l.lock();
     if let Some(f) = file {
         LOG_FD.store(f.as_raw_fd(), Ordering::SeqCst);
+        LOG_FD_IS_STREAM.store(false, Ordering::SeqCst);
         st.file = Some(f);
     }
     if let Some(v) = cfg.show_level {
@@ -352,10 +378,18 @@ impl Log for Logger {
                 LOG_MID_LINE.store(!f.unfinished.is_empty(), Ordering::Relaxed);
                 w
             }
-            None => match std::io::stdout().lock().write_all(line.as_bytes()) {
-                Ok(()) => Written::Whole,
-                Err(_) => Written::Failed,
-            },
+            None => {
+                let res = match st.stdout.as_mut() {
+                    Some(out) => out.write_all(line.as_bytes()),
+                    None => std::io::stdout().lock().write_all(line.as_bytes()),
+                };
+                match res {
+                    Ok(()) => Written::Whole,
+                    // A reader that stopped reading (see `crate::stdio`).
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Written::Full,
+                    Err(_) => Written::Failed,
+                }
+            }
         };
         let m = &crate::metrics::METRICS.logger;
         match written {
@@ -620,7 +654,8 @@ pub fn emergency(thread: &str, msg: std::fmt::Arguments) {
         } else {
             b""
         };
-        let _ = write_all_raw(fd, sep) && write_all_raw(fd, line.as_bytes());
+        let stream = LOG_FD_IS_STREAM.load(Ordering::SeqCst);
+        let _ = write_all_nowait(fd, sep, stream) && write_all_nowait(fd, line.as_bytes(), stream);
     }
 }
 

@@ -1211,3 +1211,71 @@ fn a_failed_config_file_boot_removes_the_api_socket() {
     .expect("cannot load the kernel");
     assert!(!sock.exists(), "the API socket stayed behind");
 }
+
+/// ember's stdout is a pipe that its parent keeps open but never reads (an orchestrator that
+/// forgot to drain it), and the guest floods the console. Once the pipe is full, console and
+/// log lines are dropped, and the API and SIGTERM keep working. Before, a vCPU blocked in
+/// write(2) held the console's lock and the VMM thread waited behind it, while the API
+/// thread blocked writing its own log line.
+#[test]
+fn stdout_pipe_nobody_reads_never_holds_the_vmm() {
+    use std::os::fd::FromRawFd;
+    use std::process::{Command, Stdio};
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("stdoutpipe");
+    let sock = dir.path("api.sock");
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills both descriptors, which the two Files below then own alone.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: fresh descriptors from pipe2, owned by nothing else.
+    let (unread, w) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["--api-sock", sock.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(w))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let mut c = loop {
+        if let Some(c) = Client::connect_opt(&sock) {
+            break c;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no API socket");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    api_boot(&mut c, "flood=100000", 1);
+    // By now the 64 KiB pipe is long full. Every request is still answered (the client gives
+    // up after 20 s, and a held VMM never answers).
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(c.get("/").status, 200);
+        assert_eq!(c.patch("/vm", r#"{"state":"Paused"}"#).status, 204, "pause");
+        assert_eq!(c.patch("/vm", r#"{"state":"Resumed"}"#).status, 204);
+    }
+    // SAFETY: a signal to the child we started and have not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("SIGTERM did not stop ember");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0));
+    drop(unread);
+}
