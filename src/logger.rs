@@ -176,8 +176,9 @@ impl Sink {
     /// For paths that cannot allocate (signal handlers): finishes a line the destination took
     /// only in part, then writes `line` if that worked. False if `line` was not written whole.
     pub fn write_line_raw(&self, line: &[u8]) -> bool {
-        write_all_raw(self.file.as_raw_fd(), &self.unfinished)
-            && write_all_raw(self.file.as_raw_fd(), line)
+        // Opened non-blocking: a plain write does not wait.
+        write_all_raw(self.file.as_raw_fd(), &self.unfinished, false)
+            && write_all_raw(self.file.as_raw_fd(), line, false)
     }
 }
 
@@ -213,24 +214,9 @@ fn share_std_stream(file: File) -> File {
     file
 }
 
-/// write(2) until `buf` is all written; false at the first error or short write. Allocates
-/// nothing: signal handlers use it.
-fn write_all_raw(fd: std::os::fd::RawFd, mut buf: &[u8]) -> bool {
-    while !buf.is_empty() {
-        // SAFETY: write(2) from a buffer we borrow, to a descriptor the caller owns.
-        let n = unsafe { libc::write(fd, buf.as_ptr() as *const libc::c_void, buf.len()) };
-        match n {
-            n if n > 0 => buf = &buf[n as usize..],
-            n if n < 0
-                && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
-            _ => return false,
-        }
-    }
-    true
-}
-
-/// Like [`write_all_raw`], but gives up rather than wait on a full pipe or socket (`stream`).
-fn write_all_nowait(fd: std::os::fd::RawFd, mut buf: &[u8], stream: bool) -> bool {
+/// Writes `buf` whole; false at the first error or short write. A pipe or socket (`stream`) is
+/// not waited on (see [`crate::stdio::write_nowait`]). Allocates nothing: signal handlers use it.
+fn write_all_raw(fd: std::os::fd::RawFd, mut buf: &[u8], stream: bool) -> bool {
     while !buf.is_empty() {
         match crate::stdio::write_nowait(fd, buf, stream) {
             Ok(n) if n > 0 => buf = &buf[n..],
@@ -655,7 +641,7 @@ pub fn emergency(thread: &str, msg: std::fmt::Arguments) {
             b""
         };
         let stream = LOG_FD_IS_STREAM.load(Ordering::SeqCst);
-        let _ = write_all_nowait(fd, sep, stream) && write_all_nowait(fd, line.as_bytes(), stream);
+        let _ = write_all_raw(fd, sep, stream) && write_all_raw(fd, line.as_bytes(), stream);
     }
 }
 

@@ -375,10 +375,6 @@ pub fn init(path: &str) -> Result<(), MetricsError> {
     Ok(())
 }
 
-pub fn is_initialized() -> bool {
-    SINK.lock().map(|s| s.is_some()).unwrap_or(false)
-}
-
 /// Writes one line of metrics, if a destination is configured.
 pub fn flush() {
     let mut sink = SINK.lock().unwrap_or_else(|e| e.into_inner());

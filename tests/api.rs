@@ -1220,12 +1220,9 @@ fn a_failed_config_file_boot_removes_the_api_socket() {
 #[test]
 fn stdout_pipe_nobody_reads_never_holds_the_vmm() {
     use std::os::fd::FromRawFd;
-    use std::process::{Command, Stdio};
     if !require_kvm() {
         return;
     }
-    let dir = TempDir::new("stdoutpipe");
-    let sock = dir.path("api.sock");
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills both descriptors, which the two Files below then own alone.
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
@@ -1236,24 +1233,8 @@ fn stdout_pipe_nobody_reads_never_holds_the_vmm() {
             std::fs::File::from_raw_fd(fds[1]),
         )
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
-        .args(["--api-sock", sock.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(w))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    let mut c = loop {
-        if let Some(c) = Client::connect_opt(&sock) {
-            break c;
-        }
-        assert!(t.elapsed() < Duration::from_secs(10), "no API socket");
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    c.stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let mut vm = ApiVm::start_with_stdout(&[], std::process::Stdio::from(w));
+    let mut c = vm.client();
     api_boot(&mut c, "flood=100000", 1);
     // By now the 64 KiB pipe is long full. Every request is still answered (the client gives
     // up after 20 s, and a held VMM never answers).
@@ -1263,19 +1244,6 @@ fn stdout_pipe_nobody_reads_never_holds_the_vmm() {
         assert_eq!(c.patch("/vm", r#"{"state":"Paused"}"#).status, 204, "pause");
         assert_eq!(c.patch("/vm", r#"{"state":"Resumed"}"#).status, 204);
     }
-    // SAFETY: a signal to the child we started and have not reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("SIGTERM did not stop ember");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(vm.terminate(), 0, "SIGTERM");
     drop(unread);
 }

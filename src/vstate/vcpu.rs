@@ -584,33 +584,22 @@ pub fn parked_count(control: &VcpuControl) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvm_bindings::kvm_userspace_memory_region;
-    use kvm_ioctls::{Kvm, VmFd};
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+    use crate::config::machine::HugePages;
+    use crate::vstate::vm::Vm;
+    use kvm_ioctls::Kvm;
 
     /// A VM without an in-kernel irqchip (so `hlt` exits to user space) whose first page of
     /// RAM holds `code`, and `n` vCPUs in real mode at `entries[i]`.
-    fn real_mode_vm(code: &[u8], entries: &[u64]) -> (VmFd, GuestMemoryMmap, Vec<Vcpu>) {
+    fn real_mode_vm(code: &[u8], entries: &[u64]) -> (Vm, GuestMemoryMmap, Vec<Vcpu>) {
         let kvm = Kvm::new().expect("this test needs /dev/kvm; it is not optional");
-        let vm = kvm.create_vm().unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let vm = Vm::with_memory(kvm.create_vm().unwrap(), 0x1000, HugePages::None).unwrap();
+        let mem = vm.memory().clone();
         mem.write_slice(code, GuestAddress(0)).unwrap();
-        for (slot, region) in mem.iter().enumerate() {
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: region.get_host_address(MemoryRegionAddress(0)).unwrap() as u64,
-            };
-            // SAFETY: the mapping belongs to `mem`, which the caller keeps as long as the VM.
-            unsafe { vm.set_user_memory_region(r) }.unwrap();
-        }
         let vcpus = entries
             .iter()
             .enumerate()
             .map(|(i, &rip)| {
-                let fd = vm.create_vcpu(i as u64).unwrap();
+                let fd = vm.fd().create_vcpu(i as u64).unwrap();
                 let mut sregs = fd.get_sregs().unwrap();
                 sregs.cs.base = 0;
                 sregs.cs.selector = 0;
@@ -643,6 +632,21 @@ mod tests {
         }
     }
 
+    /// The exit code a vCPU stopped the VM with; fails if none did within 10 s.
+    fn wait_stopped(ctx: &VcpuContext) -> i32 {
+        let t = std::time::Instant::now();
+        loop {
+            if let Some(code) = ctx.exit.code() {
+                return code;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the vCPU never halted"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Runs `f` on another thread; fails if it does not return within `secs`.
     fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -662,15 +666,7 @@ mod tests {
         let (_vm, mem, vcpus) = real_mode_vm(&[0xf4, 0xeb, 0xfe], &[0, 1]);
         let ctx = context(mem, Bus::new());
         let handles: Vec<VcpuHandle> = vcpus.into_iter().map(|v| spawn(v, &ctx)).collect();
-        let t = std::time::Instant::now();
-        while ctx.exit.code().is_none() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "the vCPU never halted"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert_eq!(ctx.exit.code(), Some(exit_code::OK));
+        assert_eq!(wait_stopped(&ctx), exit_code::OK);
         let c = ctx.clone();
         let handles = within(10, move || {
             pause_all(&c.control, &handles);
@@ -744,15 +740,7 @@ mod tests {
         let vcpu = vcpus.remove(0);
         let c = ctx.clone();
         let _handle = spawn(vcpu, &c);
-        let t = std::time::Instant::now();
-        while ctx.exit.code().is_none() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "the vCPU never halted"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert_eq!(ctx.exit.code(), Some(exit_code::OK));
+        assert_eq!(wait_stopped(&ctx), exit_code::OK);
         let mut got = [0u8; 10 + 32];
         ctx.memory
             .read_slice(&mut got, GuestAddress(0x100))

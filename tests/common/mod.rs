@@ -160,11 +160,15 @@ pub fn spawn(args: &[&str]) -> Child {
 
 /// `spawn` with `cwd` as the working directory, where relative paths a request names land.
 pub fn spawn_in(cwd: &Path, args: &[&str]) -> Child {
+    spawn_with_stdout(cwd, args, Stdio::piped())
+}
+
+fn spawn_with_stdout(cwd: &Path, args: &[&str], stdout: Stdio) -> Child {
     Command::new(EMBER)
         .args(args)
         .current_dir(cwd)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
         .expect("cannot start ember")
@@ -215,23 +219,29 @@ pub struct ApiVm {
 
 impl ApiVm {
     pub fn start(extra: &[&str]) -> ApiVm {
+        ApiVm::start_with_stdout(extra, Stdio::piped())
+    }
+
+    /// `start` with ember's stdout given; `output` sees it only when it is `Stdio::piped()`.
+    pub fn start_with_stdout(extra: &[&str], stdout: Stdio) -> ApiVm {
         let dir = TempDir::new("api");
         let sock = dir.path("api.sock");
         let mut args = vec!["--api-sock", sock.to_str().unwrap()];
         args.extend_from_slice(extra);
         // In its own directory: a relative path in a request (the API tests send some on
         // purpose) must not leave files in the source tree.
-        let mut child = spawn_in(&dir.0, &args);
+        let mut child = spawn_with_stdout(&dir.0, &args, stdout);
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for l in std::io::BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                sink.lock().unwrap().push(l);
-            }
-        });
+        if let Some(out) = child.stdout.take() {
+            let sink = lines.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for l in std::io::BufReader::new(out).lines() {
+                    let Ok(l) = l else { break };
+                    sink.lock().unwrap().push(l);
+                }
+            });
+        }
         let start = Instant::now();
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
             if let Ok(Some(s)) = child.try_wait() {
