@@ -186,15 +186,23 @@ impl Controller {
         }
     }
 
-    /// The configuration as `GET /vm/config` shows it: the config file's keys.
+    /// The configuration as `GET /vm/config` shows it: the config file's keys, as Firecracker
+    /// fills them: `cpu-config`, `logger` and `metrics` are always null (the config file's
+    /// `cpu-config` is a path, which the API never had), and `boot-source` is always an object
+    /// with `kernel_image_path` and `initrd_path`, empty and null before it is set.
     fn vm_config_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(&self.config).unwrap_or_else(|_| json!({}));
         if let Some(map) = v.as_object_mut() {
+            for k in ["cpu-config", "logger", "metrics"] {
+                map.insert(k.into(), json!(null));
+            }
+            let boot = map
+                .entry("boot-source")
+                .or_insert_with(|| json!({"kernel_image_path": ""}));
+            if let Some(boot) = boot.as_object_mut() {
+                boot.entry("initrd_path").or_insert(json!(null));
+            }
             for (k, empty) in [
-                ("boot-source", json!(null)),
-                ("cpu-config", json!(null)),
-                ("logger", json!(null)),
-                ("metrics", json!(null)),
                 ("drives", json!([])),
                 ("network-interfaces", json!([])),
                 ("vsock", json!(null)),

@@ -28,7 +28,7 @@ struct Args {
     /// path of the API socket (default /run/firecracker.socket)
     #[argh(option, default = "String::from(\"/run/firecracker.socket\")")]
     api_sock: String,
-    /// instance id (1-64 characters of A-Z, a-z, 0-9 and -)
+    /// instance id (1-64 bytes of letters, digits and -)
     #[argh(option, default = "String::from(\"anonymous-instance\")")]
     id: String,
     /// configure the microVM from this JSON file and boot it at once
@@ -117,8 +117,10 @@ struct RunArgs {
     mem: usize,
 }
 
+/// Firecracker's rule: 1 to 64 bytes of letters or digits (any script's, as Rust's
+/// `char::is_alphanumeric` says) and `-`.
 fn valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    (1..=64).contains(&id.len()) && id.chars().all(|c| c.is_alphanumeric() || c == '-')
 }
 
 /// The API socket once it is bound: every exit removes it, a failed one included.
@@ -203,12 +205,18 @@ fn run() -> ! {
         }
     };
     if args.version {
-        println!("ember v{VERSION}");
+        // Firecracker's first line, which clients parse for the version they talk to (Kata
+        // takes the second word, minus the "v", and refuses versions it deems too old), then
+        // ember's own version.
+        println!(
+            "Firecracker v{}\n\nember v{VERSION}",
+            ember::controller::FIRECRACKER_API_VERSION
+        );
         std::process::exit(exit_code::OK);
     }
     if !valid_id(&args.id) {
         eprintln!(
-            "ember: invalid --id {:?}: 1 to 64 characters of A-Z, a-z, 0-9 and -",
+            "ember: invalid --id {:?}: 1 to 64 bytes of letters, digits and -",
             args.id
         );
         std::process::exit(exit_code::ARG_PARSING);
@@ -245,7 +253,8 @@ fn run() -> ! {
                 eprintln!(
                     "ember: invalid --level; expected Error, Warning, Info, Debug, Trace or Off"
                 );
-                std::process::exit(exit_code::ARG_PARSING);
+                // A bad level is a bad configuration to Firecracker, not a bad argument.
+                std::process::exit(exit_code::BAD_CONFIGURATION);
             }
         };
         let cfg = LoggerConfig {
@@ -259,13 +268,15 @@ fn run() -> ! {
             show_log_origin: Some(args.show_log_origin),
             module: args.module.clone(),
         };
+        // As Firecracker: a log or metrics file the flags name that cannot be set up is a
+        // generic error (1), unlike a bad level (152).
         if let Err(e) = logger::configure(&cfg) {
-            fail(exit_code::BAD_CONFIGURATION, e);
+            fail(exit_code::GENERIC_ERROR, e);
         }
     }
     if let Some(p) = &args.metrics_path {
         if let Err(e) = metrics::init(p) {
-            fail(exit_code::BAD_CONFIGURATION, e);
+            fail(exit_code::GENERIC_ERROR, e);
         }
     }
     log::info!("Running ember v{VERSION}");

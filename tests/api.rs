@@ -234,7 +234,9 @@ fn endpoints_before_start() {
     // /vm/config shows what was configured.
     let cfg = c.get("/vm/config").json();
     assert_eq!(cfg["machine-config"]["mem_size_mib"], 512);
-    assert!(cfg["cpu-config"].is_object());
+    // As Firecracker: the API's CPU template never shows here (the config file's key is a
+    // path), nor do the logger and metrics.
+    assert!(cfg["cpu-config"].is_null());
     assert_eq!(cfg["drives"], serde_json::json!([]));
 
     assert_eq!(vm.terminate(), 0);
@@ -267,6 +269,63 @@ fn endpoints_before_start() {
             .unwrap()
             >= 3
     );
+}
+
+/// What Firecracker's clients read off the command line and `GET /vm/config`: `--version`'s
+/// first line is Firecracker's (Kata parses its second word), a bad `--level` exits 152 and a
+/// metrics file the flags name that cannot be opened exits 1, as in Firecracker.
+#[test]
+fn cli_version_exit_codes_and_vm_config_shapes_match_firecracker() {
+    let out = run(&["--version"]);
+    out.expect_code(0);
+    let first = out.stdout.lines().next().unwrap_or("");
+
+    let dir = TempDir::new("cli");
+    let sock = dir.path("api.sock");
+    let sock = sock.to_str().unwrap();
+    run(&["--api-sock", sock, "--level", "loud"])
+        .expect_code(152)
+        .expect("--level");
+    run(&[
+        "--api-sock",
+        sock,
+        "--metrics-path",
+        "/nonexistent/ember/metrics.json",
+    ])
+    .expect_code(1);
+
+    // Instance ids are letters and digits of any script, and `-`.
+    let mut vm = ApiVm::start(&["--id", "vm-é1"]);
+    let mut c = vm.client();
+    assert_eq!(c.get("/").json()["id"], "vm-é1");
+    let version = c.get("/version").json()["firecracker_version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(first, format!("Firecracker v{version}"), "{}", out.stdout);
+
+    let cfg = c.get("/vm/config").json();
+    assert_eq!(
+        cfg["boot-source"],
+        serde_json::json!({"kernel_image_path": "", "initrd_path": null})
+    );
+    let tpl = r#"{"cpuid_modifiers":[{"leaf":"0x1","subleaf":"0x0","flags":0,
+        "modifiers":[{"register":"ecx","bitmap":"0bxxxxxxxxxxxxxxxxxxxxxxxxxxx0xxxx"}]}]}"#;
+    assert_eq!(c.put("/cpu-config", tpl).status, 204);
+    let log = vm.dir.path("ember.log");
+    let body = format!(r#"{{"log_path":"{}"}}"#, log.display());
+    assert_eq!(c.put("/logger", &body).status, 204);
+    let body = format!(r#"{{"kernel_image_path":"{GUEST}","boot_args":"x"}}"#);
+    assert_eq!(c.put("/boot-source", &body).status, 204);
+    let cfg = c.get("/vm/config").json();
+    for key in ["cpu-config", "logger", "metrics"] {
+        assert!(cfg[key].is_null(), "{key}: {cfg}");
+    }
+    assert_eq!(
+        cfg["boot-source"],
+        serde_json::json!({"kernel_image_path": GUEST, "initrd_path": null, "boot_args": "x"})
+    );
+    assert_eq!(vm.terminate(), 0);
 }
 
 #[test]
@@ -951,6 +1010,12 @@ fn mangled_http_gets_4xx_or_a_close_never_a_hang() {
                 "request {i}: no answer and no close ({e}): {:?}",
                 String::from_utf8_lossy(&req)
             ),
+        }
+        // An `Expect: 100-continue` whose headers arrive before the shutdown gets the interim
+        // answer first, depending on timing; what counts is what follows it.
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+        if reply.starts_with(interim) {
+            reply.drain(..interim.len());
         }
         if reply.is_empty() {
             closed += 1;

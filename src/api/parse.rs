@@ -45,11 +45,12 @@ fn de<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiResponse> {
     })
 }
 
-/// Resource ids in paths: non-empty `[A-Za-z0-9_]`.
+/// Resource ids in paths: non-empty, letters or digits and `_`. Letters and digits of any
+/// script, as in Firecracker (`char::is_alphanumeric`).
 fn checked_id(id: Option<&str>) -> Result<&str, ApiResponse> {
     match id {
         None | Some("") => Err(bad("The ID cannot be empty.")),
-        Some(id) if id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => Ok(id),
+        Some(id) if id.chars().all(|c| c.is_alphanumeric() || c == '_') => Ok(id),
         Some(_) => Err(bad(
             "API Resource IDs can only contain alphanumeric characters and underscores.",
         )),
@@ -619,6 +620,15 @@ mod tests {
             err("PUT", "/drives/a-b", Some(drive)),
             "API Resource IDs can only contain alphanumeric characters and underscores."
         );
+        // Letters of any script are alphanumeric to Firecracker too.
+        match ok(
+            "PUT",
+            "/drives/dísk_1",
+            Some(r#"{"drive_id": "dísk_1", "is_root_device": false}"#),
+        ) {
+            VmmAction::PutDrive(d) => assert_eq!(d.drive_id, "dísk_1"),
+            other => panic!("{other:?}"),
+        }
         let e = err(
             "PUT",
             "/drives/rootfs",

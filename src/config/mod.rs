@@ -321,6 +321,22 @@ fn section<T: serde::de::DeserializeOwned>(
     serde_json::from_str(&text).map_err(|e| err(describe_json_error(&text, &e)))
 }
 
+/// The config file's `cpu-config` when it names a file, as Firecracker's does.
+fn read_cpu_template(path: &str) -> Result<CpuConfig, ConfigError> {
+    let err = |reason: String| ConfigError::Section {
+        section: "cpu-config".into(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err(format!("cannot read the CPU template {path:?}: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| {
+        err(format!(
+            "the CPU template {path:?}: {}",
+            describe_json_error(&text, &e)
+        ))
+    })
+}
+
 /// A serde_json error as a sentence that names the field it is about, without line numbers.
 pub fn describe_json_error(text: &str, e: &serde_json::Error) -> String {
     let mut msg = e.to_string();
@@ -353,11 +369,11 @@ impl VmConfig {
                 reason: "expected a JSON object".into(),
             });
         };
-        if let Some(k) = map.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-            return Err(ConfigError::Section {
-                section: k.clone(),
-                reason: format!("unknown key, expected one of {}", KNOWN.join(", ")),
-            });
+        // Firecracker ignores top-level keys it does not know (its config struct does not deny
+        // them), so a file written for another version still boots; the sections themselves
+        // are strict.
+        for k in map.keys().filter(|k| !KNOWN.contains(&k.as_str())) {
+            log::warn!("config file: ignoring the unknown key {k:?}");
         }
         for k in NOT_YET {
             match map.get(*k) {
@@ -382,7 +398,12 @@ impl VmConfig {
             cfg.machine_config = m;
         }
         if let Some(v) = map.remove("cpu-config") {
-            let c: CpuConfig = section("cpu-config", v)?;
+            let c: CpuConfig = match v {
+                // Firecracker's form: the path of a file holding the custom CPU template.
+                serde_json::Value::String(path) => read_cpu_template(&path)?,
+                // The template itself, as `PUT /cpu-config` takes it.
+                v => section("cpu-config", v)?,
+            };
             c.to_modifiers().map_err(|e| ConfigError::Section {
                 section: "cpu-config".into(),
                 reason: e.to_string(),
@@ -619,6 +640,45 @@ mod tests {
         let cfg = VmConfig::from_json(&limited).unwrap();
         assert!(cfg.entropy.unwrap().rate_limiter.is_some());
         std::fs::remove_file(p).unwrap();
+    }
+
+    /// Firecracker's `cpu-config` key is the path of a template file; unknown top-level keys
+    /// are ignored, as Firecracker's config struct does not deny them.
+    #[test]
+    fn config_file_cpu_template_path_and_unknown_keys() {
+        let dir = std::env::temp_dir().join(format!("ember-cfg-cpu-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tpl = dir.join("template.json");
+        std::fs::write(
+            &tpl,
+            r#"{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
+                "modifiers": [{"register": "ecx", "bitmap": "0bxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0x"}]}]}"#,
+        )
+        .unwrap();
+        let text = format!(
+            r#"{{"boot-source":{{"kernel_image_path":"{}"}},"drives":[],
+               "cpu-config":"{}","some-future-key":{{"x":1}}}}"#,
+            kernel_path(),
+            tpl.display()
+        );
+        let cfg = VmConfig::from_json(&text).unwrap();
+        assert_eq!(cfg.cpu_config.unwrap().cpuid_modifiers.len(), 1);
+
+        let missing = format!(
+            r#"{{"boot-source":{{"kernel_image_path":"{}"}},"drives":[],
+               "cpu-config":"/nonexistent/template.json"}}"#,
+            kernel_path()
+        );
+        let e = VmConfig::from_json(&missing).unwrap_err().to_string();
+        assert!(
+            e.contains("cpu-config") && e.contains("/nonexistent/template.json"),
+            "{e}"
+        );
+
+        std::fs::write(&tpl, r#"{"cpuid_modifiers": [], "bogus": 1}"#).unwrap();
+        let e = VmConfig::from_json(&text).unwrap_err().to_string();
+        assert!(e.contains("cpu-config") && e.contains("bogus"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
