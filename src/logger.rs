@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -40,6 +40,9 @@ static LOG_FD_IS_STREAM: AtomicBool = AtomicBool::new(false);
 /// The log file holds part of a line whose rest is still to be written (see [`Sink`]).
 static LOG_MID_LINE: AtomicBool = AtomicBool::new(false);
 static INSTANCE_ID: Mutex<[u8; 64]> = Mutex::new([0; 64]);
+/// Local time minus UTC, in seconds, read at `init`: the signal-safe path cannot call
+/// localtime_r (it takes libc's time-zone lock) but must print the same local time.
+static UTC_OFFSET_S: AtomicI64 = AtomicI64::new(0);
 
 #[derive(Debug)]
 pub enum LoggerError {
@@ -90,12 +93,20 @@ pub fn init(instance_id: &str, level: LevelFilter) {
     LOG_FD_IS_STREAM.store(crate::stdio::is_stream(1), Ordering::SeqCst);
     if let Ok(mut id) = INSTANCE_ID.lock() {
         let n = instance_id.len().min(id.len());
+        *id = [0; 64];
         id[..n].copy_from_slice(&instance_id.as_bytes()[..n]);
     }
     // localtime_r reads the time zone on its first call; read it now, while opening
     // /etc/localtime is still allowed, not on whichever thread logs first under its filter.
     // SAFETY: tzset only initialises libc's time-zone state.
     unsafe { tzset() };
+    let now = crate::time::utc_ms() as i64 / 1000;
+    // SAFETY: all-zero bytes are a valid `tm`; localtime_r writes only into it.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; both pointers are to live locals.
+    if !unsafe { libc::localtime_r(&now, &mut tm) }.is_null() {
+        UTC_OFFSET_S.store(tm.tm_gmtoff, Ordering::Relaxed);
+    }
     // A second init (tests) keeps the first logger; only the level changes.
     let _ = log::set_logger(l);
     log::set_max_level(level);
@@ -611,7 +622,7 @@ pub fn emergency(thread: &str, msg: std::fmt::Arguments) {
     };
     // SAFETY: clock_gettime writes only the struct we pass.
     unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-    let (y, mo, d, h, mi, se) = utc_parts(ts.tv_sec);
+    let (y, mo, d, h, mi, se) = utc_parts(ts.tv_sec + UTC_OFFSET_S.load(Ordering::Relaxed));
     let mut id = [0u8; 64];
     if let Ok(g) = INSTANCE_ID.try_lock() {
         id = *g;
@@ -622,7 +633,7 @@ pub fn emergency(thread: &str, msg: std::fmt::Arguments) {
     let _ = std::fmt::Write::write_fmt(
         &mut line,
         format_args!(
-            "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{se:02}.{:09}Z [{id}:{thread}:ERROR] {msg}\n",
+            "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{se:02}.{:09} [{id}:{thread}:ERROR] {msg}\n",
             ts.tv_nsec
         ),
     );
@@ -655,6 +666,43 @@ mod emergency_tests {
         // 2026-11-23T01:54:07Z
         assert_eq!(utc_parts(1_795_398_847), (2026, 11, 23, 1, 54, 7));
         assert_eq!(utc_parts(951_782_400), (2000, 2, 29, 0, 0, 0));
+    }
+
+    /// Lines from signal handlers carry the same local time as the others, not UTC.
+    #[test]
+    fn the_signal_safe_path_uses_local_time() {
+        init("emergency-test", LevelFilter::Info);
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two descriptors, closed below.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        let old = LOG_FD.swap(fds[1], Ordering::SeqCst);
+        let before = local_timestamp();
+        emergency("t", format_args!("hello"));
+        let after = local_timestamp();
+        LOG_FD.store(old, Ordering::SeqCst);
+        let mut buf = [0u8; 512];
+        // SAFETY: read(2) into a stack buffer; then closing the descriptors pipe2 gave us.
+        let n = unsafe {
+            let n = libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len());
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+            n
+        };
+        let line = String::from_utf8_lossy(&buf[..usize::try_from(n).unwrap()]).into_owned();
+        assert!(
+            line.ends_with(" [emergency-test:t:ERROR] hello\n"),
+            "{line}"
+        );
+        assert_eq!(
+            &line[29..31],
+            " [",
+            "a local time has no zone suffix: {line}"
+        );
+        let ts = &line[..29];
+        assert!(
+            before.as_str() <= ts && ts <= after.as_str(),
+            "{before} {line} {after}"
+        );
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! Firecracker's code for the signal. Everything here is async-signal-safe: atomics, `write`,
 //! `tcsetattr`, `_exit`.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use vmm_sys_util::signal::register_signal_handler;
 
@@ -20,8 +21,29 @@ static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 /// The terminal settings to put back on exit, when stdin is a terminal we changed.
 static SAVED_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
 
+thread_local! {
+    /// True on the thread that put the terminal in raw mode (the main thread, later the VMM
+    /// thread): the API and vCPU threads' seccomp filters forbid the ioctl that puts it back,
+    /// and inside a SIGSYS handler that ioctl gets the process killed by SIGSYS.
+    /// Const-initialised, so reading it in a handler neither allocates nor registers anything.
+    static TERMINAL_OWNER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Another thread asked the owner to restore the terminal, and whether that is done.
+static RESTORE_REQUESTED: AtomicBool = AtomicBool::new(false);
+static RESTORED: AtomicBool = AtomicBool::new(false);
+/// The signal reported to the event loop when a thread hands the terminal over.
+static HANDOFF_SIGNAL: AtomicI32 = AtomicI32::new(libc::SIGSYS);
+/// How long a thread that cannot restore the terminal waits for the owner to do it.
+const HANDOFF_WAIT: Duration = Duration::from_millis(200);
+
 extern "C" fn stop_handler(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    STOP_SIGNAL.store(num, Ordering::SeqCst);
+    wake_event_loop(num);
+}
+
+/// Records `num` as the stop signal and wakes the event loop. Async-signal-safe.
+fn wake_event_loop(num: libc::c_int) {
+    let _ = STOP_SIGNAL.compare_exchange(0, num, Ordering::SeqCst, Ordering::SeqCst);
     let fd = STOP_FD.load(Ordering::SeqCst);
     if fd >= 0 {
         let one: u64 = 1;
@@ -42,6 +64,11 @@ fn fatal_code(num: libc::c_int) -> i32 {
     }
 }
 
+/// As Firecracker: count it and go on; the write that raised it fails with EPIPE.
+extern "C" fn sigpipe_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    METRICS.signals.sigpipe.inc();
+}
+
 extern "C" fn fatal_handler(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     let m = &METRICS.signals;
     match num {
@@ -53,7 +80,13 @@ extern "C" fn fatal_handler(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut l
         libc::SIGILL => m.sigill.inc(),
         _ => {}
     }
+    // The thread's name is out of reach here without allocating (std::thread::current).
+    crate::logger::emergency(
+        "?",
+        format_args!("Shutting down VM after intercepting signal {num}"),
+    );
     crate::metrics::try_flush();
+    HANDOFF_SIGNAL.store(num, Ordering::SeqCst);
     restore_terminal();
     // SAFETY: _exit is async-signal-safe and never returns.
     unsafe { libc::_exit(fatal_code(num)) };
@@ -75,7 +108,27 @@ pub fn install(stop_fd: i32) -> std::io::Result<()> {
     ] {
         register_signal_handler(s, fatal_handler).map_err(err)?;
     }
+    register_signal_handler(libc::SIGPIPE, sigpipe_handler).map_err(err)?;
+    install_panic_hook();
     Ok(())
+}
+
+/// As on a fatal signal: a panic (which aborts) counts in the metrics, logs, flushes them and
+/// restores the terminal. Only non-blocking paths: the panicking thread may hold the logger's
+/// or the metrics' lock.
+fn install_panic_hook() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        METRICS.vmm.panic_count.inc();
+        let current = std::thread::current();
+        crate::logger::emergency(
+            crate::logger::thread_name(&current),
+            format_args!("ember {info}"),
+        );
+        crate::metrics::try_flush();
+        restore_terminal();
+        default_hook(info);
+    }));
 }
 
 /// The signal that asked for a stop, if any.
@@ -100,6 +153,7 @@ pub fn set_raw_terminal(keep_signals: bool) {
             return;
         }
         let _ = SAVED_TERMIOS.set(t);
+        TERMINAL_OWNER.with(|o| o.set(true));
         t.c_lflag &= !(libc::ICANON | libc::ECHO);
         if !keep_signals {
             t.c_lflag &= !libc::ISIG;
@@ -111,9 +165,77 @@ pub fn set_raw_terminal(keep_signals: bool) {
 }
 
 /// Restores the terminal if we changed it. Safe to call from any exit path, handlers included.
+/// Only the thread that changed it may (see [`TERMINAL_OWNER`]): another one wakes the event
+/// loop, whose exit path calls this on the owner, and waits a bounded while for it.
 pub fn restore_terminal() {
-    if let Some(t) = SAVED_TERMIOS.get() {
+    let Some(t) = SAVED_TERMIOS.get() else {
+        return;
+    };
+    if TERMINAL_OWNER.with(|o| o.get()) {
         // SAFETY: tcsetattr with a termios we saved earlier; async-signal-safe.
         unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
+        RESTORED.store(true, Ordering::SeqCst);
+        if RESTORE_REQUESTED.load(Ordering::SeqCst) {
+            // The thread that asked exits with its own code (148, 150, ...): let it, rather
+            // than race it to exit_group with this thread's.
+            sleep(HANDOFF_WAIT * 5);
+        }
+        return;
+    }
+    if RESTORED.load(Ordering::SeqCst) {
+        return;
+    }
+    RESTORE_REQUESTED.store(true, Ordering::SeqCst);
+    wake_event_loop(HANDOFF_SIGNAL.load(Ordering::SeqCst));
+    let step = Duration::from_millis(1);
+    let mut waited = Duration::ZERO;
+    while !RESTORED.load(Ordering::SeqCst) && waited < HANDOFF_WAIT {
+        sleep(step);
+        waited += step;
+    }
+}
+
+/// nanosleep(2): async-signal-safe, and allowed by every thread's filter.
+fn sleep(d: Duration) {
+    let ts = libc::timespec {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: nanosleep reads `ts`; a null remainder is allowed.
+    unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The child half of the test below: panics with the hook installed.
+    #[test]
+    fn panic_child() {
+        let Ok(path) = std::env::var("EMBER_TEST_PANIC_METRICS") else {
+            return;
+        };
+        crate::metrics::init(&path).unwrap();
+        install_panic_hook();
+        panic!("on purpose");
+    }
+
+    #[test]
+    fn a_panic_counts_logs_and_flushes_the_metrics() {
+        let path = std::env::temp_dir().join(format!("ember-panic-{}", std::process::id()));
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "signal::tests::panic_child", "--nocapture"])
+            .env("EMBER_TEST_PANIC_METRICS", &path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(":ERROR] ember panicked at"), "{stdout}");
+        assert!(stdout.contains("on purpose"), "{stdout}");
+        let m = std::fs::read_to_string(&path).unwrap_or_default();
+        let _ = std::fs::remove_file(&path);
+        let last = m.lines().last().unwrap_or("{}");
+        let v: serde_json::Value = serde_json::from_str(last).unwrap();
+        assert_eq!(v["vmm"]["panic_count"], 1, "{m}");
     }
 }
