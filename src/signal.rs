@@ -80,10 +80,10 @@ extern "C" fn fatal_handler(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut l
         libc::SIGILL => m.sigill.inc(),
         _ => {}
     }
-    // The thread's name is out of reach here without allocating (std::thread::current).
+    let thread = crate::seccomp::thread_name();
     crate::logger::emergency(
-        "?",
-        format_args!("Shutting down VM after intercepting signal {num}"),
+        thread,
+        format_args!("Shutting down VM after intercepting signal {num} on thread {thread}"),
     );
     crate::metrics::try_flush();
     HANDOFF_SIGNAL.store(num, Ordering::SeqCst);

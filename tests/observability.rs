@@ -115,6 +115,12 @@ fn a_fatal_signal_on_a_vcpu_thread_exits_with_its_code_and_restores_the_terminal
     unsafe { libc::syscall(libc::SYS_tgkill, pid as i32, vcpu, libc::SIGBUS) };
     let out = wait_with_guard(child, Duration::from_secs(30));
     out.expect_code(149);
+    assert!(
+        out.stdout
+            .contains("intercepting signal 7 on thread ember_vcpu0"),
+        "{}",
+        out.stdout
+    );
     assert_eq!(pty.lflag(), before, "the terminal is left raw");
     assert_eq!(
         metric_sum(&dir.path("metrics.json"), "signals", "sigbus"),

@@ -146,6 +146,12 @@ impl Filters {
     }
 }
 
+/// The calling thread's name as recorded when its filter went on ("?" before that). Safe in a
+/// signal handler: it neither allocates nor locks.
+pub fn thread_name() -> &'static str {
+    THREAD.with(|t| t.get())
+}
+
 extern "C" fn sigsys_handler(num: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     if num != libc::SIGSYS || info.is_null() {
         return;
@@ -154,7 +160,7 @@ extern "C" fn sigsys_handler(num: libc::c_int, info: *mut libc::siginfo_t, _: *m
     // `si_call_addr` in the union that starts at offset 16 of siginfo_t.
     let syscall = unsafe { *((info as *const u8).add(24) as *const libc::c_int) };
     METRICS.seccomp.num_faults.inc();
-    let thread = THREAD.with(|t| t.get());
+    let thread = thread_name();
     crate::logger::emergency(
         thread,
         format_args!(
