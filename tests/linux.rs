@@ -42,11 +42,12 @@ fn linux_elf_boots_to_banner_e820_and_acpi() {
         return;
     };
     let dir = TempDir::new("linux");
+    let boot_args = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1 nomodule \
+                     i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce";
     let cfg = serde_json::json!({
         "boot-source": {
             "kernel_image_path": vmlinux,
-            "boot_args": "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1 nomodule \
-                          i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce"
+            "boot_args": boot_args
         },
         "drives": [],
         "machine-config": {"vcpu_count": 1, "mem_size_mib": 256}
@@ -64,23 +65,34 @@ fn linux_elf_boots_to_banner_e820_and_acpi() {
         }
     });
 
+    // The command line as the kernel received it, and every ACPI table ember builds (RSDP ->
+    // XSDT -> FADT -> DSDT, MADT), each found by the kernel and carrying ember's OEM id.
+    let command_line = format!("Command line: {boot_args}");
     let wanted = [
         "Linux version 6.1",
+        command_line.as_str(),
         "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
         "BIOS-e820: [mem 0x000000000009fc00-0x00000000000fffff] reserved",
         "BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable",
         "ACPI: RSDP 0x00000000000E0000",
-        "EMBER",
     ];
+    let tables = ["RSDP", "XSDT", "FACP", "DSDT", "APIC"];
+    let mut seen_tables = vec![false; tables.len()];
     let mut seen = vec![false; wanted.len()];
     let mut log = String::new();
     // A hang guard, not a performance figure: the banner takes ~20 s on these machines.
     let deadline = Instant::now() + Duration::from_secs(150);
-    while !seen.iter().all(|s| *s) && Instant::now() < deadline {
+    while !(seen.iter().all(|s| *s) && seen_tables.iter().all(|s| *s)) && Instant::now() < deadline
+    {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) => {
                 for (i, w) in wanted.iter().enumerate() {
                     seen[i] |= line.contains(w);
+                }
+                // "ACPI: XSDT 0x... (v01 EMBER  EMBERVM  00000001 ...)"
+                for (i, t) in tables.iter().enumerate() {
+                    seen_tables[i] |=
+                        line.contains(&format!("ACPI: {t} 0x")) && line.contains("EMBER");
                 }
                 log.push_str(&line);
                 log.push('\n');
@@ -99,6 +111,12 @@ fn linux_elf_boots_to_banner_e820_and_acpi() {
     let status = child.wait().unwrap();
     for (w, s) in wanted.iter().zip(&seen) {
         assert!(*s, "{w:?} never appeared on the console:\n{log}");
+    }
+    for (t, s) in tables.iter().zip(&seen_tables) {
+        assert!(
+            *s,
+            "no \"ACPI: {t}\" line with OEM id EMBER on the console:\n{log}"
+        );
     }
     assert_eq!(status.code(), Some(0), "SIGTERM should be a clean stop");
 }
@@ -129,12 +147,17 @@ fn bzimage_is_loaded_with_its_setup_header() {
     )
     .unwrap();
 
-    // The protected-mode kernel sits at 1 MiB, byte for byte.
+    // The protected-mode kernel sits at 1 MiB, byte for byte (all of it, not a prefix).
     let setup_sects = bytes[0x1f1] as usize;
     let pm = &bytes[(setup_sects + 1) * 512..];
-    let mut placed = vec![0u8; 4096];
+    let mut placed = vec![0u8; pm.len()];
     mem.read_slice(&mut placed, GuestAddress(0x100000)).unwrap();
-    assert_eq!(&placed[..], &pm[..4096]);
+    if let Some(i) = (0..pm.len()).find(|&i| placed[i] != pm[i]) {
+        panic!(
+            "the protected-mode kernel differs at byte {i:#x} of {:#x}",
+            pm.len()
+        );
+    }
 
     // The zero page: the image's setup header plus what the loader fills in.
     let zp = 0x7000u64;

@@ -642,13 +642,47 @@ fn netbench_sends_and_receives_through_a_tap() {
     });
     rx.recv_timeout(Duration::from_secs(10))
         .expect("the injector did not start");
+    // And one that counts the guest's benchmark frames as they leave tap0: 1514 bytes,
+    // broadcast, from the guest's MAC, payload byte k = k.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let (name, stop2) = (ns.0.clone(), stop.clone());
+    let capture = std::thread::spawn(move || {
+        let (fd, _) = packet_socket(&name, "tap0");
+        tx.send(()).unwrap();
+        let (mut good, mut bad) = (0u64, 0u64);
+        while !stop2.load(Ordering::Relaxed) {
+            let Some(f) = recv_frame(&fd) else { continue };
+            if f.len() < 14 || f[6..12] != GUEST_MAC {
+                continue;
+            }
+            let whole = f.len() == 1514
+                && f[..6] == [0xff; 6]
+                && f[12..14] == ETHERTYPE.to_be_bytes()
+                && f[14..].iter().enumerate().all(|(k, &b)| b == k as u8);
+            if whole {
+                good += 1;
+            } else {
+                bad += 1;
+            }
+        }
+        (good, bad)
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the capture helper did not start");
 
     let dir = TempDir::new("netbench");
-    let cfg = tap0_config("netbench=1514");
+    let metrics = dir.path("metrics.json");
+    let mut cfg = tap0_config("netbench=1514");
+    cfg["metrics"] = json!({"metrics_path": metrics.to_str().unwrap()});
     let path = dir.write("vm.json", serde_json::to_vec(&cfg).unwrap());
     let child = ns.spawn_ember(&path);
     let out = wait_with_guard(child, Duration::from_secs(60));
     injector.join().expect("the injector panicked");
+    // Frames still on their way out of the TAP.
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (captured, mangled) = capture.join().expect("the capture helper panicked");
     out.expect_code(0)
         .expect("netbench: tx start")
         .expect("netbench: rx ready")
@@ -667,8 +701,29 @@ fn netbench_sends_and_receives_through_a_tap() {
             })
             .unwrap_or(0)
     };
-    assert!(count("netbench: tx ") > 0, "{text}");
-    assert!(count("netbench: rx ") > 0, "{text}");
+    let (sent, received) = (count("netbench: tx "), count("netbench: rx "));
+    assert!(sent > 0, "{text}");
+    assert!(received > 0, "{text}");
+    // The guest's count is of completed TX chains; the host must have seen the frames
+    // themselves (a capture socket may drop some of a burst, never invent them).
+    let m = std::fs::read_to_string(&metrics).unwrap_or_default();
+    assert_eq!(
+        mangled, 0,
+        "frames from the guest's MAC that are not its own"
+    );
+    assert!(
+        captured > 0 && captured <= sent,
+        "{captured} of the guest's {sent} frames seen on tap0"
+    );
+    assert_eq!(
+        counter_sum(&m, "net", "tx_packets_count"),
+        sent,
+        "frames written to the TAP vs the guest's count; metrics:\n{m}"
+    );
+    assert!(
+        counter_sum(&m, "net", "rx_packets_count") >= received,
+        "the guest counted {received} frames the device never delivered; metrics:\n{m}"
+    );
 }
 
 // ---- netgso: segmentation offloads and mergeable RX buffers, both ways ----

@@ -78,6 +78,16 @@ fn line_after(out: &Outcome, prefix: &str) -> String {
         })
 }
 
+/// The GET_ID answer for the drive backed by `path`: its file's device, special-device and
+/// inode numbers (decimal, one after the other, as Firecracker writes them), at most 20 bytes.
+fn expected_id(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap();
+    let mut id = format!("{}{}{}", m.dev(), m.rdev(), m.ino());
+    id.truncate(20);
+    id
+}
+
 fn fnv_of_first_sectors(data: &[u8]) -> (usize, u64) {
     let n = (data.len() / SECTOR).min(128);
     (n, fnv1a64(&data[..n * SECTOR]))
@@ -103,8 +113,12 @@ fn blk_reads_writes_flushes_and_reports_its_id() {
         .expect("blk: wrote 8 sectors at 8, flush status 0")
         .expect("blk: out of range status 1")
         .expect("ember-guest: done");
-    let id = line_after(&out, "blk: id ");
-    assert!(!id.trim().is_empty(), "empty drive id:\n{}", out.stdout);
+    assert_eq!(
+        line_after(&out, "blk: id "),
+        expected_id(&img),
+        "GET_ID:\n{}",
+        out.stdout
+    );
 
     let after = std::fs::read(&img).unwrap();
     assert_eq!(after.len(), data.len(), "the image changed size");
@@ -138,9 +152,11 @@ fn blk_read_only_drive_refuses_writes() {
         .expect("blk: write refused status 1")
         .expect("blk: out of range status 1")
         .expect("ember-guest: done");
-    assert!(
-        !line_after(&out, "blk: id ").trim().is_empty(),
-        "empty drive id"
+    assert_eq!(
+        line_after(&out, "blk: id "),
+        expected_id(&img),
+        "GET_ID:\n{}",
+        out.stdout
     );
     assert!(
         std::fs::read(&img).unwrap() == data,
@@ -587,15 +603,17 @@ fn patch_drive_swaps_the_file_and_signals_the_guest() {
         second.to_str(),
         "{cfg}"
     );
+    // The guest reads the interrupt status as it sees the new generation: the
+    // configuration-change bit must be up by then.
     vm.wait_for(&format!(
-        "blk: capacity changed to {} sectors",
+        "blk: capacity changed to {} sectors, configuration interrupt 1",
         2 * MIB / SECTOR
     ));
     let back = json!({"drive_id": "rootfs", "path_on_host": first.to_str().unwrap()});
     let r = c.patch("/drives/rootfs", &back.to_string());
     assert_eq!(r.status, 204, "{}", r.body);
     vm.wait_for(&format!(
-        "blk: capacity changed to {} sectors",
+        "blk: capacity changed to {} sectors, configuration interrupt 1",
         MIB / SECTOR
     ));
 }
