@@ -104,7 +104,8 @@ impl Block {
         // A block device's st_size is 0; its end is its size (a regular file's too).
         let size = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))?;
         let mut id = [0u8; ID_BYTES];
-        let s = format!("{}{}", meta.dev(), meta.ino());
+        // As Firecracker (and kvmtool) build it, so the serial a guest sees is the same.
+        let s = format!("{}{}{}", meta.dev(), meta.rdev(), meta.ino());
         let n = s.len().min(ID_BYTES);
         id[..n].copy_from_slice(&s.as_bytes()[..n]);
         Ok(Block {

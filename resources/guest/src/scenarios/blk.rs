@@ -92,6 +92,7 @@ pub fn wait_config(ctx: &Ctx, arg: &[u8]) {
     let mut gen = b.t.read(CONFIG_GENERATION);
     say!("blkwait: capacity ", b.capacity, " sectors, generation ", gen);
     for _ in 0..changes {
+        let mut st;
         let deadline = crate::hw::rdtsc() + super::ticks::tsc_per_us() * 30_000_000;
         loop {
             // The generation is the signal (ember moves it and raises the interrupt under one
@@ -99,7 +100,7 @@ pub fn wait_config(ctx: &Ctx, arg: &[u8]) {
             // read before it cannot count as the next one.
             let now = b.t.read(CONFIG_GENERATION);
             if now != gen {
-                let st = b.t.read(INTERRUPT_STATUS);
+                st = b.t.read(INTERRUPT_STATUS);
                 b.t.write(INTERRUPT_ACK, st & 2);
                 gen = now;
                 break;
@@ -109,6 +110,11 @@ pub fn wait_config(ctx: &Ctx, arg: &[u8]) {
             }
             core::hint::spin_loop();
         }
-        say!("blk: capacity changed to ", b.t.config64(0), " sectors");
+        say!(
+            "blk: capacity changed to ",
+            b.t.config64(0),
+            " sectors, configuration interrupt ",
+            (st >> 1) & 1
+        );
     }
 }
