@@ -30,8 +30,8 @@ pub const OEM_REVISION: u32 = 1;
 /// FADT "Hypervisor Vendor Identity".
 pub const HYPERVISOR_VENDOR_ID: [u8; 8] = *b"EMBERKVM";
 
-/// IA-PC boot architecture flags: an i8042 is present, no VGA, no MSI, no PCIe ASPM control.
-const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
+/// IA-PC boot architecture flags: no VGA, no MSI, no PCIe ASPM control. The 8042 flag stays
+/// clear as on Firecracker: Linux then finds the i8042 through its DSDT device (PNP0303).
 const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
 const IAPC_BOOT_ARCH_MSI_NOT_PRESENT: u16 = 1 << 3;
 const IAPC_BOOT_ARCH_PCIE_ASPM_CONTROLS: u16 = 1 << 4;
@@ -217,8 +217,7 @@ pub fn create_acpi_tables(
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
-    fadt.iapc_boot_arch = (IAPC_BOOT_ARCH_8042
-        | IAPC_BOOT_ARCH_VGA_NOT_PRESENT
+    fadt.iapc_boot_arch = (IAPC_BOOT_ARCH_VGA_NOT_PRESENT
         | IAPC_BOOT_ARCH_MSI_NOT_PRESENT
         | IAPC_BOOT_ARCH_PCIE_ASPM_CONTROLS)
         .into();
@@ -315,6 +314,9 @@ pub(crate) mod tests {
         assert_ne!(flags & (1 << 4), 0, "power button");
         assert_ne!(flags & (1 << 5), 0, "sleep button");
         assert_eq!(&fadt[268..276], b"EMBERKVM");
+        // IAPC_BOOT_ARCH as Firecracker sets it: VGA not present, MSI not supported, PCIe
+        // ASPM controls; no 8042 or legacy-devices bit.
+        assert_eq!(u16::from_le_bytes([fadt[109], fadt[110]]), 0x1c);
         let dsdt_addr = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
         let madt = read_sdt(mem, entries[1]);
         assert_eq!(&madt[0..4], b"APIC");

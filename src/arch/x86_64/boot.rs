@@ -523,6 +523,73 @@ mod tests {
     }
 
     #[test]
+    fn initrd_over_a_bss_only_elf_segment_rejected() {
+        // Code at 1 MiB, then a segment with no file bytes (bss) at the top of a 4 MiB guest,
+        // where the initrd goes.
+        let mut elf = make_elf(0x10_0000, &[0x90; 16], None);
+        let mut bss = Vec::new();
+        for field in [1u32, 6] {
+            bss.extend_from_slice(&field.to_le_bytes()); // PT_LOAD, RW
+        }
+        for field in [0u64, 0x30_0000, 0x30_0000, 0, 0x10_0000, 4] {
+            bss.extend_from_slice(&field.to_le_bytes()); // offset, vaddr, paddr, filesz, memsz
+        }
+        elf[56..58].copy_from_slice(&2u16.to_le_bytes()); // e_phnum
+        elf.splice(120..120, bss);
+        // The first segment's file offset moves by the inserted header.
+        let off = u64::from_le_bytes(elf[72..80].try_into().unwrap()) + 56;
+        elf[72..80].copy_from_slice(&off.to_le_bytes());
+        let mem = guest_mem(4 * MIB);
+        let kernel = load_kernel_bytes(&mem, &elf).unwrap();
+        assert_eq!(
+            (kernel.kernel_load.raw_value(), kernel.kernel_end),
+            (0x10_0000, 0x40_0000)
+        );
+        let initrd = load_initrd_bytes(&mem, &[1u8; 16]).unwrap();
+        let cfg = BootConfig {
+            initrd: Some(initrd),
+            ..boot_cfg(&kernel, "")
+        };
+        let e = configure_system(&mem, &cfg).unwrap_err();
+        assert!(
+            matches!(e, ConfigureError::InitrdOverlapsKernel { .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn initrd_in_the_bzimage_decompression_area_rejected() {
+        // A relocatable bzImage runs from pref_address (16 MiB) and needs init_size (8 MiB)
+        // there before it reads the e820 map: an initrd at the top of 20 MiB of RAM is inside.
+        let mut img = make_bzimage(0x020c, 1 | XLF_CAN_BE_LOADED_ABOVE_4G, &[0x90; 4096]);
+        img[0x234] = 1; // relocatable_kernel
+        img[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes()); // pref_address
+        img[0x260..0x264].copy_from_slice(&0x80_0000u32.to_le_bytes()); // init_size
+        let mem = guest_mem(20 * MIB);
+        let kernel = load_kernel_bytes(&mem, &img).unwrap();
+        assert_eq!(kernel.kernel_end, 0x180_0000);
+        let initrd = load_initrd_bytes(&mem, &[1u8; 16]).unwrap();
+        let cfg = BootConfig {
+            initrd: Some(initrd),
+            ..boot_cfg(&kernel, "")
+        };
+        let e = configure_system(&mem, &cfg).unwrap_err();
+        assert!(
+            matches!(e, ConfigureError::InitrdOverlapsKernel { .. }),
+            "{e}"
+        );
+        // With room above it the same initrd is accepted.
+        let mem = guest_mem(32 * MIB);
+        let kernel = load_kernel_bytes(&mem, &img).unwrap();
+        let initrd = load_initrd_bytes(&mem, &[1u8; 16]).unwrap();
+        let cfg = BootConfig {
+            initrd: Some(initrd),
+            ..boot_cfg(&kernel, "")
+        };
+        configure_system(&mem, &cfg).unwrap();
+    }
+
+    #[test]
     fn pvh_start_info() {
         let mem = guest_mem(5 * GIB);
         let kernel =

@@ -24,6 +24,15 @@ const LEAF1_EBX_CLFLUSH_LINE: u32 = 8;
 const LEAF6_EAX_TURBO_BOOST: u32 = 1 << 1;
 const LEAF6_ECX_ENERGY_PERF_BIAS: u32 = 1 << 3;
 
+// Leaf 7 subleaf 0 (AMD): KVM reports IA32_ARCH_CAPABILITIES, which AMD CPUs do not have.
+const LEAF7_EDX_ARCH_CAPABILITIES: u32 = 1 << 29;
+// AMD extended leaves: the largest one offered (0x8000001D and 0x8000001E are used) and the
+// topology-extensions bit that makes them valid.
+const AMD_LARGEST_EXTENDED_LEAF: u32 = 0x8000_001f;
+const LEAF80000001_ECX_TOPOEXT: u32 = 1 << 22;
+/// AMD brand string (leaves 0x80000002..4), the same on every host, as Firecracker reports it.
+const AMD_BRAND_STRING: &[u8; 8] = b"AMD EPYC";
+
 // Leaf 0xB / 0x1F.
 const LEVEL_TYPE_THREAD: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
@@ -219,11 +228,19 @@ pub fn normalize_cpuid(
                 entry.ecx = 0;
                 entry.edx = 0;
             }
+            0x7 if vendor == CpuVendor::Amd && entry.index == 0 => {
+                entry.edx &= !LEAF7_EDX_ARCH_CAPABILITIES;
+            }
+            0x8000_0000 if vendor == CpuVendor::Amd => entry.eax = AMD_LARGEST_EXTENDED_LEAF,
+            0x8000_0001 if vendor == CpuVendor::Amd => entry.ecx |= LEAF80000001_ECX_TOPOEXT,
+            0x8000_0002..=0x8000_0004 if vendor == CpuVendor::Amd => {
+                set_brand_string_part(entry, AMD_BRAND_STRING);
+            }
             0x8000_0008 if vendor == CpuVendor::Amd => {
-                // NC = cores - 1; ApicIdSize = bits of the APIC id inside the package.
-                let bits = topo.max_per_package.trailing_zeros();
+                // NC = threads - 1; ApicIdSize = the APIC id bits below the package, the same
+                // shift as leaf 0xB's core level.
                 set_bits(&mut entry.ecx, 0xff, topo.count - 1);
-                set_bits(&mut entry.ecx, 0xf << 12, bits << 12);
+                set_bits(&mut entry.ecx, 0xf << 12, CORE_LEVEL_APIC_ID_SHIFT << 12);
             }
             0x8000_001d if vendor == CpuVendor::Amd => update_cache_entry(entry, &topo, false),
             0x8000_001e if vendor == CpuVendor::Amd => {
@@ -246,6 +263,21 @@ pub fn normalize_cpuid(
         rebuild_topology_leaf(cpuid, 0x1f, &topo)?;
     }
     Ok(())
+}
+
+/// Fills one of the brand-string leaves 0x80000002..4 (16 bytes each) with its part of `brand`,
+/// NUL-padded to 48 bytes.
+fn set_brand_string_part(entry: &mut kvm_cpuid_entry2, brand: &[u8]) {
+    let part = (entry.function - 0x8000_0002) as usize;
+    let mut bytes = [0u8; 16];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = brand.get(part * 16 + i).copied().unwrap_or(0);
+    }
+    let reg = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    entry.eax = reg(0);
+    entry.ebx = reg(4);
+    entry.ecx = reg(8);
+    entry.edx = reg(12);
 }
 
 fn update_feature_info(entry: &mut kvm_cpuid_entry2, topo: &Topology) {
@@ -458,6 +490,71 @@ pub(crate) mod tests {
             assert_eq!((l3 >> 14) & 0xfff, u32::from(count).next_power_of_two() - 1);
             assert_eq!(l3 >> 26, u32::from(count).div_ceil(threads) - 1);
             assert_eq!(find(&c, 4, 2).eax, 0);
+        }
+    }
+
+    /// An AMD-like CPUID as KVM reports it on this project's hosts (an AMD EPYC under PVM):
+    /// ARCH_CAPABILITIES set, extended leaves up to 0x80000022, an empty brand string.
+    fn synthetic_amd() -> CpuId {
+        let sig = 1u32;
+        CpuId::from_entries(&[
+            entry(0, 0, 0, [0x10, 0x6874_7541, 0x444d_4163, 0x6974_6e65]), // AuthenticAMD
+            entry(1, 0, 0, [0xa00f11, 0x0102_0800, 0x8120_2000, 0x078b_fbff]),
+            entry(7, 0, sig, [0, 0x0180_0002, 4, 0xa800_0000]),
+            entry(
+                0x8000_0000,
+                0,
+                0,
+                [0x8000_0022, 0x6874_7541, 0x444d_4163, 0x6974_6e65],
+            ),
+            entry(0x8000_0001, 0, 0, [0xa00f11, 0, 0x393, 0x23d3_fbff]),
+            entry(0x8000_0002, 0, 0, [0; 4]),
+            entry(0x8000_0003, 0, 0, [0; 4]),
+            entry(0x8000_0004, 0, 0, [0; 4]),
+            entry(0x8000_0008, 0, 0, [0x3030, 0x110a_d205, 0x7001, 0]),
+            entry(0x8000_001d, 0, sig, [0x121, 0x01c0_003f, 0x3f, 0]),
+            entry(0x8000_001d, 3, sig, [0x4163, 0x03c0_003f, 0x7fff, 1]),
+            entry(0x8000_001e, 0, 0, [0; 4]),
+        ])
+        .unwrap()
+    }
+
+    fn brand_string(cpuid: &CpuId) -> Vec<u8> {
+        (0x8000_0002..=0x8000_0004)
+            .flat_map(|leaf| {
+                let e = find(cpuid, leaf, 0);
+                [e.eax, e.ebx, e.ecx, e.edx]
+            })
+            .flat_map(u32::to_le_bytes)
+            .collect()
+    }
+
+    #[test]
+    fn normalize_amd_as_firecracker() {
+        for (index, count, smt) in [(0u8, 1u8, false), (1, 2, false), (3, 4, true)] {
+            let mut c = synthetic_amd();
+            normalize_cpuid(&mut c, index, count, smt).unwrap();
+            check_normalized(&c, index, count, smt);
+            assert_eq!(find(&c, 7, 0).edx & LEAF7_EDX_ARCH_CAPABILITIES, 0);
+            assert_eq!(find(&c, 0x8000_0000, 0).eax, 0x8000_001f);
+            assert_ne!(find(&c, 0x8000_0001, 0).ecx & LEAF80000001_ECX_TOPOEXT, 0);
+            let brand = brand_string(&c);
+            assert_eq!(&brand[..9], b"AMD EPYC\0");
+            assert!(brand[8..].iter().all(|b| *b == 0));
+            // NC = threads - 1, ApicIdSize 7 whatever the count.
+            assert_eq!(
+                find(&c, 0x8000_0008, 0).ecx & 0xf0ff,
+                (7 << 12) | (u32::from(count) - 1)
+            );
+            let threads = if smt && count > 1 { 2 } else { 1 };
+            let l3 = find(&c, 0x8000_001d, 3).eax;
+            assert_eq!((l3 >> 14) & 0xfff, u32::from(count) - 1);
+            let ext = find(&c, 0x8000_001e, 0);
+            assert_eq!(ext.eax, u32::from(index));
+            assert_eq!(
+                ext.ebx & 0xffff,
+                ((threads - 1) << 8) | (u32::from(index) / threads)
+            );
         }
     }
 

@@ -43,9 +43,11 @@ pub enum KernelFormat {
 pub struct LoadedKernel {
     pub entry: EntryPoint,
     pub format: KernelFormat,
-    /// Lowest guest address written (ELF: its entry; bzImage: the 1 MiB load address).
+    /// Lowest guest address the kernel occupies (ELF: its lowest PT_LOAD segment; bzImage: the
+    /// 1 MiB load address).
     pub kernel_load: GuestAddress,
-    /// First guest address past the loaded kernel.
+    /// First guest address past the kernel (ELF: its highest PT_LOAD segment, bss included;
+    /// bzImage: the end of the area it decompresses into, see `bzimage_end`).
     pub kernel_end: u64,
     /// The bzImage setup header (seeds the zero page); `None` for ELF.
     pub setup_header: Option<setup_header>,
@@ -335,6 +337,10 @@ where
         .seek(SeekFrom::Start(phoff))
         .map_err(read_err("ELF program headers"))?;
     let mut loadable = Vec::new();
+    // The extent of every PT_LOAD segment, bss-only ones included: linux-loader reports the
+    // entry as the start and ignores segments without file bytes, so an initrd placed there
+    // would pass the overlap check and then be cleared or overwritten by the guest.
+    let mut extent: Option<(u64, u64)> = None;
     for index in 0..usize::from(phnum) {
         let mut ph = [0u8; ELF64_PHDR_SIZE];
         kernel
@@ -376,6 +382,9 @@ where
                 ram,
             });
         }
+        // `fits` guarantees that paddr + size does not overflow.
+        let (lo, hi) = extent.unwrap_or((paddr, paddr + size));
+        extent = Some((lo.min(paddr), hi.max(paddr + size)));
     }
     if loadable.is_empty() {
         return Err(LoadError::ElfNoLoadableSegment);
@@ -396,11 +405,12 @@ where
             protocol: BootProtocol::LinuxBoot,
         },
     };
+    let (lo, hi) = extent.unwrap_or((result.kernel_load.raw_value(), result.kernel_end));
     Ok(LoadedKernel {
         entry,
         format: KernelFormat::Elf,
-        kernel_load: result.kernel_load,
-        kernel_end: result.kernel_end,
+        kernel_load: GuestAddress(lo),
+        kernel_end: hi,
         setup_header: None,
     })
 }
@@ -485,9 +495,32 @@ where
         },
         format: KernelFormat::BzImage,
         kernel_load: result.kernel_load,
-        kernel_end: result.kernel_end,
+        kernel_end: bzimage_end(&hdr, result.kernel_end),
         setup_header: result.setup_header.or(Some(hdr)),
     })
+}
+
+/// End of the memory a bzImage loaded at `HIMEM_START` uses before it reads the e820 map: its
+/// decompressor works in [runtime start, + init_size) (boot protocol 2.10+, "init_size"), which
+/// for a relocatable kernel starts at the load address raised to pref_address and aligned up to
+/// kernel_alignment. An initrd there would be overwritten during decompression.
+fn bzimage_end(hdr: &setup_header, payload_end: u64) -> u64 {
+    if hdr.init_size == 0 {
+        return payload_end;
+    }
+    let pref = hdr.pref_address;
+    let runtime_start = if hdr.relocatable_kernel != 0 {
+        let align = u64::from(hdr.kernel_alignment).max(1);
+        HIMEM_START
+            .max(pref)
+            .checked_next_multiple_of(align)
+            .unwrap_or(u64::MAX)
+    } else {
+        pref
+    };
+    runtime_start
+        .saturating_add(u64::from(hdr.init_size))
+        .max(payload_end)
 }
 
 /// Copies the initrd page-aligned as high as possible at the end of low RAM (below 3 GiB and
