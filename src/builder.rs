@@ -9,7 +9,7 @@ use kvm_ioctls::{Cap, IoEventAddress, Kvm};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{self, BootConfig, LoadedKernel};
-use crate::config::{ConfigError, VmConfig, CMDLINE_MAX_SIZE};
+use crate::config::{BootFiles, ConfigError, VmConfig, CMDLINE_MAX_SIZE};
 use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_SIZE};
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_SIZE};
 use crate::devices::legacy::serial::{ConsoleSink, SerialDevice, COM1_BASE, COM1_GSI, COM1_SIZE};
@@ -33,9 +33,11 @@ use crate::vstate::vm::{Vm, VmError};
 const I8042_GSI: u32 = 1;
 const MMIO_WINDOW: u64 = arch::layout::VIRTIO_MMIO_WINDOW_SIZE;
 
-/// The kernel to boot: a file, or the guest built into the ember binary.
-pub enum KernelImage {
-    File(File),
+/// What boots: the kernel and initrd opened when the boot source was set, or the guest built
+/// into the ember binary.
+#[derive(Clone, Copy)]
+pub enum BootImages<'a> {
+    Files(&'a BootFiles),
     Builtin(&'static [u8]),
 }
 
@@ -300,7 +302,7 @@ fn spawn_vcpu_threads(
 /// Builds the VM described by `cfg` and starts its vCPUs; `prep` is made here when not given.
 pub fn build_microvm(
     cfg: &VmConfig,
-    kernel: KernelImage,
+    images: BootImages,
     start: Timestamp,
     console: ConsoleSink,
     exit: Arc<ExitSignal>,
@@ -347,23 +349,23 @@ pub fn build_microvm(
     phase("VM created", &start);
     let mem = vm.memory();
 
-    let loaded: LoadedKernel = match kernel {
-        KernelImage::File(mut f) => arch::load_kernel(mem, &mut f),
-        KernelImage::Builtin(bytes) => arch::load_kernel_bytes(mem, bytes),
+    let loaded: LoadedKernel = match images {
+        BootImages::Files(f) => arch::load_kernel(mem, &mut &f.kernel),
+        BootImages::Builtin(bytes) => arch::load_kernel_bytes(mem, bytes),
     }
     .map_err(StartError::Kernel)?;
-    let initrd = match cfg
-        .boot_source
-        .as_ref()
-        .and_then(|b| b.initrd_path.as_ref())
-    {
-        Some(p) => {
-            let mut f =
-                crate::config::open_host_file("initrd", p, crate::config::HostFile::Regular)
-                    .map_err(StartError::Config)?;
-            Some(arch::load_initrd(mem, &mut f).map_err(|e| StartError::Initrd(p.clone(), e))?)
+    let initrd = match images {
+        BootImages::Files(BootFiles {
+            initrd: Some(f), ..
+        }) => {
+            let path = cfg
+                .boot_source
+                .as_ref()
+                .and_then(|b| b.initrd_path.clone())
+                .unwrap_or_default();
+            Some(arch::load_initrd(mem, &mut &*f).map_err(|e| StartError::Initrd(path, e))?)
         }
-        None => None,
+        _ => None,
     };
 
     phase("kernel loaded", &start);

@@ -15,8 +15,8 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::{ApiResponse, SerialConfig, VmmAction};
-use crate::builder::{build_microvm, KernelImage, KvmPrep, Microvm, StartError};
-use crate::config::VmConfig;
+use crate::builder::{build_microvm, BootImages, KvmPrep, Microvm, StartError};
+use crate::config::{BootFiles, VmConfig};
 use crate::devices::bus::lock;
 use crate::devices::legacy::serial::{ConsoleSink, SerialOut};
 use crate::devices::rate_limiter::{now_ns, TokenBucket};
@@ -44,6 +44,8 @@ pub struct ApiLink {
 pub struct Controller {
     instance_id: String,
     config: VmConfig,
+    /// The boot source's files, opened when it was set.
+    boot_files: Option<BootFiles>,
     serial_config: SerialConfig,
     vm: Option<Microvm>,
     paused: bool,
@@ -82,6 +84,7 @@ impl Controller {
         Controller {
             instance_id: instance_id.to_string(),
             config,
+            boot_files: None,
             serial_config: SerialConfig::default(),
             vm: None,
             paused: false,
@@ -130,7 +133,7 @@ impl Controller {
 
     /// Builds and starts the microVM from the current configuration. `start` is the moment
     /// the boot timer counts from.
-    pub fn start(&mut self, kernel: KernelImage, start: Timestamp) -> Result<(), StartError> {
+    pub fn start(&mut self, images: BootImages, start: Timestamp) -> Result<(), StartError> {
         let console = ConsoleSink {
             out: self.serial_out()?,
             // The console's bucket starts full when the VM is built.
@@ -142,7 +145,7 @@ impl Controller {
         };
         let vm = build_microvm(
             &self.config,
-            kernel,
+            images,
             start,
             console,
             self.exit.clone(),
@@ -274,7 +277,7 @@ impl Controller {
             }
             PutBootSource(b) => {
                 self.before_start()?;
-                b.validate().map_err(|e| bad(&e))?;
+                self.boot_files = Some(b.open().map_err(|e| bad(&e))?);
                 self.config.boot_source = Some(b);
                 ApiResponse::NoContent
             }
@@ -413,18 +416,14 @@ impl Controller {
             InstanceStart => {
                 self.before_start()?;
                 let start = Timestamp::now();
-                let Some(bs) = &self.config.boot_source else {
+                let Some(files) = self.boot_files.take() else {
                     return Err(ApiResponse::bad_request(
                         "Cannot start the microVM without a boot source: PUT /boot-source first.",
                     ));
                 };
-                let file = crate::config::open_host_file(
-                    "kernel image",
-                    &bs.kernel_image_path,
-                    crate::config::HostFile::Regular,
-                )
-                .map_err(|e| ApiResponse::bad_request(e.to_string()))?;
-                self.start(KernelImage::File(file), start).map_err(|e| {
+                let started = self.start(BootImages::Files(&files), start);
+                self.boot_files = Some(files);
+                started.map_err(|e| {
                     ApiResponse::bad_request(format!("Cannot start the microVM: {e}"))
                 })?;
                 ApiResponse::NoContent

@@ -12,8 +12,8 @@ use vmm_sys_util::eventfd::EventFd;
 use argh::FromArgs;
 
 use ember::api::ApiServer;
-use ember::builder::{KernelImage, StartError, BUILTIN_GUEST};
-use ember::config::{BootSourceConfig, LogLevel, LoggerConfig, MachineConfig, VmConfig};
+use ember::builder::{BootImages, StartError, BUILTIN_GUEST};
+use ember::config::{BootFiles, BootSourceConfig, LogLevel, LoggerConfig, MachineConfig, VmConfig};
 use ember::controller::{ApiLink, Controller};
 use ember::seccomp::{Filters, ThreadKind};
 use ember::time::Timestamp;
@@ -302,7 +302,7 @@ fn run() -> ! {
         );
     }
 
-    let (cfg, kernel) = match args.command {
+    let (cfg, boot) = match args.command {
         Some(Command::Run(run)) => {
             let cfg = VmConfig {
                 boot_source: run.kernel.as_ref().map(|k| BootSourceConfig {
@@ -327,17 +327,15 @@ fn run() -> ! {
                     "--initrd and --cmdline need --kernel (the built-in guest takes neither)",
                 );
             }
-            let kernel = match &cfg.boot_source {
-                Some(bs) => {
-                    if let Err(e) = bs.validate() {
-                        fail(exit_code::BAD_CONFIGURATION, e);
-                    }
-                    open_kernel(bs)
-                }
-                None => KernelImage::Builtin(BUILTIN_GUEST),
+            let boot = match &cfg.boot_source {
+                Some(bs) => match bs.open() {
+                    Ok(files) => Boot::Files(files),
+                    Err(e) => fail(exit_code::BAD_CONFIGURATION, e),
+                },
+                None => Boot::Builtin,
             };
             signal::set_raw_terminal(true);
-            (cfg, Some(kernel))
+            (cfg, Some(boot))
         }
         None => match &args.config_file {
             Some(path) => {
@@ -348,7 +346,7 @@ fn run() -> ! {
                         format!("cannot read the config file {path:?}: {e}"),
                     ),
                 };
-                let mut cfg = match VmConfig::from_json(&text) {
+                let (mut cfg, files) = match VmConfig::from_json(&text) {
                     Ok(c) => c,
                     Err(e) => fail(
                         exit_code::BAD_CONFIGURATION,
@@ -366,12 +364,8 @@ fn run() -> ! {
                         fail(exit_code::BAD_CONFIGURATION, e);
                     }
                 }
-                let kernel = match &cfg.boot_source {
-                    Some(bs) => open_kernel(bs),
-                    None => fail(exit_code::BAD_CONFIGURATION, "boot-source is required"),
-                };
                 signal::set_raw_terminal(false);
-                (cfg, Some(kernel))
+                (cfg, Some(Boot::Files(files)))
             }
             None => {
                 if args.no_api {
@@ -445,8 +439,8 @@ fn run() -> ! {
     );
     metrics::flush();
 
-    if let Some(kernel) = kernel {
-        if let Err(e) = controller.start(kernel, start) {
+    if let Some(boot) = &boot {
+        if let Err(e) = controller.start(boot.images(), start) {
             fail(start_error_code(&e), e);
         }
     } else if api_sock.is_some() {
@@ -495,14 +489,19 @@ fn run() -> ! {
     std::process::exit(code);
 }
 
-fn open_kernel(bs: &BootSourceConfig) -> KernelImage {
-    match ember::config::open_host_file(
-        "kernel image",
-        &bs.kernel_image_path,
-        ember::config::HostFile::Regular,
-    ) {
-        Ok(f) => KernelImage::File(f),
-        Err(e) => fail(exit_code::BAD_CONFIGURATION, e),
+/// What boots at once, without the API: the files a command line or config file named,
+/// opened once, or the guest built into ember.
+enum Boot {
+    Files(BootFiles),
+    Builtin,
+}
+
+impl Boot {
+    fn images(&self) -> BootImages<'_> {
+        match self {
+            Boot::Files(f) => BootImages::Files(f),
+            Boot::Builtin => BootImages::Builtin(BUILTIN_GUEST),
+        }
     }
 }
 

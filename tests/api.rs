@@ -1312,3 +1312,42 @@ fn stdout_pipe_nobody_reads_never_holds_the_vmm() {
     assert_eq!(vm.terminate(), 0, "SIGTERM");
     drop(unread);
 }
+
+/// As in Firecracker, the kernel and initrd are opened when the boot source is set, and that
+/// is what boots: a path replaced or removed before InstanceStart changes nothing.
+#[test]
+fn boot_source_files_are_the_ones_opened_at_put() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("bootfiles");
+    let kernel = dir.path("guest.elf");
+    std::fs::copy(GUEST, &kernel).unwrap();
+    let initrd = dir.path("initrd.img");
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i * 7 + 3) as u8).collect();
+    std::fs::write(&initrd, &data).unwrap();
+    let mut vm = ApiVm::start(&[]);
+    let mut c = vm.client();
+    let r = c.put(
+        "/boot-source",
+        &serde_json::json!({
+            "kernel_image_path": kernel,
+            "initrd_path": initrd,
+            "boot_args": "initrd",
+        })
+        .to_string(),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    // Both paths now name something that cannot boot, or nothing at all.
+    std::fs::remove_file(&kernel).unwrap();
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    std::fs::remove_file(&initrd).unwrap();
+    let r = c.put("/actions", r#"{"action_type":"InstanceStart"}"#);
+    assert_eq!(r.status, 204, "{}", r.body);
+    vm.wait_for(&format!(
+        "initrd: size={} fnv1a64={:016x}",
+        data.len(),
+        fnv1a64(&data)
+    ));
+    vm.wait_for("ember-guest: done");
+}

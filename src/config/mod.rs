@@ -103,23 +103,28 @@ impl BootSourceConfig {
         self.boot_args.as_deref().unwrap_or(DEFAULT_KERNEL_CMDLINE)
     }
 
-    /// Firecracker opens the files when the boot source is set, so a typo fails the PUT, not
-    /// the start.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        check_readable("kernel image", &self.kernel_image_path)?;
-        if let Some(p) = &self.initrd_path {
-            check_readable("initrd", p)?;
-        }
+    /// Checks the command line and opens the kernel and initrd. Firecracker opens them when the
+    /// boot source is set and boots what it opened then: a typo fails the PUT, not the start,
+    /// and a path replaced or removed before the start does not change what boots.
+    pub fn open(&self) -> Result<BootFiles, ConfigError> {
         let len = self.cmdline().len() + 1;
         if len > CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong(len));
         }
-        Ok(())
+        let kernel = open_host_file("kernel image", &self.kernel_image_path, HostFile::Regular)?;
+        let initrd = match &self.initrd_path {
+            Some(p) => Some(open_host_file("initrd", p, HostFile::Regular)?),
+            None => None,
+        };
+        Ok(BootFiles { kernel, initrd })
     }
 }
 
-fn check_readable(what: &'static str, path: &str) -> Result<(), ConfigError> {
-    open_host_file(what, path, HostFile::Regular).map(drop)
+/// The files of a boot source, opened once (runtime state beside [`BootSourceConfig`]).
+#[derive(Debug)]
+pub struct BootFiles {
+    pub kernel: std::fs::File,
+    pub initrd: Option<std::fs::File>,
 }
 
 /// What a host file named by a client or a config file may be.
@@ -356,8 +361,9 @@ pub fn describe_json_error(text: &str, e: &serde_json::Error) -> String {
 }
 
 impl VmConfig {
-    /// Parses and validates a `--config-file`. Each error names the key it is about.
-    pub fn from_json(text: &str) -> Result<VmConfig, ConfigError> {
+    /// Parses and validates a `--config-file`, and opens its boot source's files. Each error
+    /// names the key it is about.
+    pub fn from_json(text: &str) -> Result<(VmConfig, BootFiles), ConfigError> {
         let root: serde_json::Value =
             serde_json::from_str(text).map_err(|e| ConfigError::Section {
                 section: "config file".into(),
@@ -418,7 +424,7 @@ impl VmConfig {
                     reason: "missing; it is required".into(),
                 })?,
         )?;
-        bs.validate().map_err(|e| ConfigError::Section {
+        let files = bs.open().map_err(|e| ConfigError::Section {
             section: "boot-source".into(),
             reason: e.to_string(),
         })?;
@@ -484,7 +490,7 @@ impl VmConfig {
                 cfg.entropy = Some(e);
             }
         }
-        Ok(cfg)
+        Ok((cfg, files))
     }
 
     /// Validates (the TAP opens) and adds or replaces an interface (same id).
@@ -549,7 +555,7 @@ mod tests {
                "machine-config":{{"vcpu_count":2,"mem_size_mib":256}}}}"#,
             kernel_path()
         );
-        let cfg = VmConfig::from_json(&ok).unwrap();
+        let (cfg, _) = VmConfig::from_json(&ok).unwrap();
         assert_eq!(cfg.machine_config.vcpu_count, 2);
         assert_eq!(cfg.boot_source.unwrap().cmdline(), "hello");
 
@@ -617,7 +623,7 @@ mod tests {
             kernel_path(),
             p = p.display()
         );
-        let cfg = VmConfig::from_json(&text).unwrap();
+        let (cfg, _) = VmConfig::from_json(&text).unwrap();
         assert_eq!(cfg.drives.len(), 2);
         assert_eq!(cfg.entropy, Some(EntropyConfig::default()));
         let v = serde_json::to_value(&cfg).unwrap();
@@ -637,7 +643,7 @@ mod tests {
                "entropy":{{"rate_limiter":{{"bandwidth":{{"size":1,"refill_time":1}}}}}}}}"#,
             kernel_path()
         );
-        let cfg = VmConfig::from_json(&limited).unwrap();
+        let (cfg, _) = VmConfig::from_json(&limited).unwrap();
         assert!(cfg.entropy.unwrap().rate_limiter.is_some());
         std::fs::remove_file(p).unwrap();
     }
@@ -661,7 +667,7 @@ mod tests {
             kernel_path(),
             tpl.display()
         );
-        let cfg = VmConfig::from_json(&text).unwrap();
+        let (cfg, _) = VmConfig::from_json(&text).unwrap();
         assert_eq!(cfg.cpu_config.unwrap().cpuid_modifiers.len(), 1);
 
         let missing = format!(

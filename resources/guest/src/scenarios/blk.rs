@@ -92,7 +92,7 @@ pub fn wait_config(ctx: &Ctx, arg: &[u8]) {
     let mut gen = b.t.read(CONFIG_GENERATION);
     say!("blkwait: capacity ", b.capacity, " sectors, generation ", gen);
     for _ in 0..changes {
-        let mut st;
+        let st;
         let deadline = crate::hw::rdtsc() + super::ticks::tsc_per_us() * 30_000_000;
         loop {
             // The generation is the signal (ember moves it and raises the interrupt under one
