@@ -159,6 +159,10 @@ pub fn parse(buf: &[u8], max_payload: usize) -> Parse {
                 }
             }
         } else if h.name.eq_ignore_ascii_case("expect") {
+            // An HTTP/1.0 client cannot understand a 1xx answer (RFC 9110, 10.1.1).
+            if version == Version::Http10 {
+                continue;
+            }
             if value.eq_ignore_ascii_case("100-continue") {
                 expect_continue = true;
             } else {
@@ -434,6 +438,19 @@ mod tests {
         assert!(matches!(parse(&full, LIMIT), Parse::Complete { .. }));
         let e = invalid(b"PUT / HTTP/1.1\r\nExpect: magic\r\n\r\n", LIMIT);
         assert_eq!(e.status, 417);
+    }
+
+    #[test]
+    fn expect_is_ignored_for_http10() {
+        let head = b"PUT /logger HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n";
+        assert_eq!(
+            parse(head, LIMIT),
+            Parse::Incomplete {
+                expect_continue: false
+            }
+        );
+        let (r, _) = complete(b"GET / HTTP/1.0\r\nExpect: magic\r\n\r\n");
+        assert_eq!(r.version, Version::Http10);
     }
 
     #[test]

@@ -25,6 +25,8 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Requests served from one connection before giving the others a turn.
 const BATCH: usize = 16;
 const LISTENER_TOKEN: u64 = u64::MAX;
+/// How long accepting stays paused after running out of descriptors.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The bound API socket, before its thread starts.
 pub struct ApiServer {
@@ -82,12 +84,18 @@ impl ApiServer {
         let mut server = Server {
             listener: self.listener,
             listener_paused: false,
+            paused_at: std::time::Instant::now(),
+            accept_failing: false,
             epoll,
             conns: BTreeMap::new(),
             next_id: 0,
             max_payload,
             // A request is at most its head plus its body; reading further ahead is pointless.
-            read_limit: http::MAX_HEAD_BYTES + max_payload + READ_CHUNK,
+            // Saturating: a huge --http-api-max-payload-size must not wrap to a small limit
+            // that leaves a large body forever unread.
+            read_limit: http::MAX_HEAD_BYTES
+                .saturating_add(max_payload)
+                .saturating_add(READ_CHUNK),
             link: VmmLink {
                 to_vmm,
                 vmm_evt,
@@ -350,10 +358,32 @@ impl Conn {
     }
 }
 
+/// Tells a client over the connection cap why it is dropped, as Firecracker does (503), on a
+/// best-effort basis: the answer is tiny and a fresh socket has room for it, and nothing here
+/// may block or raise SIGPIPE.
+fn refuse_full(stream: &UnixStream) {
+    let mut out = Vec::new();
+    let body = http::fault_body("Too many open connections");
+    http::write_response(&mut out, Version::Http11, 503, Some(&body), false);
+    // SAFETY: sends from a live buffer of the given length on a socket we own.
+    let _ = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            out.as_ptr() as *const libc::c_void,
+            out.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+}
+
 struct Server {
     listener: UnixListener,
-    /// Accepting failed for lack of resources; retried when a connection closes.
+    /// Accepting failed for lack of resources; retried when a connection closes or
+    /// `ACCEPT_RETRY` after `paused_at`.
     listener_paused: bool,
+    paused_at: std::time::Instant,
+    /// The last accept failed: log the next failures quietly.
+    accept_failing: bool,
     epoll: Epoll,
     /// Keyed by arrival order, which is the order connections are served in.
     conns: BTreeMap<u64, Conn>,
@@ -370,6 +400,10 @@ impl Server {
             // Buffered requests left by the batch limit are served without waiting.
             let timeout = if self.conns.values().any(Conn::runnable) {
                 0
+            } else if self.listener_paused {
+                // Descriptors may be freed by others than API clients (the VMM, a raised
+                // limit): retry accepting now and then, not only when a client leaves.
+                ACCEPT_RETRY.as_millis() as i32
             } else {
                 -1
             };
@@ -381,6 +415,9 @@ impl Server {
                     return;
                 }
             };
+            if self.listener_paused && self.paused_at.elapsed() >= ACCEPT_RETRY {
+                self.set_listener(true);
+            }
             for ev in &events[..n] {
                 if ev.data() == LISTENER_TOKEN {
                     self.accept_all();
@@ -423,10 +460,12 @@ impl Server {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    self.accept_failing = false;
                     if self.conns.len() >= MAX_CONNECTIONS {
                         log::warn!(
                             "Refusing an API connection: {MAX_CONNECTIONS} are already open."
                         );
+                        refuse_full(&stream);
                         continue;
                     }
                     if let Err(e) = stream.set_nonblocking(true) {
@@ -451,8 +490,13 @@ impl Server {
                         || e.raw_os_error() == Some(libc::ECONNABORTED) => {}
                 Err(e) => {
                     // Out of descriptors or memory: a level-triggered listener would spin, so
-                    // stop watching it until a connection closes.
-                    log::warn!("Cannot accept API connections: {e}");
+                    // stop watching it for a while.
+                    if self.accept_failing {
+                        log::debug!("Cannot accept API connections: {e}");
+                    } else {
+                        log::warn!("Cannot accept API connections: {e}");
+                    }
+                    self.accept_failing = true;
                     self.set_listener(false);
                     return;
                 }
@@ -468,6 +512,9 @@ impl Server {
             log::error!("Cannot watch the API socket: {e}");
         }
         self.listener_paused = !on;
+        if !on {
+            self.paused_at = std::time::Instant::now();
+        }
     }
 
     fn reap_and_rearm(&mut self) {
@@ -772,8 +819,13 @@ mod tests {
             c.write_all(GET_VERSION).unwrap();
             assert_eq!(read_response(c).0, 200);
         }
+        // The one too many is told why, then closed.
         let mut extra = connect(&path);
         let _ = extra.write_all(GET_VERSION);
+        let (status, head, body) = read_response(&mut extra);
+        assert_eq!(status, 503);
+        assert!(head.contains("Connection: close\r\n"), "{head}");
+        assert_eq!(body, r#"{"fault_message":"Too many open connections"}"#);
         let mut b = [0u8; 8];
         assert!(matches!(extra.read(&mut b), Ok(0) | Err(_)));
         // Closing one makes room again.
@@ -782,15 +834,15 @@ mod tests {
         for _ in 0..100 {
             let mut c = connect(&path);
             if c.write_all(GET_VERSION).is_ok() {
-                let mut first = [0u8; 1];
-                if matches!(c.read(&mut first), Ok(1)) {
-                    again = Some(first[0]);
+                let status = read_response(&mut c).0;
+                if status != 503 {
+                    again = Some(status);
                     break;
                 }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert_eq!(again, Some(b'H'));
+        assert_eq!(again, Some(200));
     }
 
     #[test]
