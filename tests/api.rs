@@ -1326,7 +1326,7 @@ fn boot_source_files_are_the_ones_opened_at_put() {
     let initrd = dir.path("initrd.img");
     let data: Vec<u8> = (0..20_000u32).map(|i| (i * 7 + 3) as u8).collect();
     std::fs::write(&initrd, &data).unwrap();
-    let mut vm = ApiVm::start(&[]);
+    let vm = ApiVm::start(&[]);
     let mut c = vm.client();
     let r = c.put(
         "/boot-source",
