@@ -1,6 +1,7 @@
 //! The one place that assembles a running microVM from its configuration: KVM VM and memory,
 //! kernel and initrd, platform devices, boot structures, vCPUs.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
 use std::sync::{Arc, Mutex};
@@ -33,11 +34,11 @@ use crate::vstate::vm::{Vm, VmError};
 const I8042_GSI: u32 = 1;
 const MMIO_WINDOW: u64 = arch::layout::VIRTIO_MMIO_WINDOW_SIZE;
 
-/// What boots: the kernel and initrd opened when the boot source was set, or the guest built
-/// into the ember binary.
+/// What the VM gets: the kernel, initrd and drive files opened when the configuration was
+/// given, or the guest built into the ember binary (which has no drives).
 #[derive(Clone, Copy)]
 pub enum BootImages<'a> {
-    Files(&'a BootFiles),
+    Files(&'a BootFiles, &'a BTreeMap<String, File>),
     Builtin(&'static [u8]),
 }
 
@@ -190,12 +191,20 @@ pub fn full_cmdline(cfg: &VmConfig, slots: &[VirtioSlot]) -> Result<String, Star
 /// vsock, then entropy. `taps` gets (device index, TAP fd to watch) for each net device.
 fn virtio_devices(
     cfg: &VmConfig,
+    images: BootImages,
     taps: &mut Vec<(usize, File)>,
 ) -> Result<Vec<Box<dyn VirtioDevice>>, StartError> {
     let mut devs: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for d in crate::config::drive::attach_order(&cfg.drives) {
-        d.validate().map_err(StartError::Config)?;
-        let file = d.open().map_err(StartError::Config)?;
+        let opened = match images {
+            BootImages::Files(_, drives) => drives.get(&d.drive_id),
+            BootImages::Builtin(_) => None,
+        };
+        // A copy of the descriptor: a start that fails keeps the file for the next one.
+        let file = opened
+            .ok_or_else(|| "no file was opened for it".to_string())
+            .and_then(|f| f.try_clone().map_err(|e| e.to_string()))
+            .map_err(|e| StartError::Device(format!("drive {}: {e}", d.drive_id)))?;
         let writeback = d.cache_type == crate::config::CacheType::Writeback;
         let blk = match d.io_engine {
             crate::config::drive::IoEngine::Sync => Block::new(file, d.read_only(), writeback),
@@ -316,7 +325,7 @@ pub fn build_microvm(
         None => Default::default(),
     };
     let mut taps = Vec::new();
-    let virtio = virtio_devices(cfg, &mut taps)?;
+    let virtio = virtio_devices(cfg, images, &mut taps)?;
     let slots = virtio_slots(virtio.len())?;
     let cmdline = full_cmdline(cfg, &slots)?;
 
@@ -350,14 +359,17 @@ pub fn build_microvm(
     let mem = vm.memory();
 
     let loaded: LoadedKernel = match images {
-        BootImages::Files(f) => arch::load_kernel(mem, &mut &f.kernel),
+        BootImages::Files(f, _) => arch::load_kernel(mem, &mut &f.kernel),
         BootImages::Builtin(bytes) => arch::load_kernel_bytes(mem, bytes),
     }
     .map_err(StartError::Kernel)?;
     let initrd = match images {
-        BootImages::Files(BootFiles {
-            initrd: Some(f), ..
-        }) => {
+        BootImages::Files(
+            BootFiles {
+                initrd: Some(f), ..
+            },
+            _,
+        ) => {
             let path = cfg
                 .boot_source
                 .as_ref()

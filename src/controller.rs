@@ -16,7 +16,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::{ApiResponse, SerialConfig, VmmAction};
 use crate::builder::{build_microvm, BootImages, KvmPrep, Microvm, StartError};
-use crate::config::{BootFiles, VmConfig};
+use crate::config::{OpenedFiles, VmConfig};
 use crate::devices::bus::lock;
 use crate::devices::legacy::serial::{ConsoleSink, SerialOut};
 use crate::devices::rate_limiter::{now_ns, TokenBucket};
@@ -44,8 +44,8 @@ pub struct ApiLink {
 pub struct Controller {
     instance_id: String,
     config: VmConfig,
-    /// The boot source's files, opened when it was set.
-    boot_files: Option<BootFiles>,
+    /// The files the configuration names, opened when it was given.
+    files: OpenedFiles,
     serial_config: SerialConfig,
     vm: Option<Microvm>,
     paused: bool,
@@ -84,7 +84,7 @@ impl Controller {
         Controller {
             instance_id: instance_id.to_string(),
             config,
-            boot_files: None,
+            files: OpenedFiles::default(),
             serial_config: SerialConfig::default(),
             vm: None,
             paused: false,
@@ -277,7 +277,7 @@ impl Controller {
             }
             PutBootSource(b) => {
                 self.before_start()?;
-                self.boot_files = Some(b.open().map_err(|e| bad(&e))?);
+                self.files.boot = Some(b.open().map_err(|e| bad(&e))?);
                 self.config.boot_source = Some(b);
                 ApiResponse::NoContent
             }
@@ -300,7 +300,9 @@ impl Controller {
             }
             PutDrive(d) => {
                 self.before_start()?;
-                self.config.add_drive(d).map_err(|e| bad(&e))?;
+                let id = d.drive_id.clone();
+                let file = self.config.add_drive(d).map_err(|e| bad(&e))?;
+                self.files.drives.insert(id, file);
                 ApiResponse::NoContent
             }
             PatchDrive(u) => {
@@ -416,13 +418,18 @@ impl Controller {
             InstanceStart => {
                 self.before_start()?;
                 let start = Timestamp::now();
-                let Some(files) = self.boot_files.take() else {
+                let files = std::mem::take(&mut self.files);
+                let Some(boot) = &files.boot else {
+                    self.files = files;
                     return Err(ApiResponse::bad_request(
                         "Cannot start the microVM without a boot source: PUT /boot-source first.",
                     ));
                 };
-                let started = self.start(BootImages::Files(&files), start);
-                self.boot_files = Some(files);
+                let started = self.start(BootImages::Files(boot, &files.drives), start);
+                // Kept for another try if the start failed; the devices have their own copies.
+                if started.is_err() {
+                    self.files = files;
+                }
                 started.map_err(|e| {
                     ApiResponse::bad_request(format!("Cannot start the microVM: {e}"))
                 })?;

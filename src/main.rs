@@ -13,7 +13,9 @@ use argh::FromArgs;
 
 use ember::api::ApiServer;
 use ember::builder::{BootImages, StartError, BUILTIN_GUEST};
-use ember::config::{BootFiles, BootSourceConfig, LogLevel, LoggerConfig, MachineConfig, VmConfig};
+use ember::config::{
+    BootFiles, BootSourceConfig, LogLevel, LoggerConfig, MachineConfig, OpenedFiles, VmConfig,
+};
 use ember::controller::{ApiLink, Controller};
 use ember::seccomp::{Filters, ThreadKind};
 use ember::time::Timestamp;
@@ -329,7 +331,7 @@ fn run() -> ! {
             }
             let boot = match &cfg.boot_source {
                 Some(bs) => match bs.open() {
-                    Ok(files) => Boot::Files(files),
+                    Ok(files) => Boot::Files(files, OpenedFiles::default()),
                     Err(e) => fail(exit_code::BAD_CONFIGURATION, e),
                 },
                 None => Boot::Builtin,
@@ -346,7 +348,7 @@ fn run() -> ! {
                         format!("cannot read the config file {path:?}: {e}"),
                     ),
                 };
-                let (mut cfg, files) = match VmConfig::from_json(&text) {
+                let (mut cfg, mut files) = match VmConfig::from_json(&text) {
                     Ok(c) => c,
                     Err(e) => fail(
                         exit_code::BAD_CONFIGURATION,
@@ -364,8 +366,11 @@ fn run() -> ! {
                         fail(exit_code::BAD_CONFIGURATION, e);
                     }
                 }
+                let Some(boot) = files.boot.take() else {
+                    fail(exit_code::BAD_CONFIGURATION, "boot-source is required")
+                };
                 signal::set_raw_terminal(false);
-                (cfg, Some(Boot::Files(files)))
+                (cfg, Some(Boot::Files(boot, files)))
             }
             None => {
                 if args.no_api {
@@ -439,7 +444,7 @@ fn run() -> ! {
     );
     metrics::flush();
 
-    if let Some(boot) = &boot {
+    if let Some(boot) = boot {
         if let Err(e) = controller.start(boot.images(), start) {
             fail(start_error_code(&e), e);
         }
@@ -492,14 +497,14 @@ fn run() -> ! {
 /// What boots at once, without the API: the files a command line or config file named,
 /// opened once, or the guest built into ember.
 enum Boot {
-    Files(BootFiles),
+    Files(BootFiles, OpenedFiles),
     Builtin,
 }
 
 impl Boot {
     fn images(&self) -> BootImages<'_> {
         match self {
-            Boot::Files(f) => BootImages::Files(f),
+            Boot::Files(boot, files) => BootImages::Files(boot, &files.drives),
             Boot::Builtin => BootImages::Builtin(BUILTIN_GUEST),
         }
     }

@@ -827,3 +827,39 @@ fn blk_async_engine_survives_the_evil_guest() {
         "the evil guest's requests changed the file"
     );
 }
+
+/// As in Firecracker, a drive's file is opened by `PUT /drives` and that is what the guest
+/// gets: a file renamed over the path before InstanceStart is not the disk.
+#[test]
+fn drive_file_is_the_one_opened_at_put() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = TempDir::new("blk-put");
+    let data = random_bytes(MIB, 0x0b1c_0011);
+    let img = dir.write("rootfs.img", &data);
+    let other = random_bytes(MIB, 0x0b1c_0012);
+    let swap = dir.write("other.img", &other);
+    let vm = ApiVm::start(&[]);
+    let mut c = vm.client();
+    let r = c.put(
+        "/boot-source",
+        &format!(r#"{{"kernel_image_path":"{GUEST}","boot_args":"blk"}}"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = c.put(
+        "/drives/rootfs",
+        &serde_json::to_string(&drive("rootfs", &img, true, false)).unwrap(),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    std::fs::rename(&swap, &img).unwrap();
+    let r = c.put("/actions", r#"{"action_type":"InstanceStart"}"#);
+    assert_eq!(r.status, 204, "{}", r.body);
+    let (n, h) = fnv_of_first_sectors(&data);
+    vm.wait_for(&format!("blk: read {n} sectors fnv1a64={h:016x}"));
+    vm.wait_for("ember-guest: done");
+    assert!(
+        std::fs::read(&img).unwrap() == other,
+        "the file now at the path was written"
+    );
+}

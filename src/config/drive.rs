@@ -68,13 +68,13 @@ impl DriveConfig {
         )
     }
 
-    /// Refuses what ember does not implement, and opens the file so that a typo fails the
-    /// request rather than the start.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Refuses what ember does not implement, and opens the file: a typo fails the request
+    /// rather than the start, and the file opened now is the one the drive gets.
+    pub fn validate_and_open(&self) -> Result<File, ConfigError> {
         if self.socket.is_some() {
             return Err(ConfigError::Unsupported("A vhost-user drive (socket)"));
         }
-        self.open().map(drop)
+        self.open()
     }
 }
 
@@ -93,9 +93,12 @@ impl EntropyConfig {
 }
 
 /// Adds `drive` to `drives`: the same id replaces the earlier entry in place; a second root
-/// device is refused.
-pub fn insert_drive(drives: &mut Vec<DriveConfig>, drive: DriveConfig) -> Result<(), ConfigError> {
-    drive.validate()?;
+/// device is refused. Returns the drive's file, opened.
+pub fn insert_drive(
+    drives: &mut Vec<DriveConfig>,
+    drive: DriveConfig,
+) -> Result<File, ConfigError> {
+    let file = drive.validate_and_open()?;
     if drive.is_root_device
         && drives
             .iter()
@@ -110,7 +113,7 @@ pub fn insert_drive(drives: &mut Vec<DriveConfig>, drive: DriveConfig) -> Result
         Some(d) => *d = drive,
         None => drives.push(drive),
     }
-    Ok(())
+    Ok(file)
 }
 
 /// The drives in attach order: the root device first, then the others as configured.
@@ -159,7 +162,7 @@ mod tests {
         assert!(e.to_string().contains("/nonexistent/disk"), "{e}");
         let mut a = drive("y", false, path);
         a.io_engine = IoEngine::Async;
-        a.validate().unwrap();
+        a.validate_and_open().unwrap();
         std::fs::remove_file(p).unwrap();
     }
 }

@@ -120,11 +120,21 @@ impl BootSourceConfig {
     }
 }
 
-/// The files of a boot source, opened once (runtime state beside [`BootSourceConfig`]).
+/// The files of a boot source, opened once.
 #[derive(Debug)]
 pub struct BootFiles {
     pub kernel: std::fs::File,
     pub initrd: Option<std::fs::File>,
+}
+
+/// The host files a configuration names, opened when it was given and kept for the start:
+/// runtime state beside [`VmConfig`]. Firecracker opens them then too, so a path changed
+/// afterwards does not change what the VM gets.
+#[derive(Debug, Default)]
+pub struct OpenedFiles {
+    pub boot: Option<BootFiles>,
+    /// By drive id.
+    pub drives: std::collections::BTreeMap<String, std::fs::File>,
 }
 
 /// What a host file named by a client or a config file may be.
@@ -363,7 +373,7 @@ pub fn describe_json_error(text: &str, e: &serde_json::Error) -> String {
 impl VmConfig {
     /// Parses and validates a `--config-file`, and opens its boot source's files. Each error
     /// names the key it is about.
-    pub fn from_json(text: &str) -> Result<(VmConfig, BootFiles), ConfigError> {
+    pub fn from_json(text: &str) -> Result<(VmConfig, OpenedFiles), ConfigError> {
         let root: serde_json::Value =
             serde_json::from_str(text).map_err(|e| ConfigError::Section {
                 section: "config file".into(),
@@ -424,10 +434,13 @@ impl VmConfig {
                     reason: "missing; it is required".into(),
                 })?,
         )?;
-        let files = bs.open().map_err(|e| ConfigError::Section {
-            section: "boot-source".into(),
-            reason: e.to_string(),
-        })?;
+        let mut files = OpenedFiles {
+            boot: Some(bs.open().map_err(|e| ConfigError::Section {
+                section: "boot-source".into(),
+                reason: e.to_string(),
+            })?),
+            ..Default::default()
+        };
         cfg.boot_source = Some(bs);
         match map.remove("drives") {
             None => {
@@ -439,10 +452,12 @@ impl VmConfig {
             Some(serde_json::Value::Array(a)) => {
                 for v in a {
                     let d: DriveConfig = section("drives", v)?;
-                    cfg.add_drive(d).map_err(|e| ConfigError::Section {
+                    let id = d.drive_id.clone();
+                    let file = cfg.add_drive(d).map_err(|e| ConfigError::Section {
                         section: "drives".into(),
                         reason: e.to_string(),
                     })?;
+                    files.drives.insert(id, file);
                 }
             }
             Some(_) => {
@@ -499,8 +514,9 @@ impl VmConfig {
         net::insert_iface(&mut self.network_interfaces, n)
     }
 
-    /// Adds or replaces a drive (same id); refuses a second root device.
-    pub fn add_drive(&mut self, d: DriveConfig) -> Result<(), ConfigError> {
+    /// Adds or replaces a drive (same id); refuses a second root device. Returns the drive's
+    /// file, opened.
+    pub fn add_drive(&mut self, d: DriveConfig) -> Result<std::fs::File, ConfigError> {
         drive::insert_drive(&mut self.drives, d)
     }
 }
