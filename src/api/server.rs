@@ -348,6 +348,10 @@ impl Conn {
                     served += 1;
                     let response = link.handle(&request)?;
                     self.respond(request.version, &response, request.keep_alive);
+                    // Sent now, not after the batch: the next request may wait on a VMM that
+                    // is exiting (an InstanceStart whose guest powers off at once), and this
+                    // answer would then never leave.
+                    self.flush();
                     if !request.keep_alive {
                         self.closing = true;
                     }
@@ -649,6 +653,33 @@ mod tests {
     const GET_VERSION: &[u8] = b"GET /version HTTP/1.1\r\n\r\n";
     const START: &[u8] =
         b"PUT /actions HTTP/1.1\r\nContent-Length: 31\r\n\r\n{\"action_type\":\"InstanceStart\"}";
+
+    /// The answer to a pipelined request leaves before the next request is handled: a VMM
+    /// that never answers the second (it is exiting) must not swallow the first's answer.
+    #[test]
+    fn an_answer_leaves_before_the_next_request_is_handled() {
+        let path = temp_socket("stall");
+        let server = ApiServer::bind(&path).unwrap();
+        let (to_vmm, vmm_rx) = channel::<VmmAction>();
+        let (vmm_tx, from_vmm) = channel::<ApiResponse>();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let vmm_evt = evt.try_clone().unwrap();
+        std::thread::spawn(move || {
+            // Answers the first action, then holds the second for good.
+            let _first = vmm_rx.recv();
+            let _ = vmm_tx.send(ApiResponse::NoContent);
+            let _second = vmm_rx.recv();
+            std::thread::sleep(Duration::from_secs(3600));
+            drop(vmm_tx);
+        });
+        server.spawn(LIMIT, to_vmm, vmm_evt, from_vmm).unwrap();
+        let mut c = connect(&path);
+        let mut batch = START.to_vec();
+        batch.extend_from_slice(GET_VERSION);
+        c.write_all(&batch).unwrap();
+        let (status, _, _) = read_response(&mut c);
+        assert_eq!(status, 204);
+    }
 
     #[test]
     fn keep_alive_and_pipelining() {
