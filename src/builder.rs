@@ -527,6 +527,11 @@ pub fn build_microvm(
         control: control.clone(),
         coalesced,
     });
+    // With writes coalesced the VMM flushes partial lines on a timer (see the controller).
+    // Set before the vCPUs run, so that this never waits on a guest writing to the console.
+    if ctx.coalesced.is_some() {
+        crate::devices::bus::lock(&serial).set_line_buffered(true);
+    }
     let mut handles = Vec::with_capacity(vcpus.len());
     for (v, thread) in vcpus.into_iter().zip(threads) {
         let index = v.index;

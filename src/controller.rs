@@ -162,7 +162,6 @@ impl Controller {
             t.reset(DRAIN_PERIOD, None)
                 .map_err(|e| StartError::Device(e.to_string()))?;
             self.drain_timer = Some(t);
-            lock(&vm.serial).set_line_buffered(true);
         }
         self.vm = Some(vm);
         METRICS.latencies_us.vmm_start_us.store(start.elapsed_us());

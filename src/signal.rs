@@ -5,9 +5,8 @@
 //! Firecracker's code for the signal. Everything here is async-signal-safe: atomics, `write`,
 //! `tcsetattr`, `_exit`.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use vmm_sys_util::signal::register_signal_handler;
 
@@ -20,22 +19,6 @@ static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 /// The terminal settings to put back on exit, when stdin is a terminal we changed.
 static SAVED_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
-
-thread_local! {
-    /// True on the thread that put the terminal in raw mode (the main thread, later the VMM
-    /// thread): the API and vCPU threads' seccomp filters forbid the ioctl that puts it back,
-    /// and inside a SIGSYS handler that ioctl gets the process killed by SIGSYS.
-    /// Const-initialised, so reading it in a handler neither allocates nor registers anything.
-    static TERMINAL_OWNER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Another thread asked the owner to restore the terminal, and whether that is done.
-static RESTORE_REQUESTED: AtomicBool = AtomicBool::new(false);
-static RESTORED: AtomicBool = AtomicBool::new(false);
-/// The signal reported to the event loop when a thread hands the terminal over.
-static HANDOFF_SIGNAL: AtomicI32 = AtomicI32::new(libc::SIGSYS);
-/// How long a thread that cannot restore the terminal waits for the owner to do it.
-const HANDOFF_WAIT: Duration = Duration::from_millis(200);
 
 extern "C" fn stop_handler(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     wake_event_loop(num);
@@ -86,7 +69,6 @@ extern "C" fn fatal_handler(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut l
         format_args!("Shutting down VM after intercepting signal {num} on thread {thread}"),
     );
     crate::metrics::try_flush();
-    HANDOFF_SIGNAL.store(num, Ordering::SeqCst);
     restore_terminal();
     // SAFETY: _exit is async-signal-safe and never returns.
     unsafe { libc::_exit(fatal_code(num)) };
@@ -153,7 +135,6 @@ pub fn set_raw_terminal(keep_signals: bool) {
             return;
         }
         let _ = SAVED_TERMIOS.set(t);
-        TERMINAL_OWNER.with(|o| o.set(true));
         t.c_lflag &= !(libc::ICANON | libc::ECHO);
         if !keep_signals {
             t.c_lflag &= !libc::ISIG;
@@ -164,45 +145,14 @@ pub fn set_raw_terminal(keep_signals: bool) {
     }
 }
 
-/// Restores the terminal if we changed it. Safe to call from any exit path, handlers included.
-/// Only the thread that changed it may (see [`TERMINAL_OWNER`]): another one wakes the event
-/// loop, whose exit path calls this on the owner, and waits a bounded while for it.
+/// Restores the terminal if we changed it. Safe to call from any exit path and any thread,
+/// handlers included: every thread's seccomp filter allows TCSETS (and the TCGETS glibc
+/// follows it with).
 pub fn restore_terminal() {
-    let Some(t) = SAVED_TERMIOS.get() else {
-        return;
-    };
-    if TERMINAL_OWNER.with(|o| o.get()) {
+    if let Some(t) = SAVED_TERMIOS.get() {
         // SAFETY: tcsetattr with a termios we saved earlier; async-signal-safe.
         unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
-        RESTORED.store(true, Ordering::SeqCst);
-        if RESTORE_REQUESTED.load(Ordering::SeqCst) {
-            // The thread that asked exits with its own code (148, 150, ...): let it, rather
-            // than race it to exit_group with this thread's.
-            sleep(HANDOFF_WAIT * 5);
-        }
-        return;
     }
-    if RESTORED.load(Ordering::SeqCst) {
-        return;
-    }
-    RESTORE_REQUESTED.store(true, Ordering::SeqCst);
-    wake_event_loop(HANDOFF_SIGNAL.load(Ordering::SeqCst));
-    let step = Duration::from_millis(1);
-    let mut waited = Duration::ZERO;
-    while !RESTORED.load(Ordering::SeqCst) && waited < HANDOFF_WAIT {
-        sleep(step);
-        waited += step;
-    }
-}
-
-/// nanosleep(2): async-signal-safe, and allowed by every thread's filter.
-fn sleep(d: Duration) {
-    let ts = libc::timespec {
-        tv_sec: d.as_secs() as libc::time_t,
-        tv_nsec: d.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: nanosleep reads `ts`; a null remainder is allowed.
-    unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
 }
 
 #[cfg(test)]

@@ -182,3 +182,57 @@ fn sigpipe_is_counted_and_survived() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A fatal signal on a vCPU thread that holds the console (SIGXFSZ from the guest's own output
+/// reaching the file-size limit): the owner restores the terminal before it touches the
+/// console, or it waits for the console lock the dying thread holds and the terminal stays raw.
+#[test]
+fn a_fatal_signal_while_a_vcpu_holds_the_console_still_restores_the_terminal() {
+    use std::os::unix::process::CommandExt;
+    if !require_kvm() {
+        return;
+    }
+    let pty = Pty::open();
+    let before = pty.lflag();
+    let dir = TempDir::new("obs-sigxfsz");
+    let cfg = dir.write(
+        "vm.json",
+        serde_json::to_vec(&guest_config("hello", 1, 128)).unwrap(),
+    );
+    let console = File::create(dir.path("console.txt")).unwrap();
+    let mut cmd = Command::new(EMBER);
+    cmd.args(["--no-api", "--config-file", cfg.to_str().unwrap()])
+        .args(["--log-path", "/dev/null"])
+        .stdin(pty.slave.try_clone().unwrap())
+        .stdout(console)
+        .stderr(Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe; it limits only the child's file sizes, so the
+    // guest's console (its only regular file) overflows on its second line, which the vCPU
+    // thread writes.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 40,
+                rlim_max: 40,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let mut child = cmd.spawn().unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("ember did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(151), "{status:?}");
+    assert_eq!(pty.lflag(), before, "the terminal is left raw");
+}
