@@ -286,19 +286,26 @@ fn guest_config(dir: &Path, boot_args: &str, vcpus: u8, mem: usize) -> PathBuf {
 
 /// wait4 for the child: exit status and the CPU time (user + system) it used, in us.
 fn wait_rusage(child: &mut Child) -> (i32, f64) {
-    let mut status = 0;
-    // SAFETY: plain zeroed C struct that wait4 fills in.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waiting for our own child; both pointers are to live locals.
-    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    let (r, status, cpu_us) = wait4(child.id() as i32, 0);
     assert!(r > 0, "wait4 failed");
-    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
     let code = if libc::WIFEXITED(status) {
         libc::WEXITSTATUS(status)
     } else {
         -1
     };
-    (code, us(ru.ru_utime) + us(ru.ru_stime))
+    (code, cpu_us)
+}
+
+/// wait4(2) on the child `pid`: what it returned (0: still running, with WNOHANG; < 0: not
+/// ours), the status, and the CPU time in us.
+fn wait4(pid: i32, flags: libc::c_int) -> (i32, i32, f64) {
+    let mut status = 0;
+    // SAFETY: plain zeroed C struct that wait4 fills in.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child; both pointers are to live locals.
+    let r = unsafe { libc::wait4(pid, &mut status, flags, &mut ru) };
+    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    (r, status, us(ru.ru_utime) + us(ru.ru_stime))
 }
 
 /// CPU time of `<vmm> --version`: exec, the C and language run-time start-up, exit. What any
@@ -362,17 +369,10 @@ fn children() -> Vec<i32> {
 /// The CPU in ms of `pid`, a child, once it has exited: `None` if it still runs and `block`
 /// is false.
 fn reap_cpu_ms(pid: i32, block: bool) -> Option<f64> {
-    let mut status = 0;
-    // SAFETY: plain zeroed C struct that wait4 fills in.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    let flags = if block { 0 } else { libc::WNOHANG };
-    // SAFETY: waiting for our own child; both pointers are to live locals.
-    let r = unsafe { libc::wait4(pid, &mut status, flags, &mut ru) };
-    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
-    match r {
-        0 => None,
-        r if r < 0 => Some(0.0), // not ours after all (reaped elsewhere): nothing to count
-        _ => Some((us(ru.ru_utime) + us(ru.ru_stime)) / 1e3),
+    match wait4(pid, if block { 0 } else { libc::WNOHANG }) {
+        (0, ..) => None,
+        (r, ..) if r < 0 => Some(0.0), // not ours after all (reaped elsewhere): nothing to count
+        (_, _, cpu_us) => Some(cpu_us / 1e3),
     }
 }
 

@@ -21,12 +21,7 @@ static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 static SAVED_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
 
 extern "C" fn stop_handler(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    wake_event_loop(num);
-}
-
-/// Records `num` as the stop signal and wakes the event loop. Async-signal-safe.
-fn wake_event_loop(num: libc::c_int) {
-    let _ = STOP_SIGNAL.compare_exchange(0, num, Ordering::SeqCst, Ordering::SeqCst);
+    STOP_SIGNAL.store(num, Ordering::SeqCst);
     let fd = STOP_FD.load(Ordering::SeqCst);
     if fd >= 0 {
         let one: u64 = 1;

@@ -474,22 +474,10 @@ fn log_path_dev_stdout_into_a_file_keeps_log_and_console() {
         .stdout(out)
         .spawn()
         .unwrap();
-    // A hang guard (not a performance figure): a hung ember fails the test, never stalls it.
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "ember hung for more than 60 s; killed. output:\n{}",
-                std::fs::read_to_string(&out_path).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = status_within(&mut child, Duration::from_secs(60), || {
+        let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+        format!("output:\n{text}")
+    });
     assert!(status.success(), "{status:?}");
     let text = std::fs::read_to_string(&out_path).unwrap();
     for needle in [

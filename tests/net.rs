@@ -1145,24 +1145,17 @@ fn netgso_offloads_and_mergeable_buffers_work_both_ways() {
         let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
         s
     });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > Duration::from_secs(90) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "ember hung for more than 90 s; killed. stdout:\n{}",
-                console.join().unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    let mut console = Some(console);
+    let mut stdout = || {
+        let reader = console.take().expect("read once");
+        reader.join().expect("the console reader panicked")
     };
+    let status = status_within(&mut child, Duration::from_secs(90), || {
+        format!("stdout:\n{}", stdout())
+    });
     let out = Outcome {
         status,
-        stdout: console.join().expect("the console reader panicked"),
+        stdout: stdout(),
         stderr: errors.join().expect("the stderr reader panicked"),
     };
     let seen = helper.join().expect("the host helper panicked");

@@ -222,17 +222,7 @@ fn a_fatal_signal_while_a_vcpu_holds_the_console_still_restores_the_terminal() {
         })
     };
     let mut child = cmd.spawn().unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            panic!("ember did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = status_within(&mut child, Duration::from_secs(30), String::new);
     assert_eq!(status.code(), Some(151), "{status:?}");
     assert_eq!(pty.lflag(), before, "the terminal is left raw");
 }

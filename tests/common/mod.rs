@@ -120,6 +120,27 @@ impl Outcome {
     }
 }
 
+/// Waits for `child` to exit. Past `guard` (a hang guard, not a performance assertion) it
+/// kills the child and fails the test with `context()`, what the child printed say.
+pub fn status_within(
+    child: &mut Child,
+    guard: Duration,
+    context: impl FnOnce() -> String,
+) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if start.elapsed() > guard {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ember hung for more than {guard:?}; killed. {}", context());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Waits for `child` with a generous hang guard (not a performance assertion).
 pub fn wait_with_guard(mut child: Child, guard: Duration) -> Outcome {
     let mut out = child.stdout.take().unwrap();
@@ -134,22 +155,13 @@ pub fn wait_with_guard(mut child: Child, guard: Duration) -> Outcome {
         let _ = err.read_to_end(&mut s);
         s
     });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > guard {
-            let _ = child.kill();
-            let _ = child.wait();
-            let so = String::from_utf8_lossy(&t_out.join().unwrap()).into_owned();
-            panic!("ember hung for more than {guard:?}; killed. stdout:\n{so}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let mut t_out = Some(t_out);
+    let mut stdout =
+        || String::from_utf8_lossy(&t_out.take().unwrap().join().unwrap()).into_owned();
+    let status = status_within(&mut child, guard, || format!("stdout:\n{}", stdout()));
     Outcome {
         status,
-        stdout: String::from_utf8_lossy(&t_out.join().unwrap()).into_owned(),
+        stdout: stdout(),
         stderr: String::from_utf8_lossy(&t_err.join().unwrap()).into_owned(),
     }
 }
