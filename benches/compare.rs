@@ -12,7 +12,8 @@
 //!
 //! Scenario names for `--only`: `whole` (1), `warm` (1 with runs back to back), `socket` (2),
 //! `api` (3), `memory` (4), `launch` (5), `jailer` (6, with `--jailer`), `seccomp` (11: scenario
-//! 1 with the filters on and with `--no-seccomp`, and their ratio); these run by default.
+//! 1 with the filters on and with `--no-seccomp`, and their ratio), `floors` (12: scenario 1's
+//! CPU against a minimal KVM program and a trivial guest); these run by default.
 //! Device scenarios run only when named in `--only`: `devices` (7, block throughput), `net`
 //! (8, as root: guest -> TAP and TAP -> guest in a network namespace the bench creates and
 //! deletes, 1514- and 65535-byte frames, packets/s, Gbit/s, VMM CPU ms per Gbit), `vsock`
@@ -28,6 +29,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[path = "compare/floor.rs"]
+mod floor;
 
 const EMBER: &str = env!("CARGO_BIN_EXE_ember");
 const GUEST: &str = concat!(env!("OUT_DIR"), "/ember-guest");
@@ -274,8 +278,12 @@ fn tmpdir_in(base: &Path, tag: &str) -> PathBuf {
 }
 
 fn guest_config(dir: &Path, boot_args: &str, vcpus: u8, mem: usize) -> PathBuf {
+    kernel_config(dir, Path::new(GUEST), boot_args, vcpus, mem)
+}
+
+fn kernel_config(dir: &Path, kernel: &Path, boot_args: &str, vcpus: u8, mem: usize) -> PathBuf {
     let cfg = serde_json::json!({
-        "boot-source": {"kernel_image_path": GUEST, "boot_args": boot_args},
+        "boot-source": {"kernel_image_path": kernel, "boot_args": boot_args},
         "drives": [],
         "machine-config": {"vcpu_count": vcpus, "mem_size_mib": mem}
     });
@@ -377,8 +385,28 @@ fn reap_cpu_ms(pid: i32, block: bool) -> Option<f64> {
 }
 
 fn boot_hello(vmm: &Vmm, extra: &[&str]) -> Boot {
+    boot_guest(vmm, extra, Guest::Hello)
+}
+
+/// The guest a run of scenario 1 (or 12) boots.
+#[derive(Clone, Copy, PartialEq)]
+enum Guest {
+    /// ember's test guest, scenario `hello`.
+    Hello,
+    /// The seven-instruction guest of scenario 12 (floor.rs).
+    Trivial,
+}
+
+fn boot_guest(vmm: &Vmm, extra: &[&str], guest: Guest) -> Boot {
     let dir = tmpdir("whole");
-    let cfg = guest_config(&dir, "hello", 1, 128);
+    let (cfg, mark) = match guest {
+        Guest::Hello => (guest_config(&dir, "hello", 1, 128), BOOT_MARK),
+        Guest::Trivial => {
+            let kernel = dir.join("trivial.elf");
+            std::fs::write(&kernel, floor::elf()).expect("write the trivial guest");
+            (kernel_config(&dir, &kernel, "", 1, 128), floor::LINE)
+        }
+    };
     let before = children();
     let start = Instant::now();
     let mut child = vmm
@@ -402,7 +430,7 @@ fn boot_hello(vmm: &Vmm, extra: &[&str]) -> Boot {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(code, 0, "{} exited {code}: {out}", vmm.name);
     assert!(
-        out.contains(BOOT_MARK),
+        out.contains(mark),
         "{}: guest did not boot: {out}",
         vmm.name
     );
@@ -507,6 +535,112 @@ fn seccomp_ratios(vmm: &Vmm, report: &mut Report) {
                 on / off,
             );
         }
+    }
+}
+
+/// Scenario 12: where scenario 1's CPU goes. Three runs spaced out like scenario 1: the
+/// minimal KVM program with the trivial guest (floor.rs), the VMM with the trivial guest, the
+/// VMM with the hello guest; `floors_split` turns their medians into differences.
+const FLOORS: &str = "12. where scenario 1's CPU goes";
+const FLOOR_MIN: &str = "minimal KVM program (this bench, KVM calls only), trivial guest, CPU";
+const FLOOR_TRIVIAL: &str = "VMM, trivial guest, CPU (with the teardown helper)";
+const FLOOR_HELLO: &str = "VMM, hello guest, CPU (with the teardown helper)";
+
+fn floors(vmm: &Vmm, report: &mut Report) {
+    settle();
+    let start = Instant::now();
+    let mut child = Command::new(std::env::current_exe().expect("the bench's own path"))
+        .arg("--kvm-floor")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the minimal KVM program");
+    let mut text = String::new();
+    let _ = child.stdout.take().unwrap().read_to_string(&mut text);
+    let (code, cpu_us) = wait_rusage(&mut child);
+    let wall = start.elapsed().as_secs_f64() * 1e3;
+    if code != 0 || !text.contains(floor::LINE) {
+        let mut err = String::new();
+        let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+        report.notes.push(format!(
+            "12. the minimal KVM program failed ({code}): {err}"
+        ));
+    } else {
+        report.add(FLOORS, FLOOR_MIN, "ms", &vmm.name, cpu_us / 1e3);
+        report.add(
+            FLOORS,
+            "minimal KVM program, exec to exit, wall",
+            "ms",
+            &vmm.name,
+            wall,
+        );
+    }
+    for guest in [Guest::Trivial, Guest::Hello] {
+        settle();
+        let mut boot = boot_guest(vmm, &[], guest);
+        reap_helpers(&mut boot);
+        let metric = if guest == Guest::Trivial {
+            report.add(
+                FLOORS,
+                "VMM, trivial guest, exec to exit, wall",
+                "ms",
+                &vmm.name,
+                boot.wall_ms,
+            );
+            FLOOR_TRIVIAL
+        } else {
+            FLOOR_HELLO
+        };
+        report.add(
+            FLOORS,
+            metric,
+            "ms",
+            &vmm.name,
+            boot.cpu_ms + boot.helper_ms,
+        );
+    }
+}
+
+/// Waits for the helpers a boot left and adds their CPU to it.
+fn reap_helpers(boot: &mut Boot) {
+    for pid in std::mem::take(&mut boot.helpers) {
+        boot.helper_ms += reap_cpu_ms(pid, true).unwrap_or(0.0);
+    }
+}
+
+/// Scenario 12's differences of the medians: what the VMM adds to the minimal program, and
+/// what the hello guest adds to the trivial one.
+fn floors_split(vmm: &Vmm, report: &mut Report) {
+    let median = |r: &Report, metric: &str| {
+        r.rows
+            .iter()
+            .find(|row| row.scenario == FLOORS && row.metric == metric)
+            .and_then(|row| row.by_vmm.get(&vmm.name))
+            .map(Samples::median)
+    };
+    let (min, trivial, hello) = (
+        median(report, FLOOR_MIN),
+        median(report, FLOOR_TRIVIAL),
+        median(report, FLOOR_HELLO),
+    );
+    if let (Some(m), Some(t)) = (min, trivial) {
+        report.add(
+            FLOORS,
+            "what the VMM adds to the minimal program (trivial guest; of the medians)",
+            "ms",
+            &vmm.name,
+            t - m,
+        );
+    }
+    if let (Some(t), Some(h)) = (trivial, hello) {
+        report.add(
+            FLOORS,
+            "what the hello guest adds to the trivial one (of the medians)",
+            "ms",
+            &vmm.name,
+            h - t,
+        );
     }
 }
 
@@ -2064,6 +2198,16 @@ fn hold_host_vm() -> Option<(kvm_ioctls::Kvm, kvm_ioctls::VmFd)> {
 }
 
 fn main() {
+    // Scenario 12's minimal KVM program is this binary run again.
+    if std::env::args().nth(1).as_deref() == Some("--kvm-floor") {
+        match floor::run() {
+            Ok(()) => std::process::exit(0),
+            Err(e) => {
+                eprintln!("minimal KVM program: {e}");
+                std::process::exit(1)
+            }
+        }
+    }
     let o = parse_opts();
     let host_vm = (!o.idle_host).then(hold_host_vm).flatten();
     // Orphans of the VMMs we start (teardown helpers) become our children, so we can wait for
@@ -2186,6 +2330,17 @@ fn main() {
         }
         for v in &both {
             seccomp_ratios(v, &mut report);
+        }
+    }
+    if want("floors") {
+        quiesce();
+        for _ in 0..o.runs {
+            for v in &vmms {
+                floors(v, &mut report);
+            }
+        }
+        for v in &vmms {
+            floors_split(v, &mut report);
         }
     }
     // Launches before the device scenarios: their fsyncs and bulk transfers leave the host
