@@ -13,7 +13,7 @@ use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 use super::layout::{BZIMAGE_64BIT_ENTRY_OFFSET, HIMEM_START, MMIO_GAP_START};
-use super::memory::{prefer_huge_pages, GuestMemoryMmap, RamLayout};
+use super::memory::{prepare_fill, GuestMemoryMmap, RamLayout};
 
 /// How the vCPU enters the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -390,7 +390,7 @@ where
         return Err(LoadError::ElfNoLoadableSegment);
     }
     for (paddr, filesz) in loadable {
-        prefer_huge_pages(mem, GuestAddress(paddr), filesz);
+        prepare_fill(mem, GuestAddress(paddr), filesz);
     }
 
     let result =
@@ -485,7 +485,7 @@ where
     }
 
     let load_addr = GuestAddress(HIMEM_START);
-    prefer_huge_pages(mem, load_addr, payload);
+    prepare_fill(mem, load_addr, payload);
     let result =
         BzImage::load(mem, Some(load_addr), kernel, Some(load_addr)).map_err(LoadError::Loader)?;
     Ok(LoadedKernel {
@@ -542,7 +542,7 @@ where
         .ok_or(too_large)?;
     let len = usize::try_from(size).map_err(|_| LoadError::InitrdTooLarge { size, low_ram_end })?;
     initrd.rewind().map_err(read_err("initrd"))?;
-    prefer_huge_pages(mem, GuestAddress(address), size);
+    prepare_fill(mem, GuestAddress(address), size);
     mem.read_exact_volatile_from(GuestAddress(address), initrd, len)
         .map_err(|e| LoadError::Read {
             what: "initrd",

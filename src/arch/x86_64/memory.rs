@@ -24,38 +24,59 @@ pub fn arch_memory_regions(mem_size: u64) -> Vec<(GuestAddress, usize)> {
     regions
 }
 
-/// Asks the host kernel to back the 2 MiB-aligned part of guest RAM [addr, addr + len) with
-/// transparent huge pages, for a range ember is about to fill whole (a kernel segment, an
-/// initrd): no memory is wasted, the copy takes one page fault per 2 MiB instead of 512 (a
-/// 25 MiB kernel segment loads in half the time), and KVM can map it 2 MiB at a time. Only a
-/// hint: with THP off, on hugetlb memory, or for a range under 2 MiB nothing changes; on a
-/// fragmented host the kernel may compact memory first or fall back to 4 KiB pages, as its THP
-/// `defrag` setting says (QEMU asks the same for all of a guest's RAM).
-pub fn prefer_huge_pages(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) {
+/// Prepares guest RAM [addr, addr + len) for ember to fill whole (a kernel segment, an
+/// initrd), in two hints to the host kernel:
+/// - back its 2 MiB-aligned part with transparent huge pages: no memory is wasted, the copy
+///   takes one page fault per 2 MiB instead of 512 (a 25 MiB kernel segment loads in half the
+///   time), and KVM can map it 2 MiB at a time (QEMU asks the same for all of a guest's RAM);
+/// - then allocate the whole range in one `MADV_POPULATE_WRITE` rather than one page fault per
+///   page during the copy (~0.1 ms less CPU for the 38 pages of the test guest here, in
+///   interleaved boots).
+///
+/// Nothing changes with THP off, on hugetlb memory or on a kernel older than 5.14, and on a
+/// fragmented host the kernel may compact memory first or fall back to 4 KiB pages, as its
+/// THP `defrag` setting says; a failed hint leaves the copy to fault as before.
+pub fn prepare_fill(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) {
     const HUGE: usize = 2 << 20;
+    const PAGE: usize = 4096;
     let Some(region) = mem.find_region(addr) else {
         return;
     };
-    if region.is_hugetlbfs() == Some(true) {
-        return;
-    }
     let offset = addr.0 - region.start_addr().0;
     let end = offset.saturating_add(len).min(region.len());
     let Ok(base) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
         return;
     };
-    // THP works on 2 MiB-aligned host addresses.
     let host_start = (base as usize).saturating_add(offset as usize);
     let host_end = (base as usize).saturating_add(end as usize);
-    let start = host_start.next_multiple_of(HUGE);
-    let end = host_end & !(HUGE - 1);
-    if end <= start {
+    if host_end <= host_start {
         return;
     }
-    // SAFETY: [start, end) lies inside the region's own anonymous mapping, which `mem` keeps
-    // mapped; MADV_HUGEPAGE only changes how the kernel backs it and reads or writes nothing.
+    if region.is_hugetlbfs() != Some(true) {
+        // THP works on 2 MiB-aligned host addresses.
+        let start = host_start.next_multiple_of(HUGE);
+        let end = host_end & !(HUGE - 1);
+        if end > start {
+            // SAFETY: [start, end) lies inside the region's own anonymous mapping, which `mem`
+            // keeps mapped; MADV_HUGEPAGE only changes how the kernel backs it and reads or
+            // writes nothing.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    // The region's mapping starts and ends on page boundaries, so the rounded range stays in it.
+    let start = host_start & !(PAGE - 1);
+    let end = host_end.next_multiple_of(PAGE);
+    // SAFETY: [start, end) lies inside the region's own mapping, which `mem` keeps mapped;
+    // MADV_POPULATE_WRITE only allocates what is not yet there (zero-filled, as it would be on
+    // first touch) and changes no byte the guest or ember can see.
     unsafe {
-        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        libc::madvise(
+            start as *mut libc::c_void,
+            end - start,
+            libc::MADV_POPULATE_WRITE,
+        );
     }
 }
 
@@ -90,6 +111,7 @@ impl RamLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
@@ -139,5 +161,31 @@ mod tests {
                 high_size: 0
             }
         );
+    }
+
+    /// Whether the host page holding guest address `gpa` is resident.
+    fn resident(mem: &GuestMemoryMmap, gpa: u64) -> bool {
+        let host = mem.get_host_address(GuestAddress(gpa)).unwrap() as usize & !4095;
+        let mut vec = 0u8;
+        // SAFETY: one page of `mem`'s own mapping, and a one-byte vector for its one page.
+        let r = unsafe { libc::mincore(host as *mut libc::c_void, 4096, &mut vec) };
+        assert_eq!(r, 0);
+        vec & 1 == 1
+    }
+
+    #[test]
+    fn prepare_fill_allocates_the_range_and_keeps_its_bytes() {
+        let mem = GuestMemoryMmap::from_ranges(&arch_memory_regions(4 * MIB)).unwrap();
+        mem.write_obj(0xabu8, GuestAddress(MIB + 5)).unwrap();
+        assert!(!resident(&mem, MIB + 3 * 4096));
+        // Unaligned at both ends and running past the end of RAM, which is left out.
+        prepare_fill(&mem, GuestAddress(MIB + 3), 3 * MIB + 4096);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(MIB + 5)).unwrap(), 0xab);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(MIB + 6)).unwrap(), 0);
+        assert!(resident(&mem, MIB + 3 * 4096));
+        assert!(resident(&mem, 4 * MIB - 1));
+        assert!(!resident(&mem, MIB - 1));
+        // Outside RAM: nothing to do.
+        prepare_fill(&mem, GuestAddress(8 * MIB), 4096);
     }
 }
