@@ -189,3 +189,25 @@ fn vcpu_thread_cannot_create_a_vm() {
         .expect(&format!("bad syscall ({})", libc::SYS_ioctl))
         .expect("on thread ember_vcpu0");
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "seccomp-test"),
+    ignore = "needs --features seccomp-test"
+)]
+fn no_thread_kind_may_make_memory_executable() {
+    if !require_kvm() {
+        return;
+    }
+    let mprotect = format!("bad syscall ({})", libc::SYS_mprotect);
+    for (kind, thread) in [
+        ("vmm", "main"),
+        ("api", "ember_api"),
+        ("vcpu", "ember_vcpu0"),
+    ] {
+        violate(&format!("{kind}-exec"))
+            .expect_code(148)
+            .expect(&mprotect)
+            .expect(&format!("on thread {thread}"));
+    }
+}

@@ -180,7 +180,8 @@ pub fn install_sigsys_handler() -> std::io::Result<()> {
 }
 
 /// Test-only: `EMBER_TEST_SECCOMP=<vmm|api|vcpu|vcpu-create-vm>` makes that thread kind issue a
-/// syscall its filter forbids, right after installing it.
+/// syscall its filter forbids, right after installing it; `<kind>-exec` makes it ask for
+/// executable memory.
 #[cfg(feature = "seccomp-test")]
 fn violate_on_request(kind: ThreadKind) {
     let Ok(want) = std::env::var("EMBER_TEST_SECCOMP") else {
@@ -191,6 +192,20 @@ fn violate_on_request(kind: ThreadKind) {
         unsafe {
             let mut buf = [0u8; 64];
             libc::syscall(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len());
+        }
+    } else if want == format!("{}-exec", kind.name()) {
+        // SAFETY: maps a fresh anonymous page, then asks to make it executable, which the
+        // filter must refuse; nothing else uses the page.
+        unsafe {
+            let page = libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            libc::mprotect(page, 4096, libc::PROT_READ | libc::PROT_EXEC);
         }
     } else if want == "vcpu-create-vm" && kind == ThreadKind::Vcpu {
         // SAFETY: an ioctl on an invalid fd; the filter must stop it before the kernel sees it.
