@@ -11,6 +11,16 @@ if [[ -s "$out/vmlinux" && -s "$out/vmlinuz" ]]; then
     exit 0
 fi
 
+# lz4 decompresses the kernel's payload; Debian packages it.
+if ! command -v lz4 >/dev/null; then
+    if [[ $(id -u) -eq 0 ]]; then
+        apt-get install -y -qq lz4 >/dev/null
+    else
+        echo "lz4 is needed to unpack the kernel: apt-get install lz4" >&2
+        exit 1
+    fi
+fi
+
 pick() {
     apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$' |
         cut -d' ' -f1 | sort -V | tail -n1
@@ -23,9 +33,11 @@ fi
 [[ -n "$pkg" ]] || { echo "no linux-image-6.1.0-*-cloud-amd64-unsigned package found" >&2; exit 1; }
 
 work=$(mktemp -d)
-chmod 0755 "$work"  # apt-get download drops to the _apt user
 trap 'rm -rf "$work"' EXIT
-(cd "$work" && apt-get download -qq "$pkg")
+# As root, apt-get would hand the download to its _apt user, who cannot write here.
+sandbox=()
+[[ $(id -u) -eq 0 ]] && sandbox=(-o APT::Sandbox::User=root)
+(cd "$work" && apt-get download -qq "${sandbox[@]}" "$pkg")
 dpkg-deb -x "$work"/*.deb "$work/x"
 vmlinuz=$(ls "$work"/x/boot/vmlinuz-*)
 
@@ -39,8 +51,12 @@ payload_length=$(u32_at "$vmlinuz" $((0x24c)))
 start=$(( (setup_sects + 1) * 512 + payload_offset ))
 dd if="$vmlinuz" of="$work/payload" bs=1M iflag=skip_bytes,count_bytes skip="$start" count="$payload_length" status=none
 # Linux appends the decompressed size to the payload; lz4 stops at the end of its frames.
-lz4 -dc "$work/payload" > "$work/vmlinux" 2>/dev/null || true
-head -c 4 "$work/vmlinux" | grep -q $'\x7fELF' || { echo "the kernel payload did not decompress to an ELF" >&2; exit 1; }
+# Its complaint about those trailing bytes is expected; the ELF check below decides.
+lz4 -dc "$work/payload" > "$work/vmlinux" 2>"$work/lz4.err" || true
+head -c 4 "$work/vmlinux" | grep -q $'\x7fELF' || {
+    echo "the kernel payload did not decompress to an ELF; lz4 said: $(cat "$work/lz4.err")" >&2
+    exit 1
+}
 
 cp "$vmlinuz" "$out/vmlinuz.tmp" && mv "$out/vmlinuz.tmp" "$out/vmlinuz"
 cp "$work/vmlinux" "$out/vmlinux.tmp" && mv "$out/vmlinux.tmp" "$out/vmlinux"
