@@ -211,3 +211,18 @@ fn no_thread_kind_may_make_memory_executable() {
             .expect(&format!("on thread {thread}"));
     }
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "seccomp-test"),
+    ignore = "needs --features seccomp-test"
+)]
+fn vmm_thread_may_only_clone_threads_and_its_teardown_helper() {
+    if !require_kvm() {
+        return;
+    }
+    violate("vmm-clone")
+        .expect_code(148)
+        .expect(&format!("bad syscall ({})", libc::SYS_clone))
+        .expect("on thread main");
+}

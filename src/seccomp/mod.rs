@@ -181,7 +181,8 @@ pub fn install_sigsys_handler() -> std::io::Result<()> {
 
 /// Test-only: `EMBER_TEST_SECCOMP=<vmm|api|vcpu|vcpu-create-vm>` makes that thread kind issue a
 /// syscall its filter forbids, right after installing it; `<kind>-exec` makes it ask for
-/// executable memory.
+/// executable memory, `vmm-clone` makes the vmm thread clone with flags its filter does not
+/// name.
 #[cfg(feature = "seccomp-test")]
 fn violate_on_request(kind: ThreadKind) {
     let Ok(want) = std::env::var("EMBER_TEST_SECCOMP") else {
@@ -207,6 +208,10 @@ fn violate_on_request(kind: ThreadKind) {
             );
             libc::mprotect(page, 4096, libc::PROT_READ | libc::PROT_EXEC);
         }
+    } else if want == "vmm-clone" && kind == ThreadKind::Vmm {
+        // SAFETY: CLONE_SIGHAND without CLONE_VM is invalid, so were the filter to let it
+        // through, the kernel would refuse it (EINVAL) rather than start anything.
+        unsafe { libc::syscall(libc::SYS_clone, libc::CLONE_SIGHAND, 0, 0, 0, 0) };
     } else if want == "vcpu-create-vm" && kind == ThreadKind::Vcpu {
         // SAFETY: an ioctl on an invalid fd; the filter must stop it before the kernel sees it.
         unsafe { libc::ioctl(-1, 0xAE01 as _, 0) };
