@@ -393,7 +393,7 @@ fn boot_hello(vmm: &Vmm, extra: &[&str]) -> Boot {
 enum Guest {
     /// ember's test guest, scenario `hello`.
     Hello,
-    /// The seven-instruction guest of scenario 12 (floor.rs).
+    /// The nine-instruction guest of scenario 12 (floor.rs).
     Trivial,
 }
 

@@ -199,16 +199,17 @@ fn no_thread_kind_may_make_memory_executable() {
     if !require_kvm() {
         return;
     }
-    let mprotect = format!("bad syscall ({})", libc::SYS_mprotect);
     for (kind, thread) in [
         ("vmm", "main"),
         ("api", "ember_api"),
         ("vcpu", "ember_vcpu0"),
     ] {
-        violate(&format!("{kind}-exec"))
-            .expect_code(148)
-            .expect(&mprotect)
-            .expect(&format!("on thread {thread}"));
+        for (how, nr) in [("exec", libc::SYS_mprotect), ("exec-map", libc::SYS_mmap)] {
+            violate(&format!("{kind}-{how}"))
+                .expect_code(148)
+                .expect(&format!("bad syscall ({nr})"))
+                .expect(&format!("on thread {thread}"));
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! what the hello guest adds.
 //!
 //! - The trivial guest: an ELF loaded at 1 MiB through the Linux 64-bit boot protocol (so any
-//!   Firecracker-compatible VMM boots it) whose seven instructions print one line to COM1 with
+//!   Firecracker-compatible VMM boots it) whose nine instructions print one line to COM1 with
 //!   a single `rep outsb` and reset through the i8042.
 //! - The minimal KVM program (`compare --kvm-floor`): this binary creating a VM as a VMM must
 //!   (in-kernel irqchip and PIT, 128 MiB, one vCPU with KVM's supported CPUID, long mode on an
@@ -74,10 +74,13 @@ pub fn elf() -> Vec<u8> {
 }
 
 /// `compare --kvm-floor`: boots the trivial guest with nothing but the KVM calls a VMM cannot
-/// do without, copies its line to stdout and exits 0 at its reset. The VM's teardown happens
-/// in this process's exit, as in a VMM without a teardown helper.
+/// do without, copies its line to stdout and returns at its reset. The VM's teardown happens
+/// in this process when its fds close, as in a VMM without a teardown helper.
 pub fn run() -> Result<(), String> {
     let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("{what}: {err}");
+    // Declared first, so dropped last: the VM (and its memslot) goes before the memory.
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
+        .map_err(|err| format!("guest memory: {err}"))?;
     let kvm = Kvm::new().map_err(e("open /dev/kvm"))?;
     let vm = kvm.create_vm().map_err(e("KVM_CREATE_VM"))?;
     vm.set_tss_address(0xfffb_d000)
@@ -85,8 +88,6 @@ pub fn run() -> Result<(), String> {
     vm.create_irq_chip().map_err(e("KVM_CREATE_IRQCHIP"))?;
     vm.create_pit2(kvm_pit_config::default())
         .map_err(e("KVM_CREATE_PIT2"))?;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
-        .map_err(|err| format!("guest memory: {err}"))?;
     let host = mem
         .get_host_address(GuestAddress(0))
         .map_err(|err| format!("guest memory: {err}"))?;
@@ -97,7 +98,7 @@ pub fn run() -> Result<(), String> {
         memory_size: MEM_SIZE as u64,
         userspace_addr: host as u64,
     };
-    // SAFETY: the region is `mem`'s own mapping, which outlives the VM (both live until exit).
+    // SAFETY: the region is `mem`'s own mapping, which outlives the VM (declared before it).
     unsafe { vm.set_user_memory_region(region) }.map_err(e("KVM_SET_USER_MEMORY_REGION"))?;
     let cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)

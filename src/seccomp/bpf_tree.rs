@@ -133,6 +133,9 @@ struct Part {
 struct Tree {
     prologue: Option<Vec<sock_filter>>,
     blocks: Vec<(u32, Vec<sock_filter>)>,
+    /// The thread's mismatch action: the last instruction of seccompiler's output (a
+    /// compacted block ends in its match action instead, so it is taken from there).
+    default: u32,
 }
 
 impl Tree {
@@ -157,6 +160,7 @@ impl Tree {
             Some(_) => {}
         }
         let nr = prog[PROLOGUE].k;
+        self.default = prog[prog.len() - 1].k;
         let block = &prog[PROLOGUE..];
         let compact = part
             .word_set
@@ -178,11 +182,7 @@ impl Tree {
         // Firecracker, whose musl build never calls clone3, work as they are).
         if !self.blocks.iter().any(|b| b.0 == SYS_CLONE3) {
             const RET_K: u16 = 0x06;
-            let default = self
-                .blocks
-                .first()
-                .and_then(|b| b.1.last())
-                .map_or(0, |i| i.k);
+            let default = self.default;
             self.blocks.push((
                 SYS_CLONE3,
                 vec![
@@ -654,11 +654,30 @@ mod tests {
             "with": {"mismatch_action": "trap", "match_action": "allow", "filter": [
                 {"syscall": "read"}, {"syscall": "clone3"}]},
         });
-        let trees = compile(&serde_json::to_vec(&doc).unwrap()).unwrap();
+        let json = serde_json::to_vec(&doc).unwrap();
+        let trees = compile(&json).unwrap();
         assert_eq!(clone3(&trees["without"]), RET_ENOSYS);
         assert_eq!(clone3(&trees["with"]), 0x7fff_0000); // SECCOMP_RET_ALLOW
-                                                         // The built-in policy leaves clone3 out everywhere: glibc falls back to a clone whose
-                                                         // flags the vmm thread's filter pins.
+                                                         // Every other number gets what seccompiler's program gives it, those past clone3
+                                                         // included (the clone3 leaf is reached for them: it must send them to the mismatch
+                                                         // action, whatever the policy's first syscall compiles to).
+        let linear = seccompiler::compile_from_json(json.as_slice(), TargetArch::x86_64).unwrap();
+        for (name, l) in &linear {
+            equivalent(l, &trees[name]);
+        }
+        let trap = |nr| {
+            let d = Data {
+                nr,
+                arch: 0xc000_003e,
+                args: [0; 6],
+            };
+            run(&trees["without"], &d).0
+        };
+        for nr in [436, 999, 0x4000_0001] {
+            assert_eq!(trap(nr), 0x0003_0000, "nr {nr:#x}"); // SECCOMP_RET_TRAP
+        }
+        // The built-in policy leaves clone3 out everywhere: glibc falls back to a clone whose
+        // flags the vmm thread's filter pins.
         let json = include_bytes!("../../resources/seccomp/x86_64-unknown-linux-gnu.json");
         for (name, t) in compile(json).unwrap() {
             assert_eq!(clone3(&t), RET_ENOSYS, "{name}");

@@ -180,9 +180,9 @@ pub fn install_sigsys_handler() -> std::io::Result<()> {
 }
 
 /// Test-only: `EMBER_TEST_SECCOMP=<vmm|api|vcpu|vcpu-create-vm>` makes that thread kind issue a
-/// syscall its filter forbids, right after installing it; `<kind>-exec` makes it ask for
-/// executable memory, `vmm-clone` makes the vmm thread clone with flags its filter does not
-/// name.
+/// syscall its filter forbids, right after installing it; `<kind>-exec` makes it turn memory
+/// executable (mprotect) and `<kind>-exec-map` map executable memory (mmap); `vmm-clone` makes
+/// the vmm thread clone with flags its filter does not name.
 #[cfg(feature = "seccomp-test")]
 fn violate_on_request(kind: ThreadKind) {
     let Ok(want) = std::env::var("EMBER_TEST_SECCOMP") else {
@@ -208,6 +208,18 @@ fn violate_on_request(kind: ThreadKind) {
             );
             libc::mprotect(page, 4096, libc::PROT_READ | libc::PROT_EXEC);
         }
+    } else if want == format!("{}-exec-map", kind.name()) {
+        // SAFETY: an anonymous mapping nothing uses, which the filter must refuse.
+        unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
     } else if want == "vmm-clone" && kind == ThreadKind::Vmm {
         // SAFETY: CLONE_SIGHAND without CLONE_VM is invalid, so were the filter to let it
         // through, the kernel would refuse it (EINVAL) rather than start anything.
