@@ -227,3 +227,20 @@ fn vmm_thread_may_only_clone_threads_and_its_teardown_helper() {
         .expect(&format!("bad syscall ({})", libc::SYS_clone))
         .expect("on thread main");
 }
+
+/// A ring's operations escape seccomp: the vCPU threads, which face the guest's MMIO, may
+/// submit to the drives' (restricted) rings but not make one.
+#[test]
+#[cfg_attr(
+    not(feature = "seccomp-test"),
+    ignore = "needs --features seccomp-test"
+)]
+fn vcpu_thread_cannot_set_up_an_io_uring() {
+    if !require_kvm() {
+        return;
+    }
+    violate("vcpu-uring")
+        .expect_code(148)
+        .expect(&format!("bad syscall ({})", libc::SYS_io_uring_setup))
+        .expect("on thread ember_vcpu0");
+}

@@ -182,7 +182,8 @@ pub fn install_sigsys_handler() -> std::io::Result<()> {
 /// Test-only: `EMBER_TEST_SECCOMP=<vmm|api|vcpu|vcpu-create-vm>` makes that thread kind issue a
 /// syscall its filter forbids, right after installing it; `<kind>-exec` makes it turn memory
 /// executable (mprotect) and `<kind>-exec-map` map executable memory (mmap); `vmm-clone` makes
-/// the vmm thread clone with flags its filter does not name.
+/// the vmm thread clone with flags its filter does not name, `vcpu-uring` a vCPU thread set up
+/// an io_uring.
 #[cfg(feature = "seccomp-test")]
 fn violate_on_request(kind: ThreadKind) {
     let Ok(want) = std::env::var("EMBER_TEST_SECCOMP") else {
@@ -224,6 +225,10 @@ fn violate_on_request(kind: ThreadKind) {
         // SAFETY: CLONE_SIGHAND without CLONE_VM is invalid, so were the filter to let it
         // through, the kernel would refuse it (EINVAL) rather than start anything.
         unsafe { libc::syscall(libc::SYS_clone, libc::CLONE_SIGHAND, 0, 0, 0, 0) };
+    } else if want == "vcpu-uring" && kind == ThreadKind::Vcpu {
+        // SAFETY: a NULL parameter block: were the filter to let it through, the kernel would
+        // answer EFAULT and make no ring.
+        unsafe { libc::syscall(libc::SYS_io_uring_setup, 1, std::ptr::null_mut::<u8>()) };
     } else if want == "vcpu-create-vm" && kind == ThreadKind::Vcpu {
         // SAFETY: an ioctl on an invalid fd; the filter must stop it before the kernel sees it.
         unsafe { libc::ioctl(-1, 0xAE01 as _, 0) };
