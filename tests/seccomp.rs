@@ -244,3 +244,19 @@ fn vcpu_thread_cannot_set_up_an_io_uring() {
         .expect(&format!("bad syscall ({})", libc::SYS_io_uring_setup))
         .expect("on thread ember_vcpu0");
 }
+
+/// The vmm thread signals only to kick its vCPU threads (and SIGABRT, for abort()).
+#[test]
+#[cfg_attr(
+    not(feature = "seccomp-test"),
+    ignore = "needs --features seccomp-test"
+)]
+fn vmm_thread_sends_only_the_vcpu_kick() {
+    if !require_kvm() {
+        return;
+    }
+    violate("vmm-signal")
+        .expect_code(148)
+        .expect(&format!("bad syscall ({})", libc::SYS_tgkill))
+        .expect("on thread main");
+}

@@ -182,8 +182,8 @@ pub fn install_sigsys_handler() -> std::io::Result<()> {
 /// Test-only: `EMBER_TEST_SECCOMP=<vmm|api|vcpu|vcpu-create-vm>` makes that thread kind issue a
 /// syscall its filter forbids, right after installing it; `<kind>-exec` makes it turn memory
 /// executable (mprotect) and `<kind>-exec-map` map executable memory (mmap); `vmm-clone` makes
-/// the vmm thread clone with flags its filter does not name, `vcpu-uring` a vCPU thread set up
-/// an io_uring.
+/// the vmm thread clone with flags its filter does not name, `vmm-signal` send a signal other
+/// than the vCPU kick or SIGABRT, `vcpu-uring` a vCPU thread set up an io_uring.
 #[cfg(feature = "seccomp-test")]
 fn violate_on_request(kind: ThreadKind) {
     let Ok(want) = std::env::var("EMBER_TEST_SECCOMP") else {
@@ -225,6 +225,17 @@ fn violate_on_request(kind: ThreadKind) {
         // SAFETY: CLONE_SIGHAND without CLONE_VM is invalid, so were the filter to let it
         // through, the kernel would refuse it (EINVAL) rather than start anything.
         unsafe { libc::syscall(libc::SYS_clone, libc::CLONE_SIGHAND, 0, 0, 0, 0) };
+    } else if want == "vmm-signal" && kind == ThreadKind::Vmm {
+        // SAFETY: SIGWINCH to this very thread, ignored by default: were the filter to let it
+        // through, nothing would happen.
+        unsafe {
+            libc::syscall(
+                libc::SYS_tgkill,
+                libc::getpid(),
+                libc::gettid(),
+                libc::SIGWINCH,
+            )
+        };
     } else if want == "vcpu-uring" && kind == ThreadKind::Vcpu {
         // SAFETY: a NULL parameter block: were the filter to let it through, the kernel would
         // answer EFAULT and make no ring.
