@@ -92,7 +92,10 @@ pub fn install(stop_fd: i32) -> std::io::Result<()> {
 
 /// As on a fatal signal: a panic (which aborts) counts in the metrics, logs, flushes them and
 /// restores the terminal. Only non-blocking paths: the panicking thread may hold the logger's
-/// or the metrics' lock.
+/// or the metrics' lock. Rust's default report follows only while no seccomp filter is on: with
+/// RUST_BACKTRACE set it walks the stack with syscalls (getcwd, ...) the filters forbid, which
+/// would turn the panic into a seccomp violation; the log line already has the message and
+/// where it happened. abort() then raises SIGABRT, which every filter allows.
 fn install_panic_hook() {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -104,7 +107,9 @@ fn install_panic_hook() {
         );
         crate::metrics::try_flush();
         restore_terminal();
-        default_hook(info);
+        if !crate::seccomp::filtered() {
+            default_hook(info);
+        }
     }));
 }
 

@@ -116,8 +116,9 @@ fn custom_filter_file_is_used() {
     .expect("invalid seccomp filter");
 }
 
-/// Runs ember with EMBER_TEST_SECCOMP=`which` and a ticks guest; returns the outcome.
-fn violate(which: &str) -> Outcome {
+/// Runs ember with EMBER_TEST_SECCOMP=`which` and a ticks guest; returns the outcome and the
+/// sum of each metrics field named by `fields` over the flushed metrics lines.
+fn run_test_hook(which: &str, fields: &[(&str, &str)]) -> (Outcome, Vec<u64>) {
     let dir = TempDir::new("violate");
     let sock = dir.path("api.sock");
     let metrics = dir.path("metrics.json");
@@ -141,14 +142,26 @@ fn violate(which: &str) -> Outcome {
         .unwrap();
     let out = wait_with_guard(child, Duration::from_secs(30));
     let m = std::fs::read_to_string(&metrics).unwrap_or_default();
-    let faults: u64 = m
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v["seccomp"]["num_faults"].as_u64())
-        .sum();
+    let sums = fields
+        .iter()
+        .map(|(group, field)| {
+            m.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter_map(|v| v[*group][*field].as_u64())
+                .sum()
+        })
+        .collect();
+    (out, sums)
+}
+
+/// Runs ember with EMBER_TEST_SECCOMP=`which`, which must be a violation; returns the outcome.
+fn violate(which: &str) -> Outcome {
+    let (out, sums) = run_test_hook(which, &[("seccomp", "num_faults")]);
     assert_eq!(
-        faults, 1,
-        "the fault is counted in the flushed metrics:\n{m}"
+        sums[0],
+        1,
+        "the fault is counted in the flushed metrics:\n{}",
+        out.all()
     );
     out
 }
@@ -259,4 +272,40 @@ fn vmm_thread_sends_only_the_vcpu_kick() {
         .expect_code(148)
         .expect(&format!("bad syscall ({})", libc::SYS_tgkill))
         .expect("on thread main");
+}
+
+/// A panic on any thread kind is a panic, not a seccomp violation: the hook logs it and
+/// counts it, and abort() may raise SIGABRT through every filter, so the process ends by
+/// SIGABRT (as Firecracker's does) rather than exit 148.
+#[test]
+#[cfg_attr(
+    not(feature = "seccomp-test"),
+    ignore = "needs --features seccomp-test"
+)]
+fn a_panic_on_any_thread_ends_by_sigabrt_not_as_a_violation() {
+    use std::os::unix::process::ExitStatusExt;
+    if !require_kvm() {
+        return;
+    }
+    for (kind, thread) in [
+        ("vmm", "main"),
+        ("api", "ember_api"),
+        ("vcpu", "ember_vcpu0"),
+    ] {
+        let (out, sums) = run_test_hook(
+            &format!("{kind}-panic"),
+            &[("seccomp", "num_faults"), ("vmm", "panic_count")],
+        );
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGABRT),
+            "{kind}: {:?}\n{}",
+            out.status,
+            out.all()
+        );
+        out.expect(&format!(
+            "[anonymous-instance:{thread}:ERROR] ember panicked"
+        ));
+        assert_eq!(sums, vec![0, 1], "{kind}: faults, panics\n{}", out.all());
+    }
 }

@@ -139,12 +139,21 @@ impl Filters {
         if let Some(p) = prog {
             seccompiler::apply_filter(p)
                 .map_err(|e| SeccompError::Apply(kind.name(), e.to_string()))?;
+            FILTERED.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         #[cfg(feature = "seccomp-test")]
         violate_on_request(kind);
         Ok(())
     }
 }
+
+/// Whether some thread of this process runs under a filter (the panic hook then leaves out
+/// Rust's default report, whose backtrace needs syscalls no filter allows).
+pub fn filtered() -> bool {
+    FILTERED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static FILTERED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The calling thread's name as recorded when its filter went on ("?" before that). Safe in a
 /// signal handler: it neither allocates nor locks.
@@ -183,7 +192,8 @@ pub fn install_sigsys_handler() -> std::io::Result<()> {
 /// syscall its filter forbids, right after installing it; `<kind>-exec` makes it turn memory
 /// executable (mprotect) and `<kind>-exec-map` map executable memory (mmap); `vmm-clone` makes
 /// the vmm thread clone with flags its filter does not name, `vmm-signal` send a signal other
-/// than the vCPU kick or SIGABRT, `vcpu-uring` a vCPU thread set up an io_uring.
+/// than the vCPU kick or SIGABRT, `vcpu-uring` a vCPU thread set up an io_uring, `<kind>-panic`
+/// panic.
 #[cfg(feature = "seccomp-test")]
 fn violate_on_request(kind: ThreadKind) {
     let Ok(want) = std::env::var("EMBER_TEST_SECCOMP") else {
@@ -225,6 +235,8 @@ fn violate_on_request(kind: ThreadKind) {
         // SAFETY: CLONE_SIGHAND without CLONE_VM is invalid, so were the filter to let it
         // through, the kernel would refuse it (EINVAL) rather than start anything.
         unsafe { libc::syscall(libc::SYS_clone, libc::CLONE_SIGHAND, 0, 0, 0, 0) };
+    } else if want == format!("{}-panic", kind.name()) {
+        panic!("EMBER_TEST_SECCOMP asked this thread to panic");
     } else if want == "vmm-signal" && kind == ThreadKind::Vmm {
         // SAFETY: SIGWINCH to this very thread, ignored by default: were the filter to let it
         // through, nothing would happen.
