@@ -154,16 +154,26 @@ fn run_test_hook(which: &str, fields: &[(&str, &str)]) -> (Outcome, Vec<u64>) {
     (out, sums)
 }
 
-/// Runs ember with EMBER_TEST_SECCOMP=`which`, which must be a violation; returns the outcome.
-fn violate(which: &str) -> Outcome {
+/// Thread kinds and the names their log lines carry.
+const KINDS: [(&str, &str); 3] = [
+    ("vmm", "main"),
+    ("api", "ember_api"),
+    ("vcpu", "ember_vcpu0"),
+];
+
+/// Runs ember with EMBER_TEST_SECCOMP=`which`, which must be a violation: exit 148, syscall
+/// `nr` named and counted, on `thread`.
+fn violate(which: &str, nr: libc::c_long, thread: &str) {
     let (out, sums) = run_test_hook(which, &[("seccomp", "num_faults")]);
+    out.expect_code(148)
+        .expect(&format!("bad syscall ({nr})"))
+        .expect(&format!("on thread {thread}"));
     assert_eq!(
         sums[0],
         1,
         "the fault is counted in the flushed metrics:\n{}",
         out.all()
     );
-    out
 }
 
 #[test]
@@ -175,103 +185,33 @@ fn forbidden_syscall_on_each_thread_kind_exits_148() {
     if !require_kvm() {
         return;
     }
-    let getcwd = format!("bad syscall ({})", libc::SYS_getcwd);
-    for (kind, thread) in [
-        ("vmm", "main"),
-        ("api", "ember_api"),
-        ("vcpu", "ember_vcpu0"),
-    ] {
-        let out = violate(kind);
-        out.expect_code(148)
-            .expect(&getcwd)
-            .expect(&format!("on thread {thread}"));
+    for (kind, thread) in KINDS {
+        violate(kind, libc::SYS_getcwd, thread);
     }
 }
 
+/// Rules pinned on arguments, one trigger each (see `violate_on_request` in src/seccomp):
+/// a vCPU thread may not create a VM, nor set up an io_uring (a ring's operations escape
+/// seccomp; the drives' rings, restricted, are made on the vmm thread); the vmm thread clones
+/// only threads and its teardown helper and signals only to kick its vCPUs (or SIGABRT); no
+/// thread may map or turn memory executable.
 #[test]
 #[cfg_attr(
     not(feature = "seccomp-test"),
     ignore = "needs --features seccomp-test"
 )]
-fn vcpu_thread_cannot_create_a_vm() {
+fn argument_rules_hold_on_every_thread() {
     if !require_kvm() {
         return;
     }
-    violate("vcpu-create-vm")
-        .expect_code(148)
-        .expect(&format!("bad syscall ({})", libc::SYS_ioctl))
-        .expect("on thread ember_vcpu0");
-}
-
-#[test]
-#[cfg_attr(
-    not(feature = "seccomp-test"),
-    ignore = "needs --features seccomp-test"
-)]
-fn no_thread_kind_may_make_memory_executable() {
-    if !require_kvm() {
-        return;
+    violate("vcpu-create-vm", libc::SYS_ioctl, "ember_vcpu0");
+    violate("vcpu-uring", libc::SYS_io_uring_setup, "ember_vcpu0");
+    violate("vmm-clone", libc::SYS_clone, "main");
+    violate("vmm-signal", libc::SYS_tgkill, "main");
+    for (kind, thread) in KINDS {
+        violate(&format!("{kind}-exec"), libc::SYS_mprotect, thread);
+        violate(&format!("{kind}-exec-map"), libc::SYS_mmap, thread);
     }
-    for (kind, thread) in [
-        ("vmm", "main"),
-        ("api", "ember_api"),
-        ("vcpu", "ember_vcpu0"),
-    ] {
-        for (how, nr) in [("exec", libc::SYS_mprotect), ("exec-map", libc::SYS_mmap)] {
-            violate(&format!("{kind}-{how}"))
-                .expect_code(148)
-                .expect(&format!("bad syscall ({nr})"))
-                .expect(&format!("on thread {thread}"));
-        }
-    }
-}
-
-#[test]
-#[cfg_attr(
-    not(feature = "seccomp-test"),
-    ignore = "needs --features seccomp-test"
-)]
-fn vmm_thread_may_only_clone_threads_and_its_teardown_helper() {
-    if !require_kvm() {
-        return;
-    }
-    violate("vmm-clone")
-        .expect_code(148)
-        .expect(&format!("bad syscall ({})", libc::SYS_clone))
-        .expect("on thread main");
-}
-
-/// A ring's operations escape seccomp: the vCPU threads, which face the guest's MMIO, may
-/// submit to the drives' (restricted) rings but not make one.
-#[test]
-#[cfg_attr(
-    not(feature = "seccomp-test"),
-    ignore = "needs --features seccomp-test"
-)]
-fn vcpu_thread_cannot_set_up_an_io_uring() {
-    if !require_kvm() {
-        return;
-    }
-    violate("vcpu-uring")
-        .expect_code(148)
-        .expect(&format!("bad syscall ({})", libc::SYS_io_uring_setup))
-        .expect("on thread ember_vcpu0");
-}
-
-/// The vmm thread signals only to kick its vCPU threads (and SIGABRT, for abort()).
-#[test]
-#[cfg_attr(
-    not(feature = "seccomp-test"),
-    ignore = "needs --features seccomp-test"
-)]
-fn vmm_thread_sends_only_the_vcpu_kick() {
-    if !require_kvm() {
-        return;
-    }
-    violate("vmm-signal")
-        .expect_code(148)
-        .expect(&format!("bad syscall ({})", libc::SYS_tgkill))
-        .expect("on thread main");
 }
 
 /// A panic on any thread kind is a panic, not a seccomp violation: the hook logs it and
@@ -287,11 +227,7 @@ fn a_panic_on_any_thread_ends_by_sigabrt_not_as_a_violation() {
     if !require_kvm() {
         return;
     }
-    for (kind, thread) in [
-        ("vmm", "main"),
-        ("api", "ember_api"),
-        ("vcpu", "ember_vcpu0"),
-    ] {
+    for (kind, thread) in KINDS {
         let (out, sums) = run_test_hook(
             &format!("{kind}-panic"),
             &[("seccomp", "num_faults"), ("vmm", "panic_count")],

@@ -490,17 +490,25 @@ mod tests {
         assert_eq!(p.e820_entries, 3);
     }
 
+    /// Loads a 16-byte initrd where the loader places it and configures the boot with it.
+    fn with_small_initrd(
+        mem: &GuestMemoryMmap,
+        kernel: &LoadedKernel,
+    ) -> Result<(), ConfigureError> {
+        let initrd = load_initrd_bytes(mem, &[1u8; 16]).unwrap();
+        let cfg = BootConfig {
+            initrd: Some(initrd),
+            ..boot_cfg(kernel, "")
+        };
+        configure_system(mem, &cfg)
+    }
+
     #[test]
     fn bzimage_initrd_above_its_limit_rejected() {
         let mem = guest_mem(3 * GIB);
         let img = make_bzimage(0x020c, 1, &[0x90; 4096]);
         let kernel = load_kernel_bytes(&mem, &img).unwrap();
-        let initrd = load_initrd_bytes(&mem, &[1u8; 16]).unwrap();
-        let cfg = BootConfig {
-            initrd: Some(initrd),
-            ..boot_cfg(&kernel, "")
-        };
-        let e = configure_system(&mem, &cfg).unwrap_err();
+        let e = with_small_initrd(&mem, &kernel).unwrap_err();
         assert!(
             matches!(e, ConfigureError::InitrdAboveKernelLimit { .. }),
             "{e}"
@@ -511,13 +519,8 @@ mod tests {
     fn initrd_overlapping_kernel_rejected() {
         let mem = guest_mem(4 * MIB);
         let kernel = load_kernel_bytes(&mem, &make_elf(0x3f_e000, &[0x90; 16], None)).unwrap();
-        let initrd = load_initrd_bytes(&mem, &[1u8; 16]).unwrap();
-        let cfg = BootConfig {
-            initrd: Some(initrd),
-            ..boot_cfg(&kernel, "")
-        };
         assert!(matches!(
-            configure_system(&mem, &cfg).unwrap_err(),
+            with_small_initrd(&mem, &kernel).unwrap_err(),
             ConfigureError::InitrdOverlapsKernel { .. }
         ));
     }
@@ -545,12 +548,7 @@ mod tests {
             (kernel.kernel_load.raw_value(), kernel.kernel_end),
             (0x10_0000, 0x40_0000)
         );
-        let initrd = load_initrd_bytes(&mem, &[1u8; 16]).unwrap();
-        let cfg = BootConfig {
-            initrd: Some(initrd),
-            ..boot_cfg(&kernel, "")
-        };
-        let e = configure_system(&mem, &cfg).unwrap_err();
+        let e = with_small_initrd(&mem, &kernel).unwrap_err();
         assert!(
             matches!(e, ConfigureError::InitrdOverlapsKernel { .. }),
             "{e}"
@@ -568,12 +566,7 @@ mod tests {
         let mem = guest_mem(20 * MIB);
         let kernel = load_kernel_bytes(&mem, &img).unwrap();
         assert_eq!(kernel.kernel_end, 0x180_0000);
-        let initrd = load_initrd_bytes(&mem, &[1u8; 16]).unwrap();
-        let cfg = BootConfig {
-            initrd: Some(initrd),
-            ..boot_cfg(&kernel, "")
-        };
-        let e = configure_system(&mem, &cfg).unwrap_err();
+        let e = with_small_initrd(&mem, &kernel).unwrap_err();
         assert!(
             matches!(e, ConfigureError::InitrdOverlapsKernel { .. }),
             "{e}"
@@ -581,12 +574,7 @@ mod tests {
         // With room above it the same initrd is accepted.
         let mem = guest_mem(32 * MIB);
         let kernel = load_kernel_bytes(&mem, &img).unwrap();
-        let initrd = load_initrd_bytes(&mem, &[1u8; 16]).unwrap();
-        let cfg = BootConfig {
-            initrd: Some(initrd),
-            ..boot_cfg(&kernel, "")
-        };
-        configure_system(&mem, &cfg).unwrap();
+        with_small_initrd(&mem, &kernel).unwrap();
     }
 
     #[test]
